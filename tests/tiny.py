@@ -1,0 +1,67 @@
+"""Tiny random-initialised models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(family: str, **over):
+    from transformers import AutoConfig
+
+    kw = dict(COMMON)
+    if family == "qwen2_moe":
+        kw.update(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                  num_experts_per_tok=2, norm_topk_prob=False)
+    elif family == "qwen3_moe":
+        kw.update(intermediate_size=64, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                  head_dim=8)
+    elif family == "mixtral":
+        kw.update(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    elif family == "olmoe":
+        kw.update(intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+    elif family == "deepseek_v3":
+        kw.update(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                  topk_group=1, n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5,
+                  q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+                  num_key_value_heads=4, norm_topk_prob=True, rope_interleave=False)
+    elif family == "gpt_oss":
+        kw.update(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16,
+                  layer_types=["sliding_attention", "full_attention"])
+    elif family in ("llama", "mistral", "qwen2", "qwen3"):
+        kw.update(intermediate_size=64)
+        if family == "qwen3":
+            kw.update(head_dim=8)
+    else:
+        raise ValueError(family)
+    kw.update(over)
+    return AutoConfig.for_model(family, **kw)
+
+
+def tiny_model(family: str, seed: int = 0, **over):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **over)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # random init of routers/experts is tiny-valued in some families; make routing decisive and outputs visible
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    return model.eval()
+
+
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def ids(vocab: int = 96, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
