@@ -118,3 +118,46 @@ class ExpertStats:
         if not isinstance(meta, dict):
             raise MoekitError(f"'{path}' is not a moekit statistics file (no moekit metadata)")
         return cls(meta=meta, tensors=tensors)
+
+
+def massive_layers(stats: ExpertStats, *, ratio: float = 10.0, jump: float = 2.0) -> list[int]:
+    """MoE layers where massive activations form: the hidden-state max after the layer is at least
+    ``ratio`` x the median over layers and at least ``jump`` x the max after the previous layer."""
+    hm = stats.get("hidden_max").float()
+    med = hm.median().clamp_min(1e-6)
+    out = []
+    for layer in stats.layers:
+        prev = hm[layer - 1] if layer > 0 else med
+        if hm[layer] >= ratio * med and hm[layer] >= jump * prev:
+            out.append(layer)
+    return out
+
+
+def super_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float = 99.5, max_ratio: float = 10.0) -> list[tuple[int, int]]:
+    """Super experts as (decoder layer, expert) pairs.
+
+    ``paper`` (arXiv 2507.23279): a_{l,e} > P99.5 of all a and a_{l,e} > max(a)/10, counted in the layers
+    where massive activations form (:func:`massive_layers`). ``first75``: the same thresholds over the
+    first 75% of layers (the public profiler's fixed rule).
+    """
+    stats.require("down_max", what="super-expert detection")
+    layers = stats.layers
+    a_all = torch.cat([stats.get("down_max", layer).float() for layer in layers])
+    if a_all.numel() == 0:
+        return []
+    thr = max(torch.quantile(a_all, percentile / 100).item(), a_all.max().item() / max_ratio)
+    if rule == "paper":
+        stats.require("hidden_max", what="the paper's super-expert rule")
+        allowed = set(massive_layers(stats))
+    elif rule == "first75":
+        n_layers = int(stats.meta.get("num_layers", max(layers) + 1))
+        allowed = {layer for layer in layers if layer < 0.75 * n_layers}
+    else:
+        raise MoekitError(f"unknown super-expert rule '{rule}': use 'paper' or 'first75'")
+    out = []
+    for layer in layers:
+        if layer not in allowed:
+            continue
+        a = stats.get("down_max", layer).float()
+        out += [(layer, int(e)) for e in torch.nonzero(a > thr).flatten().tolist()]
+    return out
