@@ -118,7 +118,7 @@ def check_config(model, cfg: CarveConfig) -> int:
 
 # ----------------------------------------------------------------------------- statistics
 @torch.no_grad()
-def marker_stats(model, tokens: torch.Tensor, k_a: int, batch_size: int = 4) -> list[dict]:
+def marker_stats(model, tokens: torch.Tensor, k_a: int, batch_size: int = 4, progress: bool = True) -> list[dict]:
     """Per layer: each token's top-``k_a`` neurons by |h| (int16 [T, k_a]) and the gate pre-activation std [d_h]."""
     mlps = dense_mlps(model)
     out = [{"top": [], "g_sum": 0.0, "g_sq": 0.0, "count": 0} for _ in mlps]
@@ -138,7 +138,7 @@ def marker_stats(model, tokens: torch.Tensor, k_a: int, batch_size: int = 4) -> 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
     device = next(model.parameters()).device
     try:
-        for b in tqdm(range(0, tokens.shape[0], batch_size), desc="carve: activation markers", leave=False):
+        for b in tqdm(range(0, tokens.shape[0], batch_size), desc="carve: activation markers", disable=not progress, leave=False):
             model(tokens[b : b + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
@@ -299,7 +299,7 @@ def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, 
     start = time.perf_counter()
     mlps = dense_mlps(dense_model)
     d_h = int(mlps[0].gate_proj.weight.shape[0])
-    stats = marker_stats(dense_model, tokens, cfg.k_a, cfg.batch_size)
+    stats = marker_stats(dense_model, tokens, cfg.k_a, cfg.batch_size, progress=progress)
     config = moe_config(dense_model.config, cfg, m)
     moe = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _copy_non_ffn(dense_model, moe)
@@ -316,3 +316,10 @@ def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, 
                                      "seconds": round(time.perf_counter() - start, 2)})
     moe.generation_config = dense_model.generation_config
     return moe.to(next(dense_model.parameters()).device).eval()
+
+
+def embedded_moe_path():
+    """Directory of the embedded default ``smollm2-moe`` (built on first use): see :mod:`moekit.embedded`."""
+    from .embedded import embedded_moe_path as build_or_find
+
+    return build_or_find()
