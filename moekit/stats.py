@@ -13,17 +13,24 @@ name                shape     meaning
 rank_counts         [E, K]    times expert e was selected at rank r (r = 0 is the top choice)
 prob_mass           [E]       sum over all tokens of the router probability of e
 selected_prob       [E]       sum of the router probability of e over the tokens that selected e
-weight_sum          [E]       sum of the routing weight g_e over the tokens routed to e
-reap_sum            [E]       sum of g_e * ||E_e(x)||_2 over routed tokens (REAP saliency numerator)
+weight_sum          [E]       sum of the routing weight w_e the model applies, over the tokens routed to e
+reap_sum            [E]       sum of g_e * ||E_e(x)||_2 over routed tokens, g_e = w_e / sum of the token's top-k
+                              weights (the top-k-renormalised gate; REAP saliency numerator)
 norm_sum            [E]       sum of ||E_e(x)||_2 over routed tokens (EAN numerator)
 sq_norm_sum         [E]       sum of ||E_e(x)||_2^2 over routed tokens
-weighted_out        [E, H]    h_e = sum of g_e * E_e(x) over routed tokens
+weighted_out        [E, H]    h_e = sum of w_e * E_e(x) over routed tokens
 down_max            [E]       max |down_proj output| over routed tokens (super-expert statistic)
-shared_down_max     [S]       same for the layer's shared expert(s), when the layer has them
-gram                [E, E]    optional: Gram matrix of expert outputs on a token sample
+shared_down_max     [S]       same for the layer's shared expert(s) (before its gate), when the layer has them
+gram                [E, E]    optional: sum over a token sample of <E_i(x), E_j(x)> (every expert run on
+                              the sample; meta ``gram_tokens`` says how many tokens)
 hidden_max          [L]       whole model: max |hidden state| after each decoder layer
-attn_sink           [L, A]    whole model, optional: attention mass each head puts on the first token
+attn_sink           [L, A]    whole model, optional: MEAN attention probability each head puts on the first
+                              token (queries 1..T-1; a mean, not a sum)
 ==================  ========  ================================================================
+
+Metadata: ``fingerprint``, ``layers`` (MoE decoder-layer indices), ``num_layers``, ``tokens``, ``top_k``
+(max over layers; ``top_k_per_layer`` and ``num_experts_per_layer`` per layer), ``model_type``, ``data``,
+``gram_tokens``, ``collected``, ``moekit_version``.
 """
 
 from __future__ import annotations
