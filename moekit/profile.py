@@ -71,11 +71,11 @@ def build_stats(model_meta: dict, layer_accs: list[LayerAccumulator], model_acc:
     return stats
 
 
-def model_meta(model, layers) -> dict:
+def model_meta(model, layers, router_weights=None) -> dict:
     from .models import fingerprint
 
     return {
-        "fingerprint": fingerprint(model),
+        "fingerprint": fingerprint(model, router_weights),
         "layers": [layer.index for layer in layers],
         "num_layers": len(decoder_layers(model)),
         "top_k": max(layer.top_k for layer in layers),

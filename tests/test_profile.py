@@ -181,3 +181,20 @@ def test_bad_tokens_are_refused():
         profile(model, ids(length=1))
     with pytest.raises(MoekitError, match="n_seq, seq_len"):
         profile(model, torch.zeros(0, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_stream_equals_in_memory(family, tmp_path):
+    from moekit.stream import profile_stream
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokens = ids(batch=5, length=10)
+    cfg = ProfileConfig(batch_size=2, gram_tokens=6, attn_sink=True, progress=False)
+    mem = profile(model, tokens, cfg)
+    streamed = profile_stream(tmp_path, tokens, cfg, device="cpu", dtype=torch.float32)
+    assert streamed.meta["fingerprint"] == mem.meta["fingerprint"]
+    assert sorted(streamed.tensors) == sorted(mem.tensors)
+    for key, value in mem.tensors.items():
+        torch.testing.assert_close(streamed.tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    streamed.check_model(model)
