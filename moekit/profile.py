@@ -110,3 +110,8 @@ def profile(model, tokens: torch.Tensor, config: ProfileConfig | None = None) ->
                 acc.sample_rows = rows
             body(input_ids=batch.to(device), use_cache=False)  # the decoder stack: logits are not needed
     return build_stats(model_meta(model, layers), layer_accs, model_acc, tokens, config)
+
+
+from .ablate import ablate, ablated  # the planned API: moekit.profile.ablate
+
+__all__ = ["ProfileConfig", "ablate", "ablated", "profile"]

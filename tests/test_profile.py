@@ -198,3 +198,26 @@ def test_stream_equals_in_memory(family, tmp_path):
     for key, value in mem.tensors.items():
         torch.testing.assert_close(streamed.tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
     streamed.check_model(model)
+
+
+def test_stream_reads_the_non_uniform_form(tmp_path):
+    from moekit.export import save_model
+    from moekit.stream import profile_stream
+
+    model = tiny_model("qwen3_moe")
+    moe_layers(model)[0].keep_experts([0, 2, 3, 5, 6])
+    save_model(model, None, tmp_path / "m")
+    tokens = ids(batch=3, length=8)
+    cfg = ProfileConfig(batch_size=2, progress=False)
+    mem = profile(model, tokens, cfg)
+    streamed = profile_stream(tmp_path / "m", tokens, cfg, device="cpu", dtype=torch.float32)
+    assert streamed.get("rank_counts", 0).shape == (5, 2)
+    for key, value in mem.tensors.items():
+        torch.testing.assert_close(streamed.tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_stream_refuses_a_non_checkpoint(tmp_path):
+    from moekit.stream import profile_stream
+
+    with pytest.raises(MoekitError, match="checkpoint directory"):
+        profile_stream(tmp_path, ids())
