@@ -128,16 +128,30 @@ class ExpertStats:
 
 
 def massive_layers(stats: ExpertStats, *, ratio: float = 10.0, jump: float = 2.0) -> list[int]:
-    """MoE layers where massive activations form: the hidden-state max after the layer is at least
-    ``ratio`` x the median over layers and at least ``jump`` x the max after the previous layer."""
+    """MoE layers where massive activations form: the hidden-state max after the layer is at least ``jump`` x the
+    max after the previous layer and at least ``ratio`` x the median over the layers before it (layer 0: over all
+    layers). Massive activations usually persist once formed, so later layers are compared with what came before,
+    not with the overall median."""
     hm = stats.get("hidden_max").float()
-    med = hm.median().clamp_min(1e-6)
     out = []
     for layer in stats.layers:
-        prev = hm[layer - 1] if layer > 0 else med
-        if hm[layer] >= ratio * med and hm[layer] >= jump * prev:
+        if layer == 0:
+            formed = hm[0] >= ratio * hm.median().clamp_min(1e-6)
+        else:
+            base = hm[:layer].median().clamp_min(1e-6)
+            formed = hm[layer] >= jump * hm[layer - 1] and hm[layer] >= ratio * base
+        if formed:
             out.append(layer)
     return out
+
+
+def super_expert_threshold(stats: ExpertStats, *, percentile: float = 99.5, max_ratio: float = 10.0) -> float | None:
+    """max(P_percentile of all a_{l,e}, max(a) / max_ratio), a = ``down_max`` over every MoE layer; None if empty."""
+    stats.require("down_max", what="super-expert detection")
+    a_all = torch.cat([stats.get("down_max", layer).float().flatten() for layer in stats.layers])
+    if a_all.numel() == 0:
+        return None
+    return max(torch.quantile(a_all, percentile / 100).item(), a_all.max().item() / max_ratio)
 
 
 def super_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float = 99.5, max_ratio: float = 10.0) -> list[tuple[int, int]]:
@@ -147,12 +161,10 @@ def super_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float 
     where massive activations form (:func:`massive_layers`). ``first75``: the same thresholds over the
     first 75% of layers (the public profiler's fixed rule).
     """
-    stats.require("down_max", what="super-expert detection")
     layers = stats.layers
-    a_all = torch.cat([stats.get("down_max", layer).float() for layer in layers])
-    if a_all.numel() == 0:
+    thr = super_expert_threshold(stats, percentile=percentile, max_ratio=max_ratio)
+    if thr is None:
         return []
-    thr = max(torch.quantile(a_all, percentile / 100).item(), a_all.max().item() / max_ratio)
     if rule == "paper":
         stats.require("hidden_max", what="the paper's super-expert rule")
         allowed = set(massive_layers(stats))
