@@ -110,7 +110,7 @@ class ExpertStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ExpertStats":
+    def load(cls, path: str | Path) -> ExpertStats:
         from safetensors import safe_open
 
         path = Path(path)
@@ -119,8 +119,8 @@ class ExpertStats:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("moekit", "null"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        except Exception:  # noqa: BLE001 (safetensors raises its own error types for a foreign file)
             raise MoekitError(f"'{path}' is not a moekit statistics file (safetensors with moekit metadata)") from None
         if not isinstance(meta, dict):
             raise MoekitError(f"'{path}' is not a moekit statistics file (no moekit metadata)")
