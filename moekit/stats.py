@@ -119,8 +119,123 @@ class ExpertStats:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("moekit", "null"))
+name                shape     meaning
+==================  ========  ================================================================
+rank_counts         [E, K]    times expert e was selected at rank r (r = 0 is the top choice)
+prob_mass           [E]       sum over all tokens of the router probability of e
+selected_prob       [E]       sum of the router probability of e over the tokens that selected e
+weight_sum          [E]       sum of the routing weight w_e the model applies, over the tokens routed to e
+reap_sum            [E]       sum of g_e * ||E_e(x)||_2 over routed tokens, g_e = w_e / sum of the token's top-k
+                              weights (the top-k-renormalised gate; REAP saliency numerator)
+norm_sum            [E]       sum of ||E_e(x)||_2 over routed tokens (EAN numerator)
+sq_norm_sum         [E]       sum of ||E_e(x)||_2^2 over routed tokens
+weighted_out        [E, H]    h_e = sum of w_e * E_e(x) over routed tokens
+down_max            [E]       max |down_proj output| over routed tokens (super-expert statistic)
+shared_down_max     [S]       same for the layer's shared expert(s) (before its gate), when the layer has them
+gram                [E, E]    optional: sum over a token sample of <E_i(x), E_j(x)> (every expert run on
+                              the sample; meta ``gram_tokens`` says how many tokens)
+hidden_max          [L]       whole model: max |hidden state| after each decoder layer
+attn_sink           [L, A]    whole model, optional: MEAN attention probability each head puts on the first
+                              token (queries 1..T-1; a mean, not a sum)
+==================  ========  ================================================================
+
+Metadata: ``fingerprint``, ``layers`` (MoE decoder-layer indices), ``num_layers``, ``tokens``, ``top_k``
+(max over layers; ``top_k_per_layer`` and ``num_experts_per_layer`` per layer), ``model_type``, ``data``,
+``gram_tokens``, ``collected``, ``moekit_version``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import MoekitError
+
+
+@dataclass
+class ExpertStats:
+    meta: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # ------------------------------------------------------------- access
+    @property
+    def layers(self) -> list[int]:
+        return [int(i) for i in self.meta.get("layers", [])]
+
+    @property
+    def collected(self) -> list[str]:
+        return list(self.meta.get("collected", []))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta.get("tokens", 0))
+
+    def get(self, name: str, layer: int | None = None) -> torch.Tensor:
+        key = name if layer is None else f"{name}.{layer}"
+        if key not in self.tensors:
+            if name not in self.collected:
+                raise MoekitError(f"the statistics file has no '{name}'; re-run `moekit profile` with it collected")
+            raise MoekitError(f"the statistics file has no '{name}' for layer {layer}; was it made for another model?")
+        return self.tensors[key]
+
+    def has(self, name: str) -> bool:
+        return name in self.collected
+
+    def require(self, *names: str, what: str = "this step") -> None:
+        missing = [n for n in names if n not in self.collected]
+        if missing:
+            raise MoekitError(f"{what} needs {', '.join(missing)}, which the statistics file lacks; re-run `moekit profile` collecting it")
+
+    def check_model(self, model) -> None:
+        """Refuse a statistics file made for another model."""
+        from .models import fingerprint
+
+        fp = fingerprint(model)
+        if self.meta.get("fingerprint") != fp:
+            raise MoekitError(
+                f"the statistics file was made for another model (fingerprint {self.meta.get('fingerprint')} != {fp}); "
+                "profile this model first"
+            )
+
+    def set(self, name: str, value: torch.Tensor, layer: int | None = None) -> None:
+        key = name if layer is None else f"{name}.{layer}"
+        self.tensors[key] = value.detach().cpu().contiguous()
+        if name not in self.meta.setdefault("collected", []):
+            self.meta["collected"].append(name)
+
+    # ------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta, moekit_version=__version__)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(self.tensors, str(tmp), metadata={"moekit": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertStats:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise MoekitError(f"statistics file '{path}' does not exist: run `moekit profile MODEL --out {path}` first")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("moekit", "null"))
+<<<<<<< HEAD
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
         except Exception:  # noqa: BLE001 (safetensors raises its own error types for a foreign file)
+=======
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except Exception:
             raise MoekitError(f"'{path}' is not a moekit statistics file (safetensors with moekit metadata)") from None
         if not isinstance(meta, dict):
             raise MoekitError(f"'{path}' is not a moekit statistics file (no moekit metadata)")
