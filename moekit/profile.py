@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .ablate import ablate, ablated  # the planned API: moekit.profile.ablate
 from .arch import decoder_layers, require_moe
 from .errors import MoekitError
 from .observe import LayerAccumulator, ModelAccumulator, eager_attention, observe_layer, observe_model
@@ -111,7 +112,5 @@ def profile(model, tokens: torch.Tensor, config: ProfileConfig | None = None) ->
             body(input_ids=batch.to(device), use_cache=False)  # the decoder stack: logits are not needed
     return build_stats(model_meta(model, layers), layer_accs, model_acc, tokens, config)
 
-
-from .ablate import ablate, ablated  # the planned API: moekit.profile.ablate
 
 __all__ = ["ProfileConfig", "ablate", "ablated", "profile"]
