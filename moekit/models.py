@@ -43,7 +43,10 @@ def cache_dir(*parts: str) -> Path:
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MoekitError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

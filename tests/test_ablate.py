@@ -8,7 +8,7 @@ import torch
 from moekit.ablate import ablate, ablated, measure, parse_experts, random_experts
 from moekit.arch import moe_layers
 from moekit.errors import MoekitError
-from tests.tiny import MOE_FAMILIES, ids, tiny_model
+from tiny import MOE_FAMILIES, ids, tiny_model
 
 
 def capture(model, tokens, layer):

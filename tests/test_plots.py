@@ -6,7 +6,7 @@ import torch
 
 from moekit.plots import selection_frequency, write_plots
 from moekit.profile import ProfileConfig, profile
-from tests.tiny import ids, tiny_model
+from tiny import ids, tiny_model
 
 
 def test_plots_are_written(tmp_path):

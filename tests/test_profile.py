@@ -9,7 +9,7 @@ from moekit.arch import decoder_layers, moe_layers
 from moekit.errors import MoekitError
 from moekit.profile import ProfileConfig, profile
 from moekit.stats import ExpertStats
-from tests.tiny import DENSE_FAMILIES, MOE_FAMILIES, ids, tiny_model
+from tiny import DENSE_FAMILIES, MOE_FAMILIES, ids, tiny_model
 
 
 def block_inputs(model, tokens):

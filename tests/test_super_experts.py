@@ -9,7 +9,7 @@ from moekit.ablate import ablate
 from moekit.arch import moe_layers
 from moekit.profile import ProfileConfig, profile
 from moekit.stats import ExpertStats, massive_layers, super_expert_threshold, super_experts
-from tests.tiny import ids, tiny_model
+from tiny import ids, tiny_model
 
 PLANTED = (1, 5)
 
