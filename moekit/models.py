@@ -43,7 +43,10 @@ def cache_dir(*parts: str) -> Path:
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MoekitError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -96,13 +99,21 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and " " not in name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def _load_tokenizer(source, **kw):
+    """The tokenizer at ``source``, or None. transformers 5 builds an empty one-token tokenizer for a directory
+    with no tokenizer files, so a local directory must hold one of them."""
     from transformers import AutoTokenizer
 
+    if Path(source).is_dir() and "gguf_file" not in kw and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        return None
     try:
-        return AutoTokenizer.from_pretrained(source, **kw)
+        tok = AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError, TypeError):
         return None
+    return tok if len(tok) > 1 else None
 
 
 def _load_local(path: Path, dtype, trust_remote_code: bool, device_map):
@@ -251,11 +262,16 @@ def restore_moekit_state(model) -> None:
                 layer.block.top_k = k
 
 
-def fingerprint(model) -> str:
-    """Hash of the architecture config and every router weight: identifies 'the same model' for stats files."""
+def fingerprint(model, router_weights=None) -> str:
+    """Hash of the architecture config and every router weight: identifies 'the same model' for stats files.
+
+    ``router_weights`` (MoE-layer order) stands in for the model's own when those are not in memory
+    (the layer-by-layer profiler)."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for layer in arch.moe_layers(model):
-        h.update(layer.router_weight.detach().float().cpu().numpy().tobytes())
+    if router_weights is None:
+        router_weights = [layer.router_weight for layer in arch.moe_layers(model)]
+    for w in router_weights:
+        h.update(w.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
