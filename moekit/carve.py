@@ -192,7 +192,8 @@ def partition(markers: torch.Tensor, n_experts: int, n_shared: int, iterations: 
     centroids = a[:, :n_routed].clone()  # seeds: the n_routed highest-rate remaining neurons
     labels, rounds = None, 0
     limit = max_iterations if iterations == 0 else iterations
-    for rounds in range(1, limit + 1):
+    while rounds < limit:
+        rounds += 1
         new = balanced_assignment(l1_to_centroids(a, centroids), m)
         converged = labels is not None and np.array_equal(new, labels)
         labels = new
@@ -305,7 +306,7 @@ def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, 
     _copy_non_ffn(dense_model, moe)
     layers = arch.moe_layers(moe)
     rounds = []
-    for layer, mlp, st in tqdm(list(zip(layers, mlps, stats)), desc="carve: partition", disable=not progress, leave=False):
+    for layer, mlp, st in tqdm(list(zip(layers, mlps, stats, strict=True)), desc="carve: partition", disable=not progress, leave=False):
         part = partition(marker_matrix(st["top"], d_h), cfg.experts, cfg.shared, cfg.iterations, cfg.max_iterations)
         rounds.append(part.iterations)
         write_layer(layer, mlp, part, cfg, st["gate_std"])

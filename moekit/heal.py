@@ -212,7 +212,7 @@ def fit_local(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, epochs: int, lr
     """Adam on the layer's experts, shared expert and router toward y (in place); cosine-decayed lr."""
     params = [p.detach().clone().requires_grad_(True) for p in t.params()]
     names = [n for n in ("router", "gate", "up", "down", "s_gate", "s_up", "s_down", "s_sigmoid") if getattr(t, n) is not None]
-    for n, p in zip(names, params):
+    for n, p in zip(names, params, strict=True):
         setattr(t, n, p)
     opt = torch.optim.Adam(params, lr=lr)
     n = x.shape[0]
@@ -230,7 +230,7 @@ def fit_local(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, epochs: int, lr
                 loss.backward()
                 opt.step()
                 sched.step()
-    for n_, p in zip(names, params):
+    for n_, p in zip(names, params, strict=True):
         setattr(t, n_, p.detach())
 
 
@@ -304,15 +304,15 @@ def heal_(moe, teacher, tokens: torch.Tensor, cfg: HealConfig | None = None, *, 
 def _heal_layer(s_layer, t_layer, view, states, kwargs, cfg: HealConfig, report: dict):
     """Run one decoder layer on ``states``; if ``view`` is an MoE layer to heal, heal it first."""
     if view is None:
-        return [_layer_output(s_layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        return [_layer_output(s_layer(h, **kw)) for h, kw in zip(states, kwargs, strict=True)]
     captured = []
     hook = s_layer.mlp.register_forward_hook(lambda m, a, o: captured.append((a[0], _layer_output(o))))
     try:
-        outs = [_layer_output(s_layer(h, **kw)) for h, kw in zip(states, kwargs)]
+        outs = [_layer_output(s_layer(h, **kw)) for h, kw in zip(states, kwargs, strict=True)]
     finally:
         hook.remove()
     shapes = [c[0].shape for c in captured]
-    mids = [o - c[1] for o, c in zip(outs, captured)]  # residual stream before the FFN (pre-norm layers)
+    mids = [o - c[1] for o, c in zip(outs, captured, strict=True)]  # residual stream before the FFN (pre-norm layers)
     x = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured]).float()
     y = torch.cat([_layer_output(t_layer.mlp(c[0].to(next(t_layer.parameters()).dtype))).reshape(-1, x.shape[1])
                    for c in captured]).float()
@@ -332,7 +332,7 @@ def _heal_layer(s_layer, t_layer, view, states, kwargs, cfg: HealConfig, report:
     write_layer(view, t)
     report[view.index] = rec
     new = []
-    for mid, (xin, _), shape in zip(mids, captured, shapes):
+    for mid, (xin, _), shape in zip(mids, captured, shapes, strict=True):
         new.append(mid + _layer_output(view.block(xin)).reshape(shape[:-1] + (mid.shape[-1],)).to(device))
     return new
 

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, needs_data, needs_smollm2
 from tiny import ids, tiny_model
 
 from moekit import arch
@@ -235,3 +236,21 @@ def test_cli_carve_refuses_an_moe(tmp_path, text_file, char_tokenizer, capsys):
     code, _, err = _cli(["carve", str(tmp_path / "m"), "--data", str(text_file), "--out", str(tmp_path / "o"),
                          "--device", "cpu"], capsys)
     assert code == 2 and "already an MoE" in err
+
+
+@pytest.mark.slow
+@needs_smollm2
+@needs_data
+def test_embedded_moe_loads_and_meets_the_target(smollm2):
+    from moekit import load_model
+    from moekit.perplexity import perplexity, windows
+
+    dense, tok = smollm2
+    moe, _ = load_model("smollm2-moe", dtype="float32", device="cpu")
+    d = arch.describe(moe)
+    assert d["model_type"] == "qwen2_moe" and d["shared_experts"]
+    (k,), (e,), (m,), (s,) = d["top_k"], d["experts_per_layer"], d["expert_size"], d["shared_expert_size"]
+    assert k % 4 == 0 and k <= e // 2
+    assert (s + k * m) / (s + e * m) <= 0.5  # at most half the FFN neurons active per token
+    toks = windows(tok, str(DATA / "dev" / "c4_valid_dev.jsonl"), max_tokens=2048, window=1024)
+    assert perplexity(moe, toks, progress=False) <= 2.0 * perplexity(dense, toks, progress=False)
