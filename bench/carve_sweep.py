@@ -81,7 +81,7 @@ def main() -> None:
         nk = round(0.5 * n) - ns
         plans.append((0.5, CarveConfig(experts=n, shared=ns, active=nk, iterations=0)))
 
-    for share, cfg in plans:
+    for _share, cfg in plans:
         t = time.perf_counter()
         moe = carve(dense, calib, cfg, progress=False)
         carve_s = time.perf_counter() - t
