@@ -47,8 +47,8 @@ class HealConfig:
     local_lr: float = 2e-4
     local_batch: int = 512  # tokens per Adam step
     router_ridge: float = 1e-2  # ridge strength, relative to the mean input energy
-    lstsq_ridge: float = 1e-3  # ridge strength, relative to the mean activation energy
-    router_spread: float | None = None  # rescale fitted logits to this std (None: keep the fitted log-energy scale)
+    lstsq_ridge: float | None = None  # ridge toward the carved weights (relative); None: chosen on held-out tokens
+    router_spread: float | None = 0.05  # rescale fitted logits to this std (weights ~ 1); None: log-energy scale
     distill_steps: int = 0  # end-to-end forward-KL distillation steps (GPU users)
     distill_lr: float = 1e-5
     finetune: str = "none"  # "none", "lora" (peft, merged back) or "router" (router weights only)
@@ -185,9 +185,8 @@ def fit_router(t: LayerTensors, x: torch.Tensor, ridge: float = 1e-2, spread: fl
     t.router = w.contiguous()
 
 
-@torch.no_grad()
-def fit_down(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3, chunk: int = 2048) -> None:
-    """Least-squares refit of all down projections (routed and shared) for the current routing (in place)."""
+def _down_grams(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048):
+    """Gram of the (weighted) activations feeding the down projections, their cross term with y, and ||y||^2."""
     gram = rhs = None
     for s in range(0, x.shape[0], chunk):
         xs = x[s : s + chunk]
@@ -198,40 +197,91 @@ def fit_down(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, ridge: float = 1
         z = z.double()
         g, r = z.T @ z, z.T @ y[s : s + chunk].double()
         gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
-    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    d = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs).T.float()  # [H, Is+E*I]
+    return gram, rhs, float(y.double().pow(2).sum())
+
+
+def _current_down(t: LayerTensors) -> torch.Tensor:
+    """All down projections as one matrix [H, Is + E*I] (shared first)."""
+    d = flat_down(t)
+    return d if t.s_down is None else torch.cat([t.s_down, d], dim=1)
+
+
+def _solve_down(gram, rhs, prior, lam):
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(gram + lam * scale * eye, rhs + lam * scale * prior.T).T  # [H, F]
+
+
+@torch.no_grad()
+def fit_down(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
+             grid: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), holdout: float = 0.2) -> float:
+    """Least-squares refit of all down projections (routed and shared) for the current routing (in place).
+
+    Ridge toward the current weights (a compensation, not a fresh fit): with few calibration tokens an
+    unregularised fit memorises them. ``ridge=None`` picks the strength from ``grid`` on the last
+    ``holdout`` share of the tokens, then refits on all of them. Returns the strength used.
+    """
+    prior = _current_down(t).double()
+    if ridge is None:
+        cut = int(x.shape[0] * (1 - holdout))
+        g_t, r_t, _ = _down_grams(t, x[:cut], y[:cut])
+        g_v, r_v, yy_v = _down_grams(t, x[cut:], y[cut:])
+        best = None
+        for lam in grid:
+            d = _solve_down(g_t, r_t, prior, lam)
+            err = float(((d @ g_v) * d).sum() - 2 * (d * r_v.T).sum() + yy_v)
+            if best is None or err < best[0]:
+                best = (err, lam)
+        ridge = best[1]
+        gram, rhs = g_t + g_v, r_t + r_v
+    else:
+        gram, rhs, _ = _down_grams(t, x, y)
+    d = _solve_down(gram, rhs, prior, ridge).float()
     e, h, i = t.down.shape
     if t.s_down is not None:
         n_s = t.s_down.shape[1]
         t.s_down, d = d[:, :n_s].contiguous(), d[:, n_s:]
     t.down = d.reshape(h, e, i).permute(1, 0, 2).contiguous()
+    return ridge
 
 
 def fit_local(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch: int,
-              seed: int = 0) -> None:
-    """Adam on the layer's experts, shared expert and router toward y (in place); cosine-decayed lr."""
-    params = [p.detach().clone().requires_grad_(True) for p in t.params()]
+              seed: int = 0, holdout: float = 0.1) -> list[float]:
+    """Adam on the layer's experts, shared expert and router toward y (in place), cosine-decayed lr.
+
+    The last ``holdout`` share of the tokens is kept out of training; the weights after the epoch with the
+    lowest held-out error are kept (the starting point counts as epoch 0). Returns held-out errors.
+    """
     names = [n for n in ("router", "gate", "up", "down", "s_gate", "s_up", "s_down", "s_sigmoid") if getattr(t, n) is not None]
+    cut = int(x.shape[0] * (1 - holdout)) if holdout > 0 else x.shape[0]
+    (x_t, y_t), (x_v, y_v) = (x[:cut], y[:cut]), ((x[cut:], y[cut:]) if holdout > 0 else (x, y))
+    errors = [relative_error(t, x_v, y_v)]
+    best = {n: getattr(t, n) for n in names}
+    params = [getattr(t, n).detach().clone().requires_grad_(True) for n in names]
     for n, p in zip(names, params, strict=True):
         setattr(t, n, p)
     opt = torch.optim.Adam(params, lr=lr)
-    n = x.shape[0]
+    n = x_t.shape[0]
     steps = epochs * math.ceil(n / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-    scale = y.pow(2).mean()
+    scale = y_t.pow(2).mean()
     gen = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        with torch.enable_grad():
             for s in range(0, n, batch):
                 idx = perm[s : s + batch]
-                loss = (moe_ffn(t, x[idx]) - y[idx]).pow(2).mean() / scale
+                loss = (moe_ffn(t, x_t[idx]) - y_t[idx]).pow(2).mean() / scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-    for n_, p in zip(names, params, strict=True):
-        setattr(t, n_, p.detach())
+        errors.append(relative_error(t, x_v, y_v))
+        if errors[-1] <= min(errors[:-1]):
+            best = {n_: p.detach().clone() for n_, p in zip(names, params, strict=True)}
+    for n_ in names:
+        setattr(t, n_, best[n_].detach())
+    return errors
 
 
 # ----------------------------------------------------------------------------- the layer walk
@@ -324,10 +374,10 @@ def _heal_layer(s_layer, t_layer, view, states, kwargs, cfg: HealConfig, report:
         fit_router(t, x, cfg.router_ridge, cfg.router_spread)
         rec["router"] = relative_error(t, x, y)
     if cfg.lstsq:
-        fit_down(t, x, y, cfg.lstsq_ridge)
+        rec["lstsq_ridge"] = fit_down(t, x, y, cfg.lstsq_ridge)
         rec["lstsq"] = relative_error(t, x, y)
     if cfg.local_epochs > 0:
-        fit_local(t, x, y, cfg.local_epochs, cfg.local_lr, cfg.local_batch, cfg.seed + view.index)
+        rec["local_holdout"] = fit_local(t, x, y, cfg.local_epochs, cfg.local_lr, cfg.local_batch, cfg.seed + view.index)
         rec["local"] = relative_error(t, x, y)
     write_layer(view, t)
     report[view.index] = rec
