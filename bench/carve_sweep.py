@@ -36,9 +36,10 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--dev", default=str(DATA / "dev" / "c4_valid_dev.jsonl"))
     ap.add_argument("--dev-tokens", type=int, default=16384)
+    ap.add_argument("--local-shares", default="0.5", help="shares that also get the (costly) local step")
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--shared", type=int, default=1)
-    ap.add_argument("--shares", default="0.75,0.5,0.25,0.125")
+    ap.add_argument("--shares", default="0.5,0.25,0.75,0.125", help="most informative first: rows are saved as they finish")
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--skip-converged", action="store_true", help="skip the converged-clustering row")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "carve_sweep.json"))
@@ -99,6 +100,8 @@ def main() -> None:
         steps = [("+router", HealConfig(router=True, lstsq=False, local_epochs=0)),
                  ("+lstsq", HealConfig(router=False, lstsq=True, local_epochs=0)),
                  ("+local", HealConfig(router=False, lstsq=False, local_epochs=args.local_epochs))]
+        if args.local_epochs <= 0 or row["share"] not in {float(s) for s in args.local_shares.split(",")}:
+            steps = steps[:2]
         for name, hcfg in steps:
             t = time.perf_counter()
             heal_(moe, dense, calib, hcfg, progress=False)
@@ -114,7 +117,7 @@ def main() -> None:
     print(f"\nperplexity / dense ({d}) on {result['dev_tokens']} tokens of {Path(args.dev).name}, "
           f"{result['calib_tokens']} calibration tokens, {args.experts} experts ({args.shared} shared)")
     print("share  N_k  iters  carve_s  " + "  ".join(f"{c:>8}" for c in cols))
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: (-r["share"], r["iterations"] == 0)):
         vals = "  ".join(f"{r['ppl'][c] / d:8.2f}" if c in r["ppl"] else f"{'-':>8}" for c in cols)
         print(f"{r['share']:5.3f}  {r['active']:3d}  {r['iterations']:5d}  {r['carve_s']:7.1f}  {vals}")
     save()

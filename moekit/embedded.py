@@ -20,7 +20,7 @@ CALIB_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c
 # 1536 FFN neurons -> 32 experts of 48: one shared expert of 8*48 = 384 neurons, 24 routed, top-8;
 # active per token 384 + 8*48 = 768 = half the FFN.
 CARVE = CarveConfig(experts=32, shared=8, active=8, k_a=10, iterations=1)
-HEAL = HealConfig(router=True, lstsq=True, local_epochs=2)
+HEAL = HealConfig(router=True, lstsq=True, local_epochs=0)
 CALIB_SEQS, CALIB_LEN = 16, 512  # 8,192 calibration tokens
 
 

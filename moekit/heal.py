@@ -48,6 +48,7 @@ class HealConfig:
     local_batch: int = 512  # tokens per Adam step
     router_ridge: float = 1e-2  # ridge strength, relative to the mean input energy
     lstsq_ridge: float | None = None  # ridge toward the carved weights (relative); None: chosen on held-out tokens
+    router_target: str = "log_energy"  # or "topk": see fit_router
     router_spread: float | None = 0.05  # rescale fitted logits to this std (weights ~ 1); None: log-energy scale
     distill_steps: int = 0  # end-to-end forward-KL distillation steps (GPU users)
     distill_lr: float = 1e-5
@@ -168,13 +169,22 @@ def relative_error(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, chunk: int
 # ----------------------------------------------------------------------------- healing steps
 @torch.no_grad()
 def fit_router(t: LayerTensors, x: torch.Tensor, ridge: float = 1e-2, spread: float | None = None,
-               chunk: int = 1024) -> None:
-    """Ridge-fit the router to each token's centred log output energy of every expert (in place)."""
+               target: str = "log_energy", chunk: int = 1024) -> None:
+    """Ridge-fit the router (in place) to each token's per-expert output energy ``||down_e h_e(x)||^2``.
+
+    ``target``: ``log_energy`` (its logarithm) or ``topk`` (1 for the k most energetic experts, else 0);
+    either is centred per token, since softmax ignores a per-token shift.
+    """
+    if target not in ("log_energy", "topk"):
+        raise MoekitError(f"router target '{target}' is not one of log_energy, topk")
     targets = []
     for s in range(0, x.shape[0], chunk):
         h = expert_hidden(t, x[s : s + chunk])  # [t,E,I]
         energy = torch.einsum("tei,ehi->teh", h, t.down).pow(2).sum(-1)  # [t,E]
-        z = torch.log(energy + 1e-12)
+        if target == "log_energy":
+            z = torch.log(energy + 1e-12)
+        else:
+            z = torch.zeros_like(energy).scatter(1, energy.topk(t.top_k, dim=1).indices, 1.0)
         targets.append(z - z.mean(1, keepdim=True))
     z = torch.cat(targets)
     xtx = x.T @ x
@@ -214,7 +224,7 @@ def _solve_down(gram, rhs, prior, lam):
 
 @torch.no_grad()
 def fit_down(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
-             grid: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), holdout: float = 0.2) -> float:
+             grid: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), holdout: float = 0.2) -> float:
     """Least-squares refit of all down projections (routed and shared) for the current routing (in place).
 
     Ridge toward the current weights (a compensation, not a fresh fit): with few calibration tokens an
@@ -371,7 +381,7 @@ def _heal_layer(s_layer, t_layer, view, states, kwargs, cfg: HealConfig, report:
     t = read_layer(view)
     rec = {"before": relative_error(t, x, y)}
     if cfg.router:
-        fit_router(t, x, cfg.router_ridge, cfg.router_spread)
+        fit_router(t, x, cfg.router_ridge, cfg.router_spread, cfg.router_target)
         rec["router"] = relative_error(t, x, y)
     if cfg.lstsq:
         rec["lstsq_ridge"] = fit_down(t, x, y, cfg.lstsq_ridge)
