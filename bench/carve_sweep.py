@@ -88,7 +88,7 @@ def main() -> None:
         carve_s = time.perf_counter() - t
         row = {"share": round((cfg.shared + cfg.active) / cfg.experts, 4), "experts": cfg.experts, "shared": cfg.shared,
                "active": cfg.active, "iterations": cfg.iterations, "rounds_mean": sum(moe.config.moekit_carve["rounds"]) / len(moe.config.moekit_carve["rounds"]),
-               "carve_s": round(carve_s, 1), "ppl": {}, "heal_s": {}}
+               "carve_s": round(carve_s, 1), "carve_cpu_s": moe.config.moekit_carve["cpu_seconds"], "ppl": {}, "heal_s": {}}
         row["ppl"]["carved"] = ppl(moe)
         print(f"share {row['share']} N_k {cfg.active} it {cfg.iterations}: carve {carve_s:.1f} s, carved ppl "
               f"{row['ppl']['carved']}", flush=True)
