@@ -28,7 +28,7 @@ def snapshot(model) -> dict:
 
 def build_report(before: dict, after: dict, keep: dict[int, list[int]], cfg) -> dict:
     rows = []
-    for b, a in zip(before["layers"], after["layers"]):
+    for b, a in zip(before["layers"], after["layers"], strict=True):
         rows.append({"layer": b["layer"], "experts_before": b["experts"], "experts_after": a["experts"],
                      "params_before": b["params"], "params_after": a["params"], "kept": keep.get(b["layer"])})
     return {"config": asdict(cfg), "layers": rows, "params_before": before["params"], "params_after": after["params"],

@@ -15,7 +15,7 @@ from moekit.errors import MoekitError
 from moekit.models import fingerprint, load_model
 from moekit.prune import CRITERIA, PruneConfig, expert_scores, make_uniform, plan, prune_
 from moekit.stats import ExpertStats
-from tests.tiny import MOE_FAMILIES, ids, tiny_model
+from tiny import MOE_FAMILIES, ids, tiny_model
 
 
 def fake_stats(model, seed: int = 0, super_expert: tuple[int, int] | None = None) -> ExpertStats:
@@ -348,3 +348,50 @@ def test_every_criterion_runs_on_every_family():
         for c in CRITERIA:
             keep = plan(arch.moe_layers(model), stats, PruneConfig(criterion=c, keep=4, top_k_prime=1))
             assert all(len(v) == 4 for v in keep.values())
+
+
+def _run(argv, capsys):
+    from moekit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
+    from moekit.export import save_model
+
+    model = tiny_model("qwen3_moe")
+    save_model(model, char_tokenizer, tmp_path / "m", verify=False)
+    stats = fake_stats(model, seed=8)
+    stats.tensors[f"reap_sum.{arch.moe_layers(model)[1].index}"][:5] *= 0.001
+    stats.save(tmp_path / "stats.safetensors")
+    base = ["prune", str(tmp_path / "m"), "--stats", str(tmp_path / "stats.safetensors"), "--device", "cpu"]
+
+    code, out, err = _run(base + ["--ratio", "0.5", "--budget", "global", "--out", str(tmp_path / "g")], capsys)
+    assert code in (0, None), err
+    assert "| layer | # experts | # parameters |" in out
+    assert {"prune_report.json", "prune_report.md", "experts_per_layer.png"} <= {p.name for p in (tmp_path / "g").iterdir()}
+    g, _ = load_model(str(tmp_path / "g"), with_tokenizer=False)
+    assert not arch.is_uniform(g)
+
+    code, _, err = _run(["uniform", str(tmp_path / "g"), "--stats", str(tmp_path / "stats.safetensors"),
+                         "--out", str(tmp_path / "u"), "--device", "cpu"], capsys)
+    assert code in (0, None), err
+    u, _ = load_model(str(tmp_path / "u"), with_tokenizer=False)
+    assert arch.is_uniform(u) and len({layer.num_experts for layer in arch.moe_layers(u)}) == 1
+
+    code, _, err = _run(base + ["--keep", "4", "--shardwise", "--out", str(tmp_path / "s")], capsys)
+    assert code in (0, None), err
+    s, _ = load_model(str(tmp_path / "s"))  # tokenizer files came along
+    assert {layer.num_experts for layer in arch.moe_layers(s)} == {4}
+
+    code, _, err = _run(base + ["--keep", "1", "--out", str(tmp_path / "bad")], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("moekit: error:")]
+    assert code == 2 and len(errors) == 1 and "fewer than top-k" in errors[0]
+    assert not (tmp_path / "bad").exists()
+    code, _, err = _run(base + ["--keep", "4", "--ratio", "0.5", "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "not both" in err
+    code, _, err = _run(base + ["--keep", "4", "--out", str(tmp_path / "g")], capsys)
+    assert code == 2 and "already exists" in err
