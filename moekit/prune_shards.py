@@ -8,7 +8,7 @@ read once and written once:
   families) are dropped or renamed to the expert's new index;
 * fused expert tensors (``...layers.L.<block>.experts.<name>`` with experts on dim 0, GPT-OSS) and router
   tensors (``...layers.L.<block>.<router>.<name>``) keep the surviving rows;
-* everything else is copied unchanged; the index json, config and every other file (tokenizer,
+* everything else is copied unchanged (bytes move file to file, see :mod:`moekit.shard_io`); the index json, config and every other file (tokenizer,
   generation config, chat template) follow.
 
 The output is written to a temporary directory beside ``out`` and renamed into place. The result is a
@@ -32,6 +32,7 @@ from .errors import MoekitError
 from .export import _swap_into_place, check_output_dir
 from .models import NON_UNIFORM_WEIGHTS, restore_moekit_state
 from .prune import PruneConfig, prune_
+from .shard_io import read_header, write_subset
 from .stats import ExpertStats
 
 INDEX = "model.safetensors.index.json"
@@ -44,10 +45,7 @@ def shard_map(src: Path) -> dict[str, str]:
     if (src / INDEX).exists():
         return dict(json.loads((src / INDEX).read_text())["weight_map"])
     if (src / SINGLE).exists():
-        from safetensors import safe_open
-
-        with safe_open(str(src / SINGLE), "pt") as f:
-            return {k: SINGLE for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return {k: SINGLE for k in read_header(src / SINGLE)[0]}
     raise MoekitError(f"'{src}' has neither {INDEX} nor {SINGLE}: shard-wise pruning needs a safetensors checkpoint")
 
 
@@ -99,7 +97,9 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
 
     config = AutoConfig.from_pretrained(src)
     arch.check_supported(config)
-    with init_empty_weights():
+    from transformers.initialization import no_init_weights
+
+    with init_empty_weights(), no_init_weights():  # no weights and no initialisation: only shapes are needed
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     restore_moekit_state(model)
     for layer in arch.require_moe(model):
@@ -125,26 +125,31 @@ def _read_routers(src: Path, wmap: dict[str, str], layout: DiskLayout) -> dict[i
     return out
 
 
+def load_meta(src: str | Path):
+    """The checkpoint's model on the meta device, with its real router weights (enough for fingerprint, planning
+    and parameter counts); also returns the tensor->shard map and the disk layout."""
+    from transformers import AutoConfig
+
+    src = Path(src).expanduser()
+    wmap = shard_map(src)
+    family = arch.MOE_FAMILIES.get(arch.model_type(AutoConfig.from_pretrained(src)))
+    if family is None:
+        raise MoekitError(f"'{src}' is not an MoE checkpoint moekit supports; shard-wise pruning needs one of "
+                          f"{', '.join(arch.MOE_FAMILIES)}")
+    layout = DiskLayout(wmap, family.router_attr)
+    return _meta_model(src, _read_routers(src, wmap, layout)), wmap, layout
+
+
 def prune_shards(src: str | Path, stats: ExpertStats, cfg: PruneConfig, out: str | Path, *,
                  overwrite: bool = False) -> dict:
     """Prune the checkpoint directory ``src`` into ``out`` shard by shard; return the same report as prune_."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src = Path(src).expanduser()
     if not (src / "config.json").exists():
         raise MoekitError(f"'{src}' is not a checkpoint directory (no config.json); shard-wise pruning needs a local directory")
     if (src / NON_UNIFORM_WEIGHTS).exists():
         raise MoekitError(f"'{src}' is in moekit's non-uniform form; prune it in memory (drop --shardwise)")
     out = check_output_dir(out, overwrite)
-    wmap = shard_map(src)
-    from transformers import AutoConfig
-
-    family = arch.MOE_FAMILIES.get(arch.model_type(AutoConfig.from_pretrained(src)))
-    if family is None:
-        raise MoekitError(f"'{src}' is not an MoE checkpoint moekit supports; shard-wise pruning needs one of {', '.join(arch.MOE_FAMILIES)}")
-    layout = DiskLayout(wmap, family.router_attr)
-    model = _meta_model(src, _read_routers(src, wmap, layout))
+    model, wmap, layout = load_meta(src)
     counts = {layer.index: layer.num_experts for layer in arch.moe_layers(model)}
     missing = [i for i in counts if i not in layout.blocks]
     if missing:
@@ -161,20 +166,14 @@ def prune_shards(src: str | Path, stats: ExpertStats, cfg: PruneConfig, out: str
         new_map, total = {}, 0
         shards = sorted(set(wmap.values()))
         for shard in tqdm(shards, desc="pruning shards", leave=False):
-            tensors = {}
-            with safe_open(str(src / shard), "pt") as f:
-                meta = f.metadata()
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    new_key, rows = layout.rewrite(key, f.get_slice(key).get_shape(), keep, counts)
-                    if new_key is None:
-                        continue
-                    t = f.get_tensor(key)
-                    tensors[new_key] = t if rows is None else t[torch.tensor(rows, dtype=torch.long)].contiguous()
-            save_file(tensors, str(tmp / shard), metadata=meta)
-            for k, t in tensors.items():
-                new_map[k] = shard
-                total += t.numel() * t.element_size()
-            del tensors
+            infos, meta, _ = read_header(src / shard)
+            items = []
+            for key, info in infos.items():
+                new_key, rows = layout.rewrite(key, info.shape, keep, counts)
+                if new_key is not None:
+                    items.append((new_key, info, rows))
+                    new_map[new_key] = shard
+            total += write_subset(src / shard, tmp / shard, items, meta)
         if (src / INDEX).exists():
             index = json.loads((src / INDEX).read_text())
             index["metadata"] = dict(index.get("metadata") or {}, total_size=total)
