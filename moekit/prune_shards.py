@@ -101,6 +101,7 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
 
     with init_empty_weights(), no_init_weights():  # no weights and no initialisation: only shapes are needed
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    model.tie_weights()  # no_init_weights skips tying; parameter counts must see tied embeddings once
     restore_moekit_state(model)
     for layer in arch.require_moe(model):
         r = layer.router

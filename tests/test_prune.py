@@ -280,15 +280,15 @@ def test_report_table_and_plot(tmp_path):
     assert json.loads(paths[0].read_text())["experts_after"] == 12
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_shardwise_equals_in_memory(family, tmp_path):
+@pytest.mark.parametrize("family,over", [(f, {}) for f in MOE_FAMILIES] + [("qwen3_moe", {"tie_word_embeddings": True})])
+def test_shardwise_equals_in_memory(family, over, tmp_path):
     from safetensors.torch import load_file
 
     from moekit.export import save_model
     from moekit.prune_shards import prune_shards
 
     src = tmp_path / "src"
-    model = tiny_model(family)
+    model = tiny_model(family, **over)
     model.save_pretrained(src, max_shard_size="20KB")  # several shards, experts split across them
     assert (src / "model.safetensors.index.json").exists()
     (src / "tokenizer_config.json").write_text("{}")
