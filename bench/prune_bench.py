@@ -22,9 +22,19 @@ import torch
 def synthetic_checkpoint(path: Path, layers: int, experts: int, hidden: int, expert_size: int, shard: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden,
-                               moe_intermediate_size=expert_size, num_experts=experts, num_experts_per_tok=4,
-                               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8)
+    cfg = AutoConfig.for_model(
+        "qwen3_moe",
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        moe_intermediate_size=expert_size,
+        num_experts=experts,
+        num_experts_per_tok=4,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=hidden // 8,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size=shard)
@@ -87,16 +97,26 @@ def main() -> None:
             shutil.rmtree(work / f"copy{i}")
             shutil.rmtree(work / f"pruned{i}")
         c, p = statistics.median(copy_t), statistics.median(prune_t)
-        row = {"checkpoint": str(args.model or "synthetic qwen3_moe bf16"), "size_bytes": dir_size(src),
-               "shards": len(list(src.glob("*.safetensors"))), "pruned_bytes": out_size, "ratio_removed": args.ratio,
-               "copy_s": round(c, 3), "shardwise_s": round(p, 3), "time_ratio": round(p / c, 3),
-               "copy_all_s": [round(x, 3) for x in copy_t], "shardwise_all_s": [round(x, 3) for x in prune_t]}
+        row = {
+            "checkpoint": str(args.model or "synthetic qwen3_moe bf16"),
+            "size_bytes": dir_size(src),
+            "shards": len(list(src.glob("*.safetensors"))),
+            "pruned_bytes": out_size,
+            "ratio_removed": args.ratio,
+            "copy_s": round(c, 3),
+            "shardwise_s": round(p, 3),
+            "time_ratio": round(p / c, 3),
+            "copy_all_s": [round(x, 3) for x in copy_t],
+            "shardwise_all_s": [round(x, 3) for x in prune_t],
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"| checkpoint | size | shards | plain copy (s) | shard-wise prune {args.ratio:.0%} (s) | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| {row['checkpoint']} | {row['size_bytes'] / 2**20:.0f} MiB | {row['shards']} | {c:.2f} | {p:.2f} | "
-          f"{p / c:.2f} (target <= 1.5) |")
+    print(
+        f"| {row['checkpoint']} | {row['size_bytes'] / 2**20:.0f} MiB | {row['shards']} | {c:.2f} | {p:.2f} | "
+        f"{p / c:.2f} (target <= 1.5) |"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prune_bench.json").write_text(json.dumps(row, indent=1) + "\n")
 

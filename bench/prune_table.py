@@ -36,8 +36,15 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
     for ratio in ratios:
         for budget in ("uniform", "global"):
             for c in CRITERIA:
-                rows.append({"name": row_name(c, ratio, budget, k_prime), "criterion": c, "ratio": ratio,
-                             "budget": budget, "top_k_prime": k_prime if c == "topk" else None})
+                rows.append(
+                    {
+                        "name": row_name(c, ratio, budget, k_prime),
+                        "criterion": c,
+                        "ratio": ratio,
+                        "budget": budget,
+                        "top_k_prime": k_prime if c == "topk" else None,
+                    }
+                )
     for k in sorted({top_k, k_prime, 1}, reverse=True):
         rows.append({"name": row_name("topk", None, "", k), "criterion": "topk", "top_k_prime": k, "tau": 1.0})
     return rows
@@ -108,8 +115,13 @@ def main() -> None:
         m = copy.deepcopy(model)
         rec = {"name": name, **{k: v for k, v in spec.items() if k != "name"}}
         if name != "unpruned":
-            cfg = PruneConfig(criterion=spec["criterion"], ratio=spec.get("ratio"), top_k_prime=spec.get("top_k_prime"),
-                              tau=spec.get("tau", 1.0), budget=spec.get("budget") or "uniform")
+            cfg = PruneConfig(
+                criterion=spec["criterion"],
+                ratio=spec.get("ratio"),
+                top_k_prime=spec.get("top_k_prime"),
+                tau=spec.get("tau", 1.0),
+                budget=spec.get("budget") or "uniform",
+            )
             try:
                 report = prune_(m, stats, cfg)
             except Exception as e:  # a guard (e.g. the threshold rule keeping < top-k) is a result too
@@ -123,7 +135,9 @@ def main() -> None:
             rec["experts"] = sum(x.num_experts for x in arch.moe_layers(m))
         rec["params"] = arch.param_counts(m)
         t = time.perf_counter()
-        rec["ppl"] = done.get(name, {}).get("ppl") or perplexity(m, ppl_tokens, batch_size=args.batch_size, progress=False)
+        rec["ppl"] = done.get(name, {}).get("ppl") or perplexity(
+            m, ppl_tokens, batch_size=args.batch_size, progress=False
+        )
         rec["ppl_s"] = round(time.perf_counter() - t, 1)
         if need_eval:
             from moekit.evaluate import evaluate
@@ -133,8 +147,11 @@ def main() -> None:
             rec["tasks"] = {k: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm")} for k, v in res["tasks"].items()}
             rec["eval_s"] = round(time.perf_counter() - t, 1)
             rec["limit"] = args.limit
-        print(f"{name}: experts {rec['experts']} params {rec['params']['total']:,} ppl {rec['ppl']:.2f}"
-              + (f" tasks {rec['tasks']}" if "tasks" in rec else ""), flush=True)
+        print(
+            f"{name}: experts {rec['experts']} params {rec['params']['total']:,} ppl {rec['ppl']:.2f}"
+            + (f" tasks {rec['tasks']}" if "tasks" in rec else ""),
+            flush=True,
+        )
         _append(table, rec)
         done[name] = rec
         del m
@@ -162,8 +179,10 @@ def _write_markdown(table: Path, out: Path, tasks: list[str]) -> None:
         cells = [f"{a:.3f}" if a is not None else "" for a in accs]
         mean = f"{sum(accs) / len(accs):.3f}" if accs and all(a is not None for a in accs) else ""
         p = r["params"]
-        lines.append(f"| {r['name']} | {r['experts']} | {p['total'] / 1e6:.1f}M | {p['active'] / 1e6:.1f}M | "
-                     f"{r['ppl']:.2f} | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(
+            f"| {r['name']} | {r['experts']} | {p['total'] / 1e6:.1f}M | {p['active'] / 1e6:.1f}M | "
+            f"{r['ppl']:.2f} | " + " | ".join(cells) + f" | {mean} |"
+        )
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

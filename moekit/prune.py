@@ -41,8 +41,12 @@ from .stats import ExpertStats, super_experts
 
 CRITERIA = ("topk", "frequency", "prob_mass", "weighted_frequency", "reap", "ean", "random")
 NEEDS = {
-    "topk": ("rank_counts",), "frequency": ("rank_counts",), "prob_mass": ("prob_mass",),
-    "weighted_frequency": ("weight_sum",), "reap": ("reap_sum", "rank_counts"), "ean": ("norm_sum", "rank_counts"),
+    "topk": ("rank_counts",),
+    "frequency": ("rank_counts",),
+    "prob_mass": ("prob_mass",),
+    "weighted_frequency": ("weight_sum",),
+    "reap": ("reap_sum", "rank_counts"),
+    "ean": ("norm_sum", "rank_counts"),
     "random": (),
 }
 BUDGETS = ("uniform", "global")
@@ -90,11 +94,16 @@ class PruneConfig:
             raise MoekitError(f"top-k'={self.top_k_prime} must be at least 1")
         if self.mode == "threshold":
             if self.criterion != "topk":
-                raise MoekitError(f"the threshold rule counts top-k' selections; use criterion 'topk' (not '{self.criterion}') or --keep/--ratio")
+                raise MoekitError(
+                    f"the threshold rule counts top-k' selections; use criterion 'topk' (not '{self.criterion}') "
+                    "or --keep/--ratio"
+                )
             if self.budget == "global":
                 raise MoekitError("the threshold rule already decides each layer's count; drop --budget global")
             if self.tau <= 0:
-                raise MoekitError(f"tau={self.tau} keeps every expert; give a positive count (1 = selected at least once)")
+                raise MoekitError(
+                    f"tau={self.tau} keeps every expert; give a positive count (1 = selected at least once)"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -110,7 +119,9 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     if c == "topk":
         k = cfg.top_k_prime or layer.top_k
         if k > rc.shape[1]:
-            raise MoekitError(f"top-k'={k} exceeds the top-k ({rc.shape[1]}) the statistics were counted at; use k' <= {rc.shape[1]}")
+            raise MoekitError(
+                f"top-k'={k} exceeds the top-k ({rc.shape[1]}) the statistics were counted at; use k' <= {rc.shape[1]}"
+            )
         s = rc[:, :k].sum(1)
     elif c == "frequency":
         s = count
@@ -122,7 +133,9 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
         num = stats.get("reap_sum" if c == "reap" else "norm_sum", layer.index).double()
         s = torch.where(count > 0, num / count.clamp_min(1), torch.zeros_like(num))
     if s.shape != (e,):
-        raise MoekitError(f"statistics for layer {layer.index} cover {s.shape[0]} experts, the model has {e}; profile this model")
+        raise MoekitError(
+            f"statistics for layer {layer.index} cover {s.shape[0]} experts, the model has {e}; profile this model"
+        )
     return s
 
 
@@ -137,7 +150,10 @@ def protected_experts(stats: ExpertStats, cfg: PruneConfig) -> dict[int, set[int
     if cfg.allow_super_experts:
         return {}
     if not stats.has("down_max"):
-        raise MoekitError("cannot tell super experts apart: the statistics file lacks down_max; re-profile, or pass --allow-super-experts")
+        raise MoekitError(
+            "cannot tell super experts apart: the statistics file lacks down_max; "
+            "re-profile, or pass --allow-super-experts"
+        )
     rule = cfg.super_rule if (cfg.super_rule != "paper" or stats.has("hidden_max")) else "first75"
     out: dict[int, set[int]] = {}
     for layer, e in super_experts(stats, rule=rule):
@@ -158,16 +174,24 @@ def _check_count(layer: arch.MoELayer, n: int, protect: set[int], why: str) -> N
     if n < 1:
         raise MoekitError(f"layer {layer.index}: {why} keeps zero experts; keep at least top-k ({layer.top_k})")
     if n < layer.top_k:
-        raise MoekitError(f"layer {layer.index}: {why} keeps {n} experts, fewer than top-k={layer.top_k}; keep more experts")
+        raise MoekitError(
+            f"layer {layer.index}: {why} keeps {n} experts, fewer than top-k={layer.top_k}; keep more experts"
+        )
     if n % layer.n_group:
-        raise MoekitError(f"layer {layer.index}: {why} keeps {n} experts, not a multiple of n_group={layer.n_group}; "
-                          f"keep a multiple of {layer.n_group}")
+        raise MoekitError(
+            f"layer {layer.index}: {why} keeps {n} experts, not a multiple of n_group={layer.n_group}; "
+            f"keep a multiple of {layer.n_group}"
+        )
     if layer.n_group > 1 and layer.top_k > layer.topk_group * (n // layer.n_group):
-        raise MoekitError(f"layer {layer.index}: {n} experts in {layer.n_group} groups cannot supply top-k={layer.top_k} "
-                          f"from topk_group={layer.topk_group} groups; keep more experts")
+        raise MoekitError(
+            f"layer {layer.index}: {n} experts in {layer.n_group} groups cannot supply top-k={layer.top_k} "
+            f"from topk_group={layer.topk_group} groups; keep more experts"
+        )
     if len(protect) > n:
-        raise MoekitError(f"layer {layer.index}: {len(protect)} super experts but only {n} kept; keep more experts "
-                          "or pass --allow-super-experts")
+        raise MoekitError(
+            f"layer {layer.index}: {len(protect)} super experts but only {n} kept; keep more experts "
+            "or pass --allow-super-experts"
+        )
 
 
 def _uniform_keep(layer: arch.MoELayer, scores: torch.Tensor, protect: set[int], n: int) -> list[int]:
@@ -182,9 +206,11 @@ def _uniform_keep(layer: arch.MoELayer, scores: torch.Tensor, protect: set[int],
         members = range(j * size, (j + 1) * size)
         local = {e - j * size for e in protect if e in members}
         if len(local) > per:
-            raise MoekitError(f"layer {layer.index}: group {j} holds {len(local)} super experts but keeps {per}; keep more "
-                              "experts or pass --allow-super-experts")
-        keep += [j * size + e for e in _order(scores[j * size:(j + 1) * size], local)[:per]]
+            raise MoekitError(
+                f"layer {layer.index}: group {j} holds {len(local)} super experts but keeps {per}; keep more "
+                "experts or pass --allow-super-experts"
+            )
+        keep += [j * size + e for e in _order(scores[j * size : (j + 1) * size], local)[:per]]
     return sorted(keep)
 
 
@@ -210,7 +236,9 @@ def plan(layers: list[arch.MoELayer], stats: ExpertStats, cfg: PruneConfig) -> d
         for layer in layers:
             n = cfg.keep if cfg.mode == "keep" else layer.num_experts - round(cfg.ratio * layer.num_experts)
             if n > layer.num_experts:
-                raise MoekitError(f"layer {layer.index}: keep={n} exceeds its {layer.num_experts} experts; give a smaller --keep")
+                raise MoekitError(
+                    f"layer {layer.index}: keep={n} exceeds its {layer.num_experts} experts; give a smaller --keep"
+                )
             out[layer.index] = _uniform_keep(layer, scores[layer.index], protect.get(layer.index, set()), n)
         return out
     return _global_plan(layers, scores, protect, cfg)
@@ -222,20 +250,24 @@ def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[in
     total = sum(layer.num_experts for layer in layers)
     target = cfg.keep * len(layers) if cfg.mode == "keep" else total - round(cfg.ratio * total)
     if target > total:
-        raise MoekitError(f"keep={cfg.keep} per layer on average exceeds the experts the model has; give a smaller --keep")
+        raise MoekitError(
+            f"keep={cfg.keep} per layer on average exceeds the experts the model has; give a smaller --keep"
+        )
     keep: dict[int, set[int]] = {}
     rest = []
     for layer in layers:
         p = protect.get(layer.index, set())
         order = _order(scores[layer.index], p)
-        forced = set(order[:_min_keep(layer)]) | p  # every layer keeps at least top-k, and its super experts
+        forced = set(order[: _min_keep(layer)]) | p  # every layer keeps at least top-k, and its super experts
         keep[layer.index] = forced
         z = layer_normalised(scores[layer.index])
         rest += [(-float(z[e]), layer.index, e) for e in range(layer.num_experts) if e not in forced]
     n_forced = sum(len(v) for v in keep.values())
     if target < n_forced:
-        raise MoekitError(f"the global budget keeps {target} experts but top-k per layer and super experts need {n_forced}; "
-                          "prune less")
+        raise MoekitError(
+            f"the global budget keeps {target} experts but top-k per layer and super experts need {n_forced}; "
+            "prune less"
+        )
     for _, li, e in sorted(rest)[: target - n_forced]:
         keep[li].add(e)
     for layer in layers:
@@ -298,15 +330,24 @@ def stats_for_model(model, stats: ExpertStats) -> ExpertStats:
     return out
 
 
-def make_uniform(model, stats: ExpertStats, *, keep: int | None = None, criterion: str = DEFAULT_CRITERION,
-                 allow_super_experts: bool = False, seed: int = 0) -> dict:
+def make_uniform(
+    model,
+    stats: ExpertStats,
+    *,
+    keep: int | None = None,
+    criterion: str = DEFAULT_CRITERION,
+    allow_super_experts: bool = False,
+    seed: int = 0,
+) -> dict:
     """Make every MoE layer hold the same number of experts (default: the smallest layer's count),
     dropping the weakest by ``criterion``; the result is a standard checkpoint."""
     layers = arch.require_moe(model)
     n = keep if keep is not None else min(layer.num_experts for layer in layers)
     if n > min(layer.num_experts for layer in layers):
-        raise MoekitError(f"keep={n} exceeds the smallest layer's {min(x.num_experts for x in layers)} experts; "
-                          "pruning cannot add experts back")
+        raise MoekitError(
+            f"keep={n} exceeds the smallest layer's {min(x.num_experts for x in layers)} experts; "
+            "pruning cannot add experts back"
+        )
     cfg = PruneConfig(criterion=criterion, keep=n, budget="uniform", allow_super_experts=allow_super_experts, seed=seed)
     report = prune_(model, stats, cfg)
     if not arch.is_uniform(model):

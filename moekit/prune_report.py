@@ -19,8 +19,12 @@ from . import arch
 def snapshot(model) -> dict:
     """Experts and MoE-block parameters per layer, and the model's parameter counts (works on meta models)."""
     layers = [
-        {"layer": layer.index, "experts": layer.num_experts, "top_k": layer.top_k,
-         "params": sum(p.numel() for p in layer.block.parameters())}
+        {
+            "layer": layer.index,
+            "experts": layer.num_experts,
+            "top_k": layer.top_k,
+            "params": sum(p.numel() for p in layer.block.parameters()),
+        }
         for layer in arch.moe_layers(model)
     ]
     return {"layers": layers, "params": arch.param_counts(model)}
@@ -29,10 +33,24 @@ def snapshot(model) -> dict:
 def build_report(before: dict, after: dict, keep: dict[int, list[int]], cfg) -> dict:
     rows = []
     for b, a in zip(before["layers"], after["layers"], strict=True):
-        rows.append({"layer": b["layer"], "experts_before": b["experts"], "experts_after": a["experts"],
-                     "params_before": b["params"], "params_after": a["params"], "kept": keep.get(b["layer"])})
-    return {"config": asdict(cfg), "layers": rows, "params_before": before["params"], "params_after": after["params"],
-            "experts_before": sum(r["experts_before"] for r in rows), "experts_after": sum(r["experts_after"] for r in rows)}
+        rows.append(
+            {
+                "layer": b["layer"],
+                "experts_before": b["experts"],
+                "experts_after": a["experts"],
+                "params_before": b["params"],
+                "params_after": a["params"],
+                "kept": keep.get(b["layer"]),
+            }
+        )
+    return {
+        "config": asdict(cfg),
+        "layers": rows,
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "experts_before": sum(r["experts_before"] for r in rows),
+        "experts_after": sum(r["experts_after"] for r in rows),
+    }
 
 
 def _m(n: int) -> str:
@@ -41,18 +59,34 @@ def _m(n: int) -> str:
 
 def report_markdown(report: dict) -> str:
     c = report["config"]
-    how = (f"keep {c['keep']}" if c.get("keep") is not None else f"ratio {c['ratio']}" if c.get("ratio") is not None
-           else f"top-{c['top_k_prime']} >= {c['tau']}")
-    lines = [f"# Expert pruning: criterion {c['criterion']}, {how}, budget {c['budget']}", "",
-             "| layer | # experts | # parameters |", "|---:|---:|---:|"]
+    how = (
+        f"keep {c['keep']}"
+        if c.get("keep") is not None
+        else f"ratio {c['ratio']}"
+        if c.get("ratio") is not None
+        else f"top-{c['top_k_prime']} >= {c['tau']}"
+    )
+    lines = [
+        f"# Expert pruning: criterion {c['criterion']}, {how}, budget {c['budget']}",
+        "",
+        "| layer | # experts | # parameters |",
+        "|---:|---:|---:|",
+    ]
     for r in report["layers"]:
-        lines.append(f"| {r['layer']} | {r['experts_before']} -> {r['experts_after']} | "
-                     f"{_m(r['params_before'])} -> {_m(r['params_after'])} |")
+        lines.append(
+            f"| {r['layer']} | {r['experts_before']} -> {r['experts_after']} | "
+            f"{_m(r['params_before'])} -> {_m(r['params_after'])} |"
+        )
     pb, pa = report["params_before"], report["params_after"]
-    lines.append(f"| **total** | {report['experts_before']} -> {report['experts_after']} | "
-                 f"{_m(pb['total'])} -> {_m(pa['total'])} |")
-    lines += ["", f"Active parameters per token: {_m(pb['active'])} -> {_m(pa['active'])}; "
-              f"in routed experts: {_m(pb['experts'])} -> {_m(pa['experts'])}."]
+    lines.append(
+        f"| **total** | {report['experts_before']} -> {report['experts_after']} | "
+        f"{_m(pb['total'])} -> {_m(pa['total'])} |"
+    )
+    lines += [
+        "",
+        f"Active parameters per token: {_m(pb['active'])} -> {_m(pa['active'])}; "
+        f"in routed experts: {_m(pb['experts'])} -> {_m(pa['experts'])}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -70,7 +104,11 @@ def plot_experts(report: dict, path: str | Path) -> Path:
     ax.bar(x, [r["experts_before"] for r in rows], color="#dddddd", label="before")
     ax.bar(x, [r["experts_after"] for r in rows], color="#3b75af", label="kept")
     c = report["config"]
-    ax.set(xlabel="decoder layer", ylabel="routed experts", title=f"experts kept per layer ({c['criterion']}, {c['budget']})")
+    ax.set(
+        xlabel="decoder layer",
+        ylabel="routed experts",
+        title=f"experts kept per layer ({c['criterion']}, {c['budget']})",
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

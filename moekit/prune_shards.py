@@ -8,8 +8,8 @@ read once and written once:
   families) are dropped or renamed to the expert's new index;
 * fused expert tensors (``...layers.L.<block>.experts.<name>`` with experts on dim 0, GPT-OSS) and router
   tensors (``...layers.L.<block>.<router>.<name>``) keep the surviving rows;
-* everything else is copied unchanged (bytes move file to file, see :mod:`moekit.shard_io`); the index json, config and every other file (tokenizer,
-  generation config, chat template) follow.
+* everything else is copied unchanged (bytes move file to file, see :mod:`moekit.shard_io`);
+  the index json, config and every other file (tokenizer, generation config, chat template) follow.
 
 The output is written to a temporary directory beside ``out`` and renamed into place. The result is a
 standard checkpoint; a pruning that leaves different expert counts per layer must go through the
@@ -59,7 +59,9 @@ class DiskLayout:
             if m:
                 prefix = m["pre"][: -len("experts.")]
                 if self.blocks.setdefault(int(m["layer"]), prefix) != prefix:
-                    raise MoekitError(f"layer {m['layer']} has experts under two blocks; not a checkpoint moekit understands")
+                    raise MoekitError(
+                        f"layer {m['layer']} has experts under two blocks; not a checkpoint moekit understands"
+                    )
         self.router_attr = router_attr
 
     def router_key(self, layer: int, name: str = "weight") -> str:
@@ -86,8 +88,10 @@ class DiskLayout:
     @staticmethod
     def _rows(key, shape, layer, keep, counts):
         if not shape or shape[0] != counts[layer]:
-            raise MoekitError(f"'{key}' has shape {list(shape)}, expected {counts[layer]} experts on dim 0; "
-                              "prune this checkpoint in memory instead (drop --shardwise)")
+            raise MoekitError(
+                f"'{key}' has shape {list(shape)}, expected {counts[layer]} experts on dim 0; "
+                "prune this checkpoint in memory instead (drop --shardwise)"
+            )
         return keep[layer]
 
 
@@ -135,18 +139,23 @@ def load_meta(src: str | Path):
     wmap = shard_map(src)
     family = arch.MOE_FAMILIES.get(arch.model_type(AutoConfig.from_pretrained(src)))
     if family is None:
-        raise MoekitError(f"'{src}' is not an MoE checkpoint moekit supports; shard-wise pruning needs one of "
-                          f"{', '.join(arch.MOE_FAMILIES)}")
+        raise MoekitError(
+            f"'{src}' is not an MoE checkpoint moekit supports; shard-wise pruning needs one of "
+            f"{', '.join(arch.MOE_FAMILIES)}"
+        )
     layout = DiskLayout(wmap, family.router_attr)
     return _meta_model(src, _read_routers(src, wmap, layout)), wmap, layout
 
 
-def prune_shards(src: str | Path, stats: ExpertStats, cfg: PruneConfig, out: str | Path, *,
-                 overwrite: bool = False) -> dict:
+def prune_shards(
+    src: str | Path, stats: ExpertStats, cfg: PruneConfig, out: str | Path, *, overwrite: bool = False
+) -> dict:
     """Prune the checkpoint directory ``src`` into ``out`` shard by shard; return the same report as prune_."""
     src = Path(src).expanduser()
     if not (src / "config.json").exists():
-        raise MoekitError(f"'{src}' is not a checkpoint directory (no config.json); shard-wise pruning needs a local directory")
+        raise MoekitError(
+            f"'{src}' is not a checkpoint directory (no config.json); shard-wise pruning needs a local directory"
+        )
     if (src / NON_UNIFORM_WEIGHTS).exists():
         raise MoekitError(f"'{src}' is in moekit's non-uniform form; prune it in memory (drop --shardwise)")
     out = check_output_dir(out, overwrite)
@@ -154,11 +163,15 @@ def prune_shards(src: str | Path, stats: ExpertStats, cfg: PruneConfig, out: str
     counts = {layer.index: layer.num_experts for layer in arch.moe_layers(model)}
     missing = [i for i in counts if i not in layout.blocks]
     if missing:
-        raise MoekitError(f"no expert tensors found on disk for MoE layers {missing}; is '{src}' a standard checkpoint?")
+        raise MoekitError(
+            f"no expert tensors found on disk for MoE layers {missing}; is '{src}' a standard checkpoint?"
+        )
     report = prune_(model, stats, cfg)
     if not arch.is_uniform(model):
-        raise MoekitError("this pruning leaves different expert counts per layer, which shard-wise pruning cannot write; "
-                          "use --budget uniform, or drop --shardwise")
+        raise MoekitError(
+            "this pruning leaves different expert counts per layer, which shard-wise pruning cannot write; "
+            "use --budget uniform, or drop --shardwise"
+        )
     keep = {r["layer"]: r["kept"] for r in report["layers"] if r["experts_after"] != r["experts_before"]}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +218,13 @@ def _check_written(path: Path, model, layout: DiskLayout) -> None:
     """Cheap structural check: every MoE layer on disk holds the expert count the new config says."""
     wmap = shard_map(path)
     for layer in arch.moe_layers(model):
-        per = {int(m["rest"].split(".")[0]) for k in wmap if (m := EXPERT_KEY.match(k)) and int(m["layer"]) == layer.index
-               and m["rest"].split(".")[0].isdigit()}
+        per = {
+            int(m["rest"].split(".")[0])
+            for k in wmap
+            if (m := EXPERT_KEY.match(k)) and int(m["layer"]) == layer.index and m["rest"].split(".")[0].isdigit()
+        }
         if per and per != set(range(layer.num_experts)):
-            raise MoekitError(f"layer {layer.index}: wrote experts {sorted(per)[:5]}..., expected 0..{layer.num_experts - 1}; "
-                              "this is a moekit bug")
+            raise MoekitError(
+                f"layer {layer.index}: wrote experts {sorted(per)[:5]}..., expected 0..{layer.num_experts - 1}; "
+                "this is a moekit bug"
+            )

@@ -50,8 +50,9 @@ def row_ranges(info: TensorInfo, rows: list[int] | None) -> list[tuple[int, int]
     return [(info.begin + r * row, info.begin + (r + 1) * row) for r in rows]
 
 
-def write_subset(src: str | Path, dst: str | Path, items: list[tuple[str, TensorInfo, list[int] | None]],
-                 metadata: dict | None) -> int:
+def write_subset(
+    src: str | Path, dst: str | Path, items: list[tuple[str, TensorInfo, list[int] | None]], metadata: dict | None
+) -> int:
     """Write ``dst`` holding, for each (new name, source tensor, rows or None), that tensor (or those rows)
     of ``src``. Returns the bytes of tensor data written."""
     _, _, data_start = read_header(src)

@@ -23,8 +23,15 @@ def fake_stats(model, seed: int = 0, super_expert: tuple[int, int] | None = None
     g = torch.Generator().manual_seed(seed)
     layers = arch.moe_layers(model)
     n_layers = len(arch.decoder_layers(model))
-    st = ExpertStats(meta={"fingerprint": fingerprint(model), "layers": [x.index for x in layers], "tokens": 1000,
-                           "num_layers": n_layers, "top_k": layers[0].top_k})
+    st = ExpertStats(
+        meta={
+            "fingerprint": fingerprint(model),
+            "layers": [x.index for x in layers],
+            "tokens": 1000,
+            "num_layers": n_layers,
+            "top_k": layers[0].top_k,
+        }
+    )
     for layer in layers:
         e, k = layer.num_experts, layer.top_k
         rc = torch.randint(0, 50, (e, k), generator=g).float()
@@ -39,7 +46,7 @@ def fake_stats(model, seed: int = 0, super_expert: tuple[int, int] | None = None
         st.set("down_max", dm, layer.index)
     hm = torch.ones(n_layers)
     if super_expert:
-        hm[super_expert[0]:] = 100.0
+        hm[super_expert[0] :] = 100.0
     st.set("hidden_max", hm)
     return st
 
@@ -73,8 +80,10 @@ def masked_routers(model, pruned: dict[int, list[int]]):
 
 
 def _pruned_sets(model, keep):
-    return {layer.index: [e for e in range(layer.num_experts) if e not in keep[layer.index]]
-            for layer in arch.moe_layers(model)}
+    return {
+        layer.index: [e for e in range(layer.num_experts) if e not in keep[layer.index]]
+        for layer in arch.moe_layers(model)
+    }
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -152,8 +161,11 @@ def test_criteria_rank_by_their_statistic():
     i = layer.index
     rc = stats.get("rank_counts", i)
     want = {
-        "topk": rc[:, :1].sum(1), "frequency": rc.sum(1), "prob_mass": stats.get("prob_mass", i),
-        "weighted_frequency": stats.get("weight_sum", i), "reap": stats.get("reap_sum", i) / rc.sum(1),
+        "topk": rc[:, :1].sum(1),
+        "frequency": rc.sum(1),
+        "prob_mass": stats.get("prob_mass", i),
+        "weighted_frequency": stats.get("weight_sum", i),
+        "reap": stats.get("reap_sum", i) / rc.sum(1),
         "ean": stats.get("norm_sum", i) / rc.sum(1),
     }
     for c, w in want.items():
@@ -163,7 +175,9 @@ def test_criteria_rank_by_their_statistic():
         assert kept == sorted(torch.argsort(w, descending=True, stable=True)[:4].tolist())
     r1 = expert_scores(stats, layer, PruneConfig(criterion="random", keep=4, seed=0))
     r2 = expert_scores(stats, layer, PruneConfig(criterion="random", keep=4, seed=1))
-    assert not torch.equal(r1, r2) and torch.equal(r1, expert_scores(stats, layer, PruneConfig(criterion="random", keep=4)))
+    assert not torch.equal(r1, r2) and torch.equal(
+        r1, expert_scores(stats, layer, PruneConfig(criterion="random", keep=4))
+    )
 
 
 def test_threshold_rule_keeps_experts_selected_within_top_k_prime():
@@ -242,8 +256,9 @@ def test_super_experts_are_protected(budget):
     stats.tensors[f"reap_sum.{layer1}"][3] = 0
     keep = plan(arch.moe_layers(model), stats, PruneConfig(criterion="reap", keep=2, budget=budget))
     assert 3 in keep[layer1]
-    keep = plan(arch.moe_layers(model), stats,
-                PruneConfig(criterion="reap", keep=2, budget=budget, allow_super_experts=True))
+    keep = plan(
+        arch.moe_layers(model), stats, PruneConfig(criterion="reap", keep=2, budget=budget, allow_super_experts=True)
+    )
     assert 3 not in keep[layer1]
 
 
@@ -273,14 +288,18 @@ def test_report_table_and_plot(tmp_path):
     assert "| layer | # experts | # parameters |" in md and "8 -> 6" in md
     assert report["params_after"]["total"] < report["params_before"]["total"]
     e = arch.moe_layers(model)[0]
-    assert report["params_before"]["total"] - report["params_after"]["total"] == 2 * 2 * (e.expert_param_count() + e.hidden_size)
+    assert report["params_before"]["total"] - report["params_after"]["total"] == 2 * 2 * (
+        e.expert_param_count() + e.hidden_size
+    )
     paths = write_report(report, tmp_path)
     assert [p.name for p in paths] == ["prune_report.json", "prune_report.md", "experts_per_layer.png"]
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(paths[0].read_text())["experts_after"] == 12
 
 
-@pytest.mark.parametrize("family,over", [(f, {}) for f in MOE_FAMILIES] + [("qwen3_moe", {"tie_word_embeddings": True})])
+@pytest.mark.parametrize(
+    "family,over", [(f, {}) for f in MOE_FAMILIES] + [("qwen3_moe", {"tie_word_embeddings": True})]
+)
 def test_shardwise_equals_in_memory(family, over, tmp_path):
     from safetensors.torch import load_file
 
@@ -315,7 +334,9 @@ def test_shardwise_equals_in_memory(family, over, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
     cm = json.loads((tmp_path / "mem" / "config.json").read_text())
     cd = json.loads((tmp_path / "disk" / "config.json").read_text())
-    assert {k: v for k, v in cm.items() if k != "transformers_version"} == {k: v for k, v in cd.items() if k != "transformers_version"}
+    assert {k: v for k, v in cm.items() if k != "transformers_version"} == {
+        k: v for k, v in cd.items() if k != "transformers_version"
+    }
     assert (tmp_path / "disk" / "tokenizer_config.json").exists()
     reloaded, _ = load_model(str(tmp_path / "disk"), with_tokenizer=False)
     x = ids()
@@ -372,12 +393,25 @@ def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
     code, out, err = _run(base + ["--ratio", "0.5", "--budget", "global", "--out", str(tmp_path / "g")], capsys)
     assert code in (0, None), err
     assert "| layer | # experts | # parameters |" in out
-    assert {"prune_report.json", "prune_report.md", "experts_per_layer.png"} <= {p.name for p in (tmp_path / "g").iterdir()}
+    assert {"prune_report.json", "prune_report.md", "experts_per_layer.png"} <= {
+        p.name for p in (tmp_path / "g").iterdir()
+    }
     g, _ = load_model(str(tmp_path / "g"), with_tokenizer=False)
     assert not arch.is_uniform(g)
 
-    code, _, err = _run(["uniform", str(tmp_path / "g"), "--stats", str(tmp_path / "stats.safetensors"),
-                         "--out", str(tmp_path / "u"), "--device", "cpu"], capsys)
+    code, _, err = _run(
+        [
+            "uniform",
+            str(tmp_path / "g"),
+            "--stats",
+            str(tmp_path / "stats.safetensors"),
+            "--out",
+            str(tmp_path / "u"),
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code in (0, None), err
     u, _ = load_model(str(tmp_path / "u"), with_tokenizer=False)
     assert arch.is_uniform(u) and len({layer.num_experts for layer in arch.moe_layers(u)}) == 1
