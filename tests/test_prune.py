@@ -429,3 +429,20 @@ def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
     assert code == 2 and "not both" in err
     code, _, err = _run(base + ["--keep", "4", "--out", str(tmp_path / "g")], capsys)
     assert code == 2 and "already exists" in err
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_prune_from_real_profile(family):
+    """Statistics from moekit.profile: the never-selected experts go first under frequency."""
+    from moekit.profile import ProfileConfig, profile
+
+    model = tiny_model(family)
+    stats = profile(model, ids(batch=4, length=16, seed=3), ProfileConfig(progress=False))
+    counts = {layer.index: stats.get("rank_counts", layer.index).sum(1) for layer in arch.moe_layers(model)}
+    for c in CRITERIA:
+        report = prune_(copy.deepcopy(model), stats, PruneConfig(criterion=c, ratio=0.25))
+        assert report["experts_after"] == 12
+    report = prune_(model, stats, PruneConfig(criterion="frequency", keep=6, allow_super_experts=True))
+    for r in report["layers"]:
+        dropped = [e for e in range(8) if e not in r["kept"]]
+        assert min(counts[r["layer"]][r["kept"]]) >= max(counts[r["layer"]][dropped])
