@@ -3,13 +3,15 @@
     python bench/prune_bench.py [--model DIR] [--ratio 0.5] [--repeats 3] [--out bench/results]
 
 Without --model it writes a synthetic Qwen3-MoE checkpoint (random weights, bf16, several shards) into a
-temporary directory. Both measurements run on a warm page cache, alternated, median of --repeats.
+temporary directory. Both measurements run on a warm page cache, alternated, each after os.sync(), median of
+--repeats (writeback of earlier runs otherwise lands in whichever measurement comes next).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -87,9 +89,11 @@ def main() -> None:
         shutil.rmtree(work / "warm")
         copy_t, prune_t = [], []
         for i in range(args.repeats):
+            os.sync()  # start each measurement with no dirty pages left from the previous one
             t = time.perf_counter()
             shutil.copytree(src, work / f"copy{i}")
             copy_t.append(time.perf_counter() - t)
+            os.sync()
             t = time.perf_counter()
             prune_shards(src, stats, cfg, work / f"pruned{i}")
             prune_t.append(time.perf_counter() - t)

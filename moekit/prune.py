@@ -299,10 +299,28 @@ def apply_plan(model, keep: dict[int, list[int]], source_fingerprint: str) -> No
         prev = old["layers"][str(layer.index)] if old else list(range(layer.num_experts))
         record["layers"][str(layer.index)] = [int(prev[e]) for e in kept]
         if len(kept) != layer.num_experts:
-            layer.keep_experts(kept)
+            if layer.experts.down_proj.is_meta:
+                _keep_meta_experts(layer, kept)
+            else:
+                layer.keep_experts(kept)
             changed = True
     if changed:
+        arch.sync_config(model)
         setattr(model.config, KEPT_KEY, record)
+
+
+def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
+    """keep_experts for a model whose experts are on the meta device (shard-wise pruning): shapes only,
+    router rows kept for real. The guards already ran in :func:`plan`."""
+    from .models import _resize_empty
+
+    idx = torch.tensor(kept, dtype=torch.long)
+    r = layer.router
+    rows = {n: getattr(r, n).detach().index_select(0, idx) for n in ("weight", "bias", "e_score_correction_bias")
+            if getattr(r, n, None) is not None and not getattr(r, n).is_meta}
+    _resize_empty(layer, len(kept))
+    for n, t in rows.items():
+        setattr(r, n, t if n == "e_score_correction_bias" else torch.nn.Parameter(t, requires_grad=False))
 
 
 def stats_for_model(model, stats: ExpertStats) -> ExpertStats:

@@ -216,13 +216,14 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 
 def _check_written(path: Path, model, layout: DiskLayout) -> None:
     """Cheap structural check: every MoE layer on disk holds the expert count the new config says."""
-    wmap = shard_map(path)
+    found: dict[int, set[int]] = {}
+    for k in shard_map(path):
+        m = EXPERT_KEY.match(k)
+        head = m["rest"].split(".", 1)[0] if m else ""
+        if head.isdigit():
+            found.setdefault(int(m["layer"]), set()).add(int(head))
     for layer in arch.moe_layers(model):
-        per = {
-            int(m["rest"].split(".")[0])
-            for k in wmap
-            if (m := EXPERT_KEY.match(k)) and int(m["layer"]) == layer.index and m["rest"].split(".")[0].isdigit()
-        }
+        per = found.get(layer.index)
         if per and per != set(range(layer.num_experts)):
             raise MoekitError(
                 f"layer {layer.index}: wrote experts {sorted(per)[:5]}..., expected 0..{layer.num_experts - 1}; "
