@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="items per task")
     ap.add_argument("--eval-rows", default="all", help="'all', 'none', or comma-separated row-name substrings")
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these (comma-separated)")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
+    ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
@@ -140,10 +141,10 @@ def main() -> None:
         )
         rec["ppl_s"] = round(time.perf_counter() - t, 1)
         if need_eval:
-            from moekit.evaluate import evaluate
+            from moekit.evaluate import dev_data_dir, evaluate
 
             t = time.perf_counter()
-            res = evaluate(m, tok, tasks=tasks, limit=args.limit, batch_size=args.batch_size)
+            res = evaluate(m, tok, tasks=tasks, data_dir=dev_data_dir(), limit=args.limit, batch_size=args.eval_batch_size)
             rec["tasks"] = {k: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm")} for k, v in res["tasks"].items()}
             rec["eval_s"] = round(time.perf_counter() - t, 1)
             rec["limit"] = args.limit
