@@ -21,13 +21,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "topk", "random")
+CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "topk_prime", "random")
 
 
 def row_name(criterion: str, ratio: float | None, budget: str, k_prime: int | None = None) -> str:
     if ratio is None:
         return f"threshold top-{k_prime} tau=1"
-    return f"{criterion}{f' (k={k_prime})' if criterion == 'topk' else ''} -{ratio:.0%} {budget}"
+    return f"{criterion}{f' (k={k_prime})' if criterion == 'topk_prime' else ''} -{ratio:.0%} {budget}"
 
 
 def plan_rows(top_k: int, ratios) -> list[dict]:
@@ -42,11 +42,11 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
                         "criterion": c,
                         "ratio": ratio,
                         "budget": budget,
-                        "top_k_prime": k_prime if c == "topk" else None,
+                        "top_k_prime": k_prime if c == "topk_prime" else None,
                     }
                 )
     for k in sorted({top_k, k_prime, 1}, reverse=True):
-        rows.append({"name": row_name("topk", None, "", k), "criterion": "topk", "top_k_prime": k, "tau": 1.0})
+        rows.append({"name": row_name("topk_prime", None, "", k), "criterion": "topk_prime", "top_k_prime": k, "tau": 1.0})
     return rows
 
 

@@ -4,15 +4,18 @@
 
 Criteria (one score per expert, higher = keep; all sums in the statistics file, see ``moekit.stats``):
 
-===================  =================================================================================
-``topk``             the challenge team's rule: times selected within the top-k' (sum rank_counts[:, :k'])
-``frequency``        times selected at any rank (sum rank_counts)
-``prob_mass``        router probability mass over all tokens
+======================  ==============================================================================
+``topk_prime``          the challenge team's rule: times selected within the top-k' (sum rank_counts[:, :k'];
+                        k' = ``top_k_prime``, default the model's top-k)
+``frequency``           times selected at any rank (sum rank_counts)
+``prob_mass``           router probability mass over all tokens
 ``weighted_frequency``  router-weighted frequency: sum of the routing weights the expert received
-``reap``             REAP (arXiv 2510.13999): mean over routed tokens of g_e * ||E_e(x)|| (reap_sum / count)
-``ean``              expert activation norm: mean over routed tokens of ||E_e(x)|| (norm_sum / count)
-``random``           seeded random scores: the control every table carries
-===================  =================================================================================
+``reap``                REAP (arXiv 2510.13999): mean over routed tokens of g_e * ||E_e(x)|| (reap_sum / count)
+``ean``                 expert activation norm, per routed token: mean of ||E_e(x)|| (norm_sum / count)
+``random``              seeded random scores: the control every table carries
+======================  ==============================================================================
+
+Experts never selected score 0 under the per-token means (reap, ean).
 
 Budgets (how many experts stay):
 
@@ -39,9 +42,9 @@ from . import arch
 from .errors import MoekitError
 from .stats import ExpertStats, super_experts
 
-CRITERIA = ("topk", "frequency", "prob_mass", "weighted_frequency", "reap", "ean", "random")
+CRITERIA = ("topk_prime", "frequency", "prob_mass", "weighted_frequency", "reap", "ean", "random")
 NEEDS = {
-    "topk": ("rank_counts",),
+    "topk_prime": ("rank_counts",),
     "frequency": ("rank_counts",),
     "prob_mass": ("prob_mass",),
     "weighted_frequency": ("weight_sum",),
@@ -57,7 +60,7 @@ KEPT_KEY = "moekit_kept_experts"
 
 @dataclass
 class PruneConfig:
-    criterion: str | None = None  # None: DEFAULT_CRITERION, or "topk" in threshold mode
+    criterion: str | None = None  # None: DEFAULT_CRITERION, or "topk_prime" in threshold mode
     keep: int | None = None  # experts kept per layer (uniform) or on average (global)
     ratio: float | None = None  # fraction of routed experts removed
     top_k_prime: int | None = None  # k' of the top-k' rule; alone (no keep/ratio) it selects threshold mode
@@ -77,7 +80,7 @@ class PruneConfig:
 
     def validate(self) -> None:
         if self.criterion is None:
-            self.criterion = "topk" if self.mode == "threshold" else DEFAULT_CRITERION
+            self.criterion = "topk_prime" if self.mode == "threshold" else DEFAULT_CRITERION
         if self.criterion not in CRITERIA:
             raise MoekitError(f"unknown criterion '{self.criterion}': use one of {', '.join(CRITERIA)}")
         if self.budget not in BUDGETS:
@@ -93,9 +96,9 @@ class PruneConfig:
         if self.top_k_prime is not None and self.top_k_prime < 1:
             raise MoekitError(f"top-k'={self.top_k_prime} must be at least 1")
         if self.mode == "threshold":
-            if self.criterion != "topk":
+            if self.criterion != "topk_prime":
                 raise MoekitError(
-                    f"the threshold rule counts top-k' selections; use criterion 'topk' (not '{self.criterion}') "
+                    f"the threshold rule counts top-k' selections; use criterion 'topk_prime' (not '{self.criterion}') "
                     "or --keep/--ratio"
                 )
             if self.budget == "global":
@@ -113,10 +116,10 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     if c == "random":
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + layer.index)
         return torch.rand(e, generator=g, dtype=torch.float64)
-    if c in ("topk", "frequency", "reap", "ean"):
+    if c in ("topk_prime", "frequency", "reap", "ean"):
         rc = stats.get("rank_counts", layer.index).double()
         count = rc.sum(1)
-    if c == "topk":
+    if c == "topk_prime":
         k = cfg.top_k_prime or layer.top_k
         if k > rc.shape[1]:
             raise MoekitError(

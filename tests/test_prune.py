@@ -87,7 +87,7 @@ def _pruned_sets(model, keep):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("criterion", ["reap", "topk"])
+@pytest.mark.parametrize("criterion", ["reap", "topk_prime"])
 def test_prune_reload_equals_masked_router(family, criterion, tmp_path):
     from moekit.export import save_model
 
@@ -161,7 +161,7 @@ def test_criteria_rank_by_their_statistic():
     i = layer.index
     rc = stats.get("rank_counts", i)
     want = {
-        "topk": rc[:, :1].sum(1),
+        "topk_prime": rc[:, :1].sum(1),
         "frequency": rc.sum(1),
         "prob_mass": stats.get("prob_mass", i),
         "weighted_frequency": stats.get("weight_sum", i),

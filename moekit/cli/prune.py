@@ -12,8 +12,8 @@ from .common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 CRITERION_HELP = (
-    "topk (the challenge team's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, random; "
-    "default reap, or topk with --top-k-prime alone"
+    "topk_prime (the challenge team's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, random; "
+    "default reap, or topk_prime with --top-k-prime alone"
 )
 
 
