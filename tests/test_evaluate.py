@@ -237,3 +237,17 @@ def test_smollm2_arc_easy_few_items(smollm2):
     assert a["tasks"]["arc_easy"]["acc"] == b["tasks"]["arc_easy"]["acc"]
     assert a["tasks"]["arc_easy"]["acc_norm"] == b["tasks"]["arc_easy"]["acc_norm"]
     assert a["tasks"]["arc_easy"]["acc"] > 0.25  # well above chance on easy science questions
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_every_dev_task_and_mmlu_run_offline():
+    from moekit.evaluate import DEV_TASKS, evaluate
+
+    r = evaluate(tiny(), letters_tokenizer(), tasks=[*DEV_TASKS, "mmlu"], data_dir=DATA, limit=2, batch_size=32)
+    t = r["tasks"]
+    assert [t[k]["n"] for k in DEV_TASKS] == [2, 2, 2]
+    assert t["mmlu"]["n"] == 2 * 57  # the limit applies to each of the 57 subjects
+    assert t["social_iqa"]["acc_norm"] is None  # the harness defines only acc for social_iqa
+    for k in (*DEV_TASKS, "mmlu"):
+        assert 0.0 <= t[k]["summary"] <= 1.0 and t[k]["summary_metric"] == "acc"
+    assert r["data"]["mmlu"]["records"] == 285
