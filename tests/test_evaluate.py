@@ -94,7 +94,7 @@ def test_shared_context_path_equals_harness_path(family):
 
     tok = letters_tokenizer()
     model = tiny(family, seed=1)
-    lm = ReuseContextLM(model, tok, batch_size=6)  # several contexts of different lengths per batch
+    lm = ReuseContextLM(model, tok, batch_size=4)  # two context batches, continuation chunks of 4 rows
     reqs = _requests(lm, arc_records(6))
     ours = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     lm.reuse_context = False
