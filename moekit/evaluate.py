@@ -163,9 +163,15 @@ def _run(lm, tasks: list[str], metadata: dict, *, limit, num_fewshot, **harness_
     local = bool(metadata)
     names = [_harness_name(t, local) for t in tasks]
     start = time.perf_counter()
-    out = evaluator.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                    task_manager=task_manager(metadata, full=not set(tasks) <= set(TASKS)),
-                                    log_samples=False, **harness_kw)
+    try:
+        out = evaluator.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                        task_manager=task_manager(metadata, full=not set(tasks) <= set(TASKS)),
+                                        log_samples=False, **harness_kw)
+    except OSError as e:  # datasets' ConnectionError / DatasetNotFoundError are OSErrors
+        if local:
+            raise
+        raise MoekitError(f"cannot load the task data from the hub ({str(e).splitlines()[0][:160]}): go online, "
+                          "or pass --data-dir / data_dir with local copies (e.g. ../shared/data/dev)") from None
     seconds = time.perf_counter() - start
     return {
         "schema": SCHEMA,

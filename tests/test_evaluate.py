@@ -251,3 +251,14 @@ def test_every_dev_task_and_mmlu_run_offline():
     for k in (*DEV_TASKS, "mmlu"):
         assert 0.0 <= t[k]["summary"] <= 1.0 and t[k]["summary_metric"] == "acc"
     assert r["data"]["mmlu"]["records"] == 285
+
+
+def test_fewshot_examples_come_from_the_local_file_without_the_item_itself(arc_dir):
+    from moekit.evaluate import task_manager
+
+    task = task_manager({"moekit_data_dir": str(arc_dir)}).load(["arc_easy_local"])["tasks"]["arc_easy"]
+    task.set_fewshot_seed(1234)
+    doc = task.eval_docs[0]
+    ctx = task.fewshot_context(doc, num_fewshot=7)  # all 7 other items of the 8
+    assert ctx.count("What is item 0?") == 1 and ctx.rstrip().endswith("Answer:")
+    assert all(f"What is item {i}?" in ctx for i in range(1, 8))
