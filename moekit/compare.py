@@ -38,7 +38,7 @@ def load_results(paths) -> list[dict]:
 def compare_table(results: list[dict]) -> str:
     """Markdown: the task table, then cost figures per model where measured (ratios to the first model)."""
     text = markdown_table(results)
-    rows = [(r["model"]["name"], r["costs"]["models"][0]) for r in results if r.get("costs")]
+    rows = [(r["model"]["name"], r["costs"]["models"][r["costs"].get("model_index", 0)]) for r in results if r.get("costs")]
     if rows:
         keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_forward_bytes", "checkpoint_bytes")
         base = rows[0][1]

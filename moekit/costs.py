@@ -201,7 +201,7 @@ def compare_costs(models: list, checkpoints: list | None = None, config: CostCon
     base = rows[0]
     ratios = [{k: (r[k] / base[k] if r.get(k) is not None and base.get(k) else None) for k in RATIO_KEYS} for r in rows]
     return {"config": asdict(cfg), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "models": rows,
-            "ratio": ratios}
+            "ratio": ratios, "model_index": 0}
 
 
 def costs_table(costs: dict) -> str:

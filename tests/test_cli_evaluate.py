@@ -46,7 +46,14 @@ def test_eval_writes_result_and_table_then_compare(saved, tmp_path, capsys):
     code, _, err = run(["eval", str(saved / "model"), "--tasks", "arc_easy", "--data-dir", str(saved), "--out", str(out)],
                        capsys)
     assert code == 2 and "exists" in err and "--overwrite" in err
-    code, stdout, err = run(["compare", str(out), str(out), "--plot", str(tmp_path / "c.png")], capsys)
+    base = tmp_path / "b.json"
+    code, stdout, err = run(["eval", str(saved / "model"), "--tasks", "arc_easy", "--data-dir", str(saved), "--limit", "2",
+                             "--out", str(base), "--baseline", str(saved / "model")], capsys)
+    assert code in (0, None), err
+    c = json.loads(base.read_text())["costs"]
+    assert c["model_index"] == 1 and len(c["models"]) == 2 and c["ratio"][1]["params_total"] == 1.0
+    assert "ratio " in stdout
+    code, stdout, err = run(["compare", str(out), str(base), "--plot", str(tmp_path / "c.png")], capsys)
     assert code in (0, None), err
     assert stdout.count(str(saved / "model")) >= 2 and (tmp_path / "c.png").exists()
 

@@ -100,9 +100,7 @@ def eval_cmd(
                 b, _ = load(baseline, dtype, device, trust_remote_code)
                 models, cks, names = [b, m], [_checkpoint_of(baseline), cks[0]], [baseline, model]
             c = compare_costs(models, cks, names=names)
-            if baseline:  # this model first in "models" (what compare reads), the baseline beside it
-                c = {**c, "models": c["models"][::-1], "baseline": c["models"][0], "ratio_to_baseline": c["ratio"][1],
-                     "ratio": [{k: 1.0 if v is not None else None for k, v in c["ratio"][0].items()}]}
+            c["model_index"] = len(models) - 1  # the evaluated model; with --baseline the ratios are to the baseline
             result["costs"] = c
     json_path, md_path = write_result(result, out)
     print(markdown_table([result]), end="")
@@ -110,9 +108,6 @@ def eval_cmd(
         from ..costs import costs_table
 
         print(costs_table(result["costs"]), end="")
-        if result["costs"].get("ratio_to_baseline"):
-            r = result["costs"]["ratio_to_baseline"]
-            print("ratio to baseline: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if v is not None))
     if result.get("perplexity"):
         print(f"perplexity {result['perplexity']['value']:.3f} on {ppl_data}")
     print(f"wrote {json_path} and {md_path}")
