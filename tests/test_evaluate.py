@@ -262,3 +262,12 @@ def test_fewshot_examples_come_from_the_local_file_without_the_item_itself(arc_d
     ctx = task.fewshot_context(doc, num_fewshot=7)  # all 7 other items of the 8
     assert ctx.count("What is item 0?") == 1 and ctx.rstrip().endswith("Answer:")
     assert all(f"What is item {i}?" in ctx for i in range(1, 8))
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_dev_data_dir_finds_the_shared_dev_folder():
+    from moekit.evaluate import DEV_TASKS, dev_data_dir
+    from moekit.tasks import TASKS
+
+    assert dev_data_dir() == DATA
+    assert all((DATA / TASKS[t].file).is_file() for t in (*DEV_TASKS, "mmlu"))
