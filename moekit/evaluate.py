@@ -289,8 +289,14 @@ def _harness_version() -> str:
 
 
 class _DropNoise(logging.Filter):
+    """Harness warnings that are expected here (a model object, local data, an explicit num_fewshot)."""
+
+    EXPECTED = ("Custom kwargs can be passed", "model kwarg is not of type", "Passed an already-initialized model",
+                "Overwriting default num_fewshot")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+        msg = record.getMessage()
+        return not any(e in msg for e in self.EXPECTED)
 
 
 @contextlib.contextmanager
@@ -303,13 +309,15 @@ def _quiet_harness(verbose: bool):
         logger.setLevel(logging.WARNING)
     for h in logging.getLogger().handlers + logger.handlers:
         h.addFilter(noise)
-    task_logger = logging.getLogger("lm_eval.api.task")
-    task_logger.addFilter(noise)
+    loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator")]
+    for lg in loggers:
+        lg.addFilter(noise)
     try:
         yield
     finally:
         logger.setLevel(level)
-        task_logger.removeFilter(noise)
+        for lg in loggers:
+            lg.removeFilter(noise)
         for h in logging.getLogger().handlers + logger.handlers:
             h.removeFilter(noise)
 
