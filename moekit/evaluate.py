@@ -12,7 +12,7 @@ Markdown table::
      "model": {"name", "fingerprint", "model_type", "dtype", "device", "params": {"total", "experts", "active"}},
      "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "summary", "summary_metric", "n"}},
      "data": {task: {"source": "local" | "hub", "path", "sha256", "records"} | {"source": "hub", "dataset"}},
-     "settings": {"limit", "num_fewshot", "batch_size", "reuse_context", "data_dir"},
+     "settings": {"limit", "num_fewshot", "batch_size", "reuse_context", "backend", "data_dir", "data_files"},
      "costs": {...} | None, "perplexity": {...} | None, "seconds": float}
 
 ``acc`` / ``acc_norm`` are the harness's own numbers (``None`` where a task defines no such metric);
@@ -36,7 +36,8 @@ from .tasks import DEV_TASKS, KNOWN_TASKS, TASKS, TASKS_DIR, summary_metric
 SCHEMA = "moekit.eval/1"
 METRICS = ("acc", "acc_norm")
 
-__all__ = ["DEV_TASKS", "KNOWN_TASKS", "SCHEMA", "dev_data_dir", "evaluate", "markdown_table", "write_result"]
+__all__ = ["DEV_TASKS", "KNOWN_TASKS", "SCHEMA", "dev_data_dir", "evaluate", "evaluate_checkpoint", "markdown_table",
+           "write_result"]
 
 
 def dev_data_dir() -> Path | None:
@@ -77,7 +78,7 @@ def task_manager(metadata: dict, full: bool = False):
 
 def check_tasks(tasks, data_dir=None, data_files: dict | None = None) -> list[str]:
     """Validate task names (and that their local files exist) before any model work."""
-    from .tasks.local_data import resolve_file
+    from .tasks.local_data import read_records, resolve_file
 
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
@@ -89,8 +90,9 @@ def check_tasks(tasks, data_dir=None, data_files: dict | None = None) -> list[st
         if t not in TASKS and (local or t not in _task_index(full=True).all_tasks):
             where = " with local data" if local else ""
             raise MoekitError(f"unknown task '{t}'{where}: known tasks are {', '.join(KNOWN_TASKS)}")
-        if local:
-            resolve_file(t, TASKS[t].file, str(data_dir) if data_dir else None, data_files)
+        if local:  # the file exists and every record parses and has the fields the prompt reads
+            path = resolve_file(t, TASKS[t].file, str(data_dir) if data_dir else None, data_files)
+            read_records(path, TASKS[t].required)
     return tasks
 
 
@@ -102,47 +104,102 @@ def evaluate(model, tokenizer, tasks=DEV_TASKS, data_dir=None, limit: int | floa
     ``data_dir``: a folder with the local copies (``arc_easy.jsonl`` ...); ``data_files``: task -> file, overriding
     it per task. Neither: the hub datasets. ``limit``: the first N items of each task (the harness's ``--limit``).
     """
-    from lm_eval import evaluator
-
     from .harness_lm import ReuseContextLM
 
     if tokenizer is None:
         raise MoekitError("the model has no tokenizer: load it with its tokenizer (save the tokenizer files beside the weights)")
     tasks = check_tasks(tasks, data_dir, data_files)
-    local = data_dir is not None or bool(data_files)
-    metadata = {}
-    if data_dir is not None:
-        metadata["moekit_data_dir"] = str(Path(data_dir).expanduser().resolve())
-    if data_files:
-        metadata["moekit_files"] = {k: str(Path(v).expanduser().resolve()) for k, v in data_files.items()}
-    names = [_harness_name(t, local) for t in tasks]
-    start = time.perf_counter()
+    metadata = _metadata(data_dir, data_files)
     was_training = model.training
     model.eval()
     try:
         with _quiet_harness(verbose):
             lm = ReuseContextLM(model, tokenizer, batch_size=batch_size, reuse_context=reuse_context)
-            out = evaluator.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                            task_manager=task_manager(metadata, full=not set(tasks) <= set(TASKS)),
-                                            log_samples=False)
+            result = _run(lm, tasks, metadata, limit=limit, num_fewshot=num_fewshot)
     finally:
         model.train(was_training)
+    result["model"] = model_info(model, model_name)
+    result["settings"].update(batch_size=batch_size, reuse_context=reuse_context, backend="hf")
+    return result
+
+
+def evaluate_checkpoint(path: str, tasks=DEV_TASKS, data_dir=None, limit: int | float | None = None,
+                        batch_size: int | str = "auto", num_fewshot: int = 0, *, backend: str = "vllm",
+                        data_files: dict | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+                        model_args: dict | None = None) -> dict:
+    """A saved checkpoint through one of the harness's own backends (``vllm`` on GPU machines): a pass-through.
+
+    Same tasks, offline configs and result schema as :func:`evaluate`; the model never enters this process, so
+    ``model.fingerprint`` is None and the parameter counts come from the config (built on the meta device).
+    """
+    import importlib.util
+
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise MoekitError("the vLLM backend is not installed: pip install 'moekit[vllm]' (GPU machines), or use --backend hf")
+    tasks = check_tasks(tasks, data_dir, data_files)
+    metadata = _metadata(data_dir, data_files)
+    args = {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code, **(model_args or {})}
+    with _quiet_harness(False):
+        result = _run(backend, tasks, metadata, limit=limit, num_fewshot=num_fewshot, model_args=args,
+                      batch_size=batch_size)
+    result["model"] = _checkpoint_info(path, trust_remote_code)
+    result["settings"].update(batch_size=batch_size, reuse_context=False, backend=backend)
+    return result
+
+
+def _metadata(data_dir, data_files) -> dict:
+    metadata = {}
+    if data_dir is not None:
+        metadata["moekit_data_dir"] = str(Path(data_dir).expanduser().resolve())
+    if data_files:
+        metadata["moekit_files"] = {k: str(Path(v).expanduser().resolve()) for k, v in data_files.items()}
+    return metadata
+
+
+def _run(lm, tasks: list[str], metadata: dict, *, limit, num_fewshot, **harness_kw) -> dict:
+    """simple_evaluate on ``lm`` (an LM object or a harness backend name); the result without the model part."""
+    from lm_eval import evaluator
+
+    local = bool(metadata)
+    names = [_harness_name(t, local) for t in tasks]
+    start = time.perf_counter()
+    try:
+        out = evaluator.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                        task_manager=task_manager(metadata, full=not set(tasks) <= set(TASKS)),
+                                        log_samples=False, **harness_kw)
+    except OSError as e:  # datasets' ConnectionError / DatasetNotFoundError are OSErrors
+        if local:
+            raise
+        raise MoekitError(f"cannot load the task data from the hub ({str(e).splitlines()[0][:160]}): go online, "
+                          "or pass --data-dir / data_dir with local copies (e.g. ../shared/data/dev)") from None
     seconds = time.perf_counter() - start
     return {
         "schema": SCHEMA,
         "moekit_version": _moekit_version(),
         "harness_version": _harness_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": model_info(model, model_name),
+        "model": None,
         "tasks": {t: _task_metrics(t, n, out) for t, n in zip(tasks, names, strict=True)},
         "data": {t: _data_info(t, local, metadata) for t in tasks},
-        "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
-                     "reuse_context": reuse_context, "data_dir": metadata.get("moekit_data_dir"),
+        "settings": {"limit": limit, "num_fewshot": num_fewshot, "data_dir": metadata.get("moekit_data_dir"),
                      "data_files": metadata.get("moekit_files")},
         "costs": None,
         "perplexity": None,
         "seconds": round(seconds, 2),
     }
+
+
+def _checkpoint_info(path: str, trust_remote_code: bool) -> dict:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import model_type, param_counts
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {"name": str(path), "fingerprint": None, "model_type": model_type(config), "dtype": str(config.dtype),
+            "device": "vllm", "params": param_counts(empty)}
 
 
 def _harness_name(task: str, local: bool) -> str:
@@ -232,8 +289,14 @@ def _harness_version() -> str:
 
 
 class _DropNoise(logging.Filter):
+    """Harness warnings that are expected here (a model object, local data, an explicit num_fewshot)."""
+
+    EXPECTED = ("Custom kwargs can be passed", "model kwarg is not of type", "Passed an already-initialized model",
+                "Overwriting default num_fewshot")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+        msg = record.getMessage()
+        return not any(e in msg for e in self.EXPECTED)
 
 
 @contextlib.contextmanager
@@ -246,13 +309,15 @@ def _quiet_harness(verbose: bool):
         logger.setLevel(logging.WARNING)
     for h in logging.getLogger().handlers + logger.handlers:
         h.addFilter(noise)
-    task_logger = logging.getLogger("lm_eval.api.task")
-    task_logger.addFilter(noise)
+    loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator")]
+    for lg in loggers:
+        lg.addFilter(noise)
     try:
         yield
     finally:
         logger.setLevel(level)
-        task_logger.removeFilter(noise)
+        for lg in loggers:
+            lg.removeFilter(noise)
         for h in logging.getLogger().handlers + logger.handlers:
             h.removeFilter(noise)
 

@@ -6,16 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
 from moekit.errors import MoekitError
-from tests.tiny import MOE_FAMILIES, tiny_model
+from tiny import MOE_FAMILIES, tiny_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dev"
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\n-"
 
 
-def char_tokenizer():
+def letters_tokenizer():
     """A character-level fast tokenizer (one token per character), built offline."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -66,7 +64,7 @@ def prefer_token(model, token_id: int, boost: float = 50.0):
 def test_model_preferring_one_answer_scores_its_share(arc_dir):
     from moekit.evaluate import evaluate
 
-    tok = char_tokenizer()
+    tok = letters_tokenizer()
     model = tiny()
     prefer_token(model, tok.convert_tokens_to_ids("z"))
     r = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, batch_size=4)
@@ -94,9 +92,9 @@ def _requests(lm, records):
 def test_shared_context_path_equals_harness_path(family):
     from moekit.harness_lm import ReuseContextLM
 
-    tok = char_tokenizer()
+    tok = letters_tokenizer()
     model = tiny(family, seed=1)
-    lm = ReuseContextLM(model, tok, batch_size=6)  # several contexts of different lengths per batch
+    lm = ReuseContextLM(model, tok, batch_size=4)  # two context batches, continuation chunks of 4 rows
     reqs = _requests(lm, arc_records(6))
     ours = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     lm.reuse_context = False
@@ -110,7 +108,7 @@ def test_shared_context_path_equals_harness_path(family):
 def test_shared_context_results_equal_plain_results(arc_dir):
     from moekit.evaluate import evaluate
 
-    tok = char_tokenizer()
+    tok = letters_tokenizer()
     model = tiny("qwen3_moe", seed=2)
     a = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, batch_size=8)
     b = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, batch_size=8, reuse_context=False)
@@ -123,7 +121,7 @@ def test_result_schema_and_files(arc_dir, tmp_path):
     from moekit.evaluate import SCHEMA, evaluate, write_result
     from moekit.models import fingerprint
 
-    tok = char_tokenizer()
+    tok = letters_tokenizer()
     model = tiny()
     r = evaluate(model, tok, tasks="arc_easy", data_dir=arc_dir, limit=5, model_name="tiny-llama")
     assert r["schema"] == SCHEMA
@@ -146,7 +144,7 @@ def test_task_to_file_mapping(tmp_path):
     from moekit.evaluate import evaluate
 
     f = write_jsonl(tmp_path / "my_arc.jsonl", arc_records(4, correct_z=(1,)))
-    tok = char_tokenizer()
+    tok = letters_tokenizer()
     model = tiny()
     prefer_token(model, tok.convert_tokens_to_ids("z"))
     r = evaluate(model, tok, tasks=["arc_easy"], data_files={"arc_easy": f})
@@ -165,7 +163,7 @@ def test_missing_local_file(tmp_path):
     from moekit.evaluate import evaluate
 
     with pytest.raises(MoekitError, match=r"openbookqa.*openbookqa\.jsonl' does not exist"):
-        evaluate(tiny(), char_tokenizer(), tasks=["openbookqa"], data_dir=tmp_path)
+        evaluate(tiny(), letters_tokenizer(), tasks=["openbookqa"], data_dir=tmp_path)
 
 
 def test_malformed_record_names_file_and_line(tmp_path):
@@ -174,12 +172,12 @@ def test_malformed_record_names_file_and_line(tmp_path):
     recs = [json.dumps(r) for r in arc_records(3)]
     (tmp_path / "arc_easy.jsonl").write_text(recs[0] + "\n" + recs[1] + "\n{not json\n" + recs[2] + "\n")
     with pytest.raises(MoekitError, match=r"arc_easy\.jsonl: line 3: not valid JSON"):
-        evaluate(tiny(), char_tokenizer(), tasks=["arc_easy"], data_dir=tmp_path)
+        evaluate(tiny(), letters_tokenizer(), tasks=["arc_easy"], data_dir=tmp_path)
     bad = arc_records(2)
     del bad[1]["answerKey"]
     write_jsonl(tmp_path / "arc_easy.jsonl", bad)
     with pytest.raises(MoekitError, match=r"arc_easy\.jsonl: line 2: record lacks field\(s\) answerKey"):
-        evaluate(tiny(), char_tokenizer(), tasks=["arc_easy"], data_dir=tmp_path)
+        evaluate(tiny(), letters_tokenizer(), tasks=["arc_easy"], data_dir=tmp_path)
 
 
 def test_model_without_tokenizer(arc_dir):
@@ -230,14 +228,46 @@ def test_dev_files_match_harness_fields():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
-def test_smollm2_arc_easy_few_items():
+def test_smollm2_arc_easy_few_items(smollm2):
     from moekit.evaluate import evaluate
-    from moekit.models import load_model
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    model, tok = load_model("smollm2")
+    model, tok = smollm2
     a = evaluate(model, tok, tasks=["arc_easy"], data_dir=DATA, limit=12, batch_size=16)
     b = evaluate(model, tok, tasks=["arc_easy"], data_dir=DATA, limit=12, batch_size=16, reuse_context=False)
     assert a["tasks"]["arc_easy"]["acc"] == b["tasks"]["arc_easy"]["acc"]
     assert a["tasks"]["arc_easy"]["acc_norm"] == b["tasks"]["arc_easy"]["acc_norm"]
     assert a["tasks"]["arc_easy"]["acc"] > 0.25  # well above chance on easy science questions
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_every_dev_task_and_mmlu_run_offline():
+    from moekit.evaluate import DEV_TASKS, evaluate
+
+    r = evaluate(tiny(), letters_tokenizer(), tasks=[*DEV_TASKS, "mmlu"], data_dir=DATA, limit=2, batch_size=32)
+    t = r["tasks"]
+    assert [t[k]["n"] for k in DEV_TASKS] == [2, 2, 2]
+    assert t["mmlu"]["n"] == 2 * 57  # the limit applies to each of the 57 subjects
+    assert t["social_iqa"]["acc_norm"] is None  # the harness defines only acc for social_iqa
+    for k in (*DEV_TASKS, "mmlu"):
+        assert 0.0 <= t[k]["summary"] <= 1.0 and t[k]["summary_metric"] == "acc"
+    assert r["data"]["mmlu"]["records"] == 285
+
+
+def test_fewshot_examples_come_from_the_local_file_without_the_item_itself(arc_dir):
+    from moekit.evaluate import task_manager
+
+    task = task_manager({"moekit_data_dir": str(arc_dir)}).load(["arc_easy_local"])["tasks"]["arc_easy"]
+    task.set_fewshot_seed(1234)
+    doc = task.eval_docs[0]
+    ctx = task.fewshot_context(doc, num_fewshot=7)  # all 7 other items of the 8
+    assert ctx.count("What is item 0?") == 1 and ctx.rstrip().endswith("Answer:")
+    assert all(f"What is item {i}?" in ctx for i in range(1, 8))
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_dev_data_dir_finds_the_shared_dev_folder():
+    from moekit.evaluate import DEV_TASKS, dev_data_dir
+    from moekit.tasks import TASKS
+
+    assert dev_data_dir() == DATA
+    assert all((DATA / TASKS[t].file).is_file() for t in (*DEV_TASKS, "mmlu"))

@@ -22,6 +22,7 @@ from . import basic  # noqa: E402,F401
 from . import carve  # noqa: E402,F401
 from . import run  # noqa: E402,F401
 from . import profile  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401
 from . import prune  # noqa: E402,F401
 
 

@@ -81,9 +81,14 @@ def load(task: str, file: str, split: str, subject: str | None = None, subject_f
     spec = TASKS.get(task)
     path = resolve_file(task, file, moekit_data_dir, moekit_files)
     records = read_records(path, spec.required if spec else ())
-    if subject is not None:
-        records = [r for r in records if r.get(subject_field or "subject") == subject]
+    if subject is not None:  # per-subject task: its records (names compared case- and separator-insensitively)
+        want = _norm(subject)
+        records = [r for r in records if _norm(r.get(subject_field or "subject")) == want]
         if not records:
             # an empty subject would crash the harness; one record per subject is the least a file can hold
             raise MoekitError(f"{path}: no record has {subject_field or 'subject'} = '{subject}'")
     return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
+
+
+def _norm(name) -> str:
+    return str(name).strip().lower().replace("-", "_").replace(" ", "_")
