@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
     ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity pass (e.g. a second process doing accuracy)")
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new row starts (then the table is written)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
     # pass 1: parameters and perplexity for every row
     for spec in rows:
         name = spec["name"]
-        if name in done or out_of_time():
+        if name in done or out_of_time() or args.no_ppl:
             continue
         rec = {"name": name, **{k: v for k, v in spec.items() if k != "name"}}
         try:

@@ -118,15 +118,20 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
 
 
 def _read_routers(src: Path, wmap: dict[str, str], layout: DiskLayout) -> dict[int, dict[str, torch.Tensor]]:
+    """Router tensors per MoE layer, each shard opened once."""
     from safetensors import safe_open
 
-    out: dict[int, dict[str, torch.Tensor]] = {}
+    wanted: dict[str, list[tuple[int, str, str]]] = {}
     for layer in layout.blocks:
         for name in ("weight", "bias", "e_score_correction_bias"):
             key = layout.router_key(layer, name)
             if key in wmap:
-                with safe_open(str(src / wmap[key]), "pt") as f:
-                    out.setdefault(layer, {})[name] = f.get_tensor(key)
+                wanted.setdefault(wmap[key], []).append((layer, name, key))
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for shard, items in wanted.items():
+        with safe_open(str(src / shard), "pt") as f:
+            for layer, name, key in items:
+                out.setdefault(layer, {})[name] = f.get_tensor(key)
     return out
 
 
