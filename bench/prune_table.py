@@ -24,9 +24,9 @@ DATA = ROOT.parent / "shared" / "data"
 CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "topk_prime", "random")
 
 
-def row_name(criterion: str, ratio: float | None, budget: str, k_prime: int | None = None) -> str:
+def row_name(criterion: str, ratio: float | None, budget: str, k_prime: int | None = None, tau: float = 1.0) -> str:
     if ratio is None:
-        return f"threshold top-{k_prime} tau=1"
+        return f"threshold top-{k_prime} tau={tau:g}"
     return f"{criterion}{f' (k={k_prime})' if criterion == 'topk_prime' else ''} -{ratio:.0%} {budget}"
 
 
@@ -39,8 +39,10 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
             for c in CRITERIA:
                 rows.append({"name": row_name(c, ratio, budget, k_prime), "criterion": c, "ratio": ratio,
                              "budget": budget, "top_k_prime": k_prime if c == "topk_prime" else None})
-    for k in sorted({top_k, k_prime, 1}, reverse=True):
-        rows.append({"name": row_name("topk_prime", None, "", k), "criterion": "topk_prime", "top_k_prime": k, "tau": 1.0})
+    # the challenge team's rule: tau=1 (their default), and tau=100 (on a balanced router tau=1 may keep everything)
+    for k, tau in ((top_k, 1.0), (k_prime, 1.0), (1, 1.0), (2, 100.0), (1, 100.0)):
+        rows.append({"name": row_name("topk_prime", None, "", k, tau), "criterion": "topk_prime", "top_k_prime": k,
+                     "tau": tau})
     return rows
 
 
@@ -134,6 +136,12 @@ def main() -> None:
         rec["experts_per_layer"] = [x.num_experts for x in arch.moe_layers(m)]
         rec["experts"] = sum(rec["experts_per_layer"])
         rec["params"] = arch.param_counts(m)
+        if report is not None and report["experts_after"] == report["experts_before"] and "ppl" in done.get("unpruned", {}):
+            rec.update(ppl=done["unpruned"]["ppl"], ppl_s=0.0, ppl_tokens=done["unpruned"].get("ppl_tokens"), no_op=True)
+            print(f"{name}: prunes nothing (experts {rec['experts']}); perplexity of the unpruned model", flush=True)
+            _append(table, rec)
+            done[name] = rec
+            continue
         t = time.perf_counter()
         rec["ppl"] = perplexity(m, ppl_tokens, batch_size=args.batch_size, progress=False)
         rec["ppl_s"] = round(time.perf_counter() - t, 1)
