@@ -34,11 +34,13 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
     """Rows in the order they run: the unpruned model, uniform budgets, global budgets, the threshold rule."""
     rows = [{"name": "unpruned"}]
     k_prime = max(1, top_k // 2)
-    for budget in ("uniform", "global"):
+    for label in ("uniform", "global-median", "global-mean"):
+        budget, _, norm = label.partition("-")
         for ratio in ratios:
             for c in CRITERIA:
-                rows.append({"name": row_name(c, ratio, budget, k_prime), "criterion": c, "ratio": ratio,
-                             "budget": budget, "top_k_prime": k_prime if c == "topk_prime" else None})
+                rows.append({"name": row_name(c, ratio, label, k_prime), "criterion": c, "ratio": ratio,
+                             "budget": budget, "global_norm": norm or "median",
+                             "top_k_prime": k_prime if c == "topk_prime" else None})
     # the challenge team's rule: tau=1 (their default), and tau=100 (on a balanced router tau=1 may keep everything)
     for k, tau in ((top_k, 1.0), (k_prime, 1.0), (1, 1.0), (2, 100.0), (1, 100.0)):
         rows.append({"name": row_name("topk_prime", None, "", k, tau), "criterion": "topk_prime", "top_k_prime": k,
@@ -114,7 +116,8 @@ def main() -> None:
         if spec["name"] == "unpruned":
             return m, None
         cfg = PruneConfig(criterion=spec["criterion"], ratio=spec.get("ratio"), top_k_prime=spec.get("top_k_prime"),
-                          tau=spec.get("tau", 1.0), budget=spec.get("budget") or "uniform")
+                          tau=spec.get("tau", 1.0), budget=spec.get("budget") or "uniform",
+                          global_norm=spec.get("global_norm", "median"))
         return m, prune_(m, stats, cfg)
 
     def out_of_time() -> bool:

@@ -21,8 +21,10 @@ Budgets (how many experts stay):
 
 * ``keep=N`` or ``ratio=R`` (R = fraction of routed experts *removed*), with ``budget="uniform"``: the
   same count in every layer (a standard checkpoint); ``budget="global"``: one ranking over all layers,
-  scores divided by their layer's mean (1.0 = the layer's average expert) so that layers whose scores
-  live on different scales compete fairly; per-layer counts then differ (moekit's non-uniform form,
+  scores divided by their layer's median (1.0 = the layer's typical expert) so that layers whose scores
+  live on different scales compete fairly. The median, not the mean: one super expert's outsized score
+  would otherwise shrink every other score in its layer (``global_norm="mean"`` keeps that option).
+  Every layer keeps at least top-k experts. Per-layer counts then differ (moekit's non-uniform form,
   made standard again by :func:`make_uniform`).
 * ``top_k_prime=K'`` alone (threshold mode, the challenge team's rule): keep every expert selected within
   the top-K' at least ``tau`` times; per-layer counts follow from the data.
@@ -69,6 +71,7 @@ class PruneConfig:
     allow_super_experts: bool = False
     super_rule: str = "paper"
     seed: int = 0
+    global_norm: str = "median"  # global budget: scores divided by the layer's "median" or "mean"
 
     @property
     def mode(self) -> str:
@@ -83,6 +86,8 @@ class PruneConfig:
             self.criterion = "topk_prime" if self.mode == "threshold" else DEFAULT_CRITERION
         if self.criterion not in CRITERIA:
             raise MoekitError(f"unknown criterion '{self.criterion}': use one of {', '.join(CRITERIA)}")
+        if self.global_norm not in ("median", "mean"):
+            raise MoekitError(f"unknown global normalisation '{self.global_norm}': use 'median' or 'mean'")
         if self.budget not in BUDGETS:
             raise MoekitError(f"unknown budget '{self.budget}': use 'uniform' or 'global'")
         if self.keep is not None and self.ratio is not None:
@@ -142,10 +147,11 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     return s
 
 
-def layer_normalised(s: torch.Tensor) -> torch.Tensor:
-    """Scores relative to the layer's average expert (what the global budget ranks)."""
-    mean = s.mean()
-    return s / mean if mean > 0 else torch.zeros_like(s)
+def layer_normalised(s: torch.Tensor, how: str = "median") -> torch.Tensor:
+    """Scores relative to the layer's typical expert (what the global budget ranks): divided by the layer's
+    median (default; a super expert's outsized score cannot drag its whole layer down) or mean."""
+    ref = s.median() if how == "median" else s.mean()
+    return s / ref if ref > 0 else torch.zeros_like(s)
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -263,7 +269,7 @@ def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[in
         order = _order(scores[layer.index], p)
         forced = set(order[: _min_keep(layer)]) | p  # every layer keeps at least top-k, and its super experts
         keep[layer.index] = forced
-        z = layer_normalised(scores[layer.index])
+        z = layer_normalised(scores[layer.index], cfg.global_norm)
         rest += [(-float(z[e]), layer.index, e) for e in range(layer.num_experts) if e not in forced]
     n_forced = sum(len(v) for v in keep.values())
     if target < n_forced:
