@@ -39,7 +39,7 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
         for ratio in ratios:
             for c in CRITERIA:
                 rows.append({"name": row_name(c, ratio, label, k_prime), "criterion": c, "ratio": ratio,
-                             "budget": budget, "global_norm": norm or "median",
+                             "budget": budget, "global_norm": norm or "mean",
                              "top_k_prime": k_prime if c == "topk_prime" else None})
     # the challenge team's rule: tau=1 (their default), and tau=100 (on a balanced router tau=1 may keep everything)
     for k, tau in ((top_k, 1.0), (k_prime, 1.0), (1, 1.0), (2, 100.0), (1, 100.0)):
@@ -117,7 +117,7 @@ def main() -> None:
             return m, None
         cfg = PruneConfig(criterion=spec["criterion"], ratio=spec.get("ratio"), top_k_prime=spec.get("top_k_prime"),
                           tau=spec.get("tau", 1.0), budget=spec.get("budget") or "uniform",
-                          global_norm=spec.get("global_norm", "median"))
+                          global_norm=spec.get("global_norm", "mean"))
         return m, prune_(m, stats, cfg)
 
     def out_of_time() -> bool:

@@ -21,9 +21,10 @@ Budgets (how many experts stay):
 
 * ``keep=N`` or ``ratio=R`` (R = fraction of routed experts *removed*), with ``budget="uniform"``: the
   same count in every layer (a standard checkpoint); ``budget="global"``: one ranking over all layers,
-  scores divided by their layer's median (1.0 = the layer's typical expert) so that layers whose scores
-  live on different scales compete fairly. The median, not the mean: one super expert's outsized score
-  would otherwise shrink every other score in its layer (``global_norm="mean"`` keeps that option).
+  scores divided by their layer's mean (1.0 = the layer's average expert) so that layers whose scores
+  live on different scales compete fairly. ``global_norm="median"`` is the option robust to one outsized
+  score (a super expert shrinks every other score of its layer under the mean), but with an even expert
+  count it puts exactly half of every layer above 1.0, so a 50% global budget equals the uniform one.
   Every layer keeps at least top-k experts. Per-layer counts then differ (moekit's non-uniform form,
   made standard again by :func:`make_uniform`).
 * ``top_k_prime=K'`` alone (threshold mode, the challenge team's rule): keep every expert selected within
@@ -71,7 +72,7 @@ class PruneConfig:
     allow_super_experts: bool = False
     super_rule: str = "paper"
     seed: int = 0
-    global_norm: str = "median"  # global budget: scores divided by the layer's "median" or "mean"
+    global_norm: str = "mean"  # global budget: scores divided by the layer's "mean" or "median"
 
     @property
     def mode(self) -> str:
@@ -147,9 +148,9 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     return s
 
 
-def layer_normalised(s: torch.Tensor, how: str = "median") -> torch.Tensor:
+def layer_normalised(s: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """Scores relative to the layer's typical expert (what the global budget ranks): divided by the layer's
-    median (default; a super expert's outsized score cannot drag its whole layer down) or mean."""
+    mean (default) or median (robust to one outsized score)."""
     ref = s.median() if how == "median" else s.mean()
     return s / ref if ref > 0 else torch.zeros_like(s)
 
