@@ -38,13 +38,21 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
         budget, _, norm = label.partition("-")
         for ratio in ratios:
             for c in CRITERIA:
-                rows.append({"name": row_name(c, ratio, label, k_prime), "criterion": c, "ratio": ratio,
-                             "budget": budget, "global_norm": norm or "mean",
-                             "top_k_prime": k_prime if c == "topk_prime" else None})
+                rows.append(
+                    {
+                        "name": row_name(c, ratio, label, k_prime),
+                        "criterion": c,
+                        "ratio": ratio,
+                        "budget": budget,
+                        "global_norm": norm or "mean",
+                        "top_k_prime": k_prime if c == "topk_prime" else None,
+                    }
+                )
     # the challenge team's rule: tau=1 (their default), and tau=100 (on a balanced router tau=1 may keep everything)
     for k, tau in ((top_k, 1.0), (k_prime, 1.0), (1, 1.0), (2, 100.0), (1, 100.0)):
-        rows.append({"name": row_name("topk_prime", None, "", k, tau), "criterion": "topk_prime", "top_k_prime": k,
-                     "tau": tau})
+        rows.append(
+            {"name": row_name("topk_prime", None, "", k, tau), "criterion": "topk_prime", "top_k_prime": k, "tau": tau}
+        )
     return rows
 
 
@@ -64,8 +72,12 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity pass (e.g. a second process doing accuracy)")
-    ap.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new row starts (then the table is written)")
+    ap.add_argument(
+        "--no-ppl", action="store_true", help="skip the perplexity pass (e.g. a second process doing accuracy)"
+    )
+    ap.add_argument(
+        "--stop-at", default=None, help="UTC HH:MM after which no new row starts (then the table is written)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
@@ -115,9 +127,14 @@ def main() -> None:
         m = copy.deepcopy(model)
         if spec["name"] == "unpruned":
             return m, None
-        cfg = PruneConfig(criterion=spec["criterion"], ratio=spec.get("ratio"), top_k_prime=spec.get("top_k_prime"),
-                          tau=spec.get("tau", 1.0), budget=spec.get("budget") or "uniform",
-                          global_norm=spec.get("global_norm", "mean"))
+        cfg = PruneConfig(
+            criterion=spec["criterion"],
+            ratio=spec.get("ratio"),
+            top_k_prime=spec.get("top_k_prime"),
+            tau=spec.get("tau", 1.0),
+            budget=spec.get("budget") or "uniform",
+            global_norm=spec.get("global_norm", "mean"),
+        )
         return m, prune_(m, stats, cfg)
 
     def out_of_time() -> bool:
@@ -139,8 +156,14 @@ def main() -> None:
         rec["experts_per_layer"] = [x.num_experts for x in arch.moe_layers(m)]
         rec["experts"] = sum(rec["experts_per_layer"])
         rec["params"] = arch.param_counts(m)
-        if report is not None and report["experts_after"] == report["experts_before"] and "ppl" in done.get("unpruned", {}):
-            rec.update(ppl=done["unpruned"]["ppl"], ppl_s=0.0, ppl_tokens=done["unpruned"].get("ppl_tokens"), no_op=True)
+        if (
+            report is not None
+            and report["experts_after"] == report["experts_before"]
+            and "ppl" in done.get("unpruned", {})
+        ):
+            rec.update(
+                ppl=done["unpruned"]["ppl"], ppl_s=0.0, ppl_tokens=done["unpruned"].get("ppl_tokens"), no_op=True
+            )
             print(f"{name}: prunes nothing (experts {rec['experts']}); perplexity of the unpruned model", flush=True)
             _append(table, rec)
             done[name] = rec
@@ -149,8 +172,11 @@ def main() -> None:
         rec["ppl"] = perplexity(m, ppl_tokens, batch_size=args.batch_size, progress=False)
         rec["ppl_s"] = round(time.perf_counter() - t, 1)
         rec["ppl_tokens"] = int(ppl_tokens.numel())
-        print(f"{name}: experts {rec['experts']} params {rec['params']['total']:,} ppl {rec['ppl']:.3f} "
-              f"({rec['ppl_s']}s)", flush=True)
+        print(
+            f"{name}: experts {rec['experts']} params {rec['params']['total']:,} ppl {rec['ppl']:.3f} "
+            f"({rec['ppl_s']}s)",
+            flush=True,
+        )
         _append(table, rec)
         done[name] = rec
         del m
@@ -166,16 +192,24 @@ def main() -> None:
         m, _ = pruned(spec)
         t = time.perf_counter()
         res = evaluate(m, tok, tasks=tasks, data_dir=dev_data_dir(), limit=args.limit, batch_size=args.eval_batch_size)
-        rec = {"name": name, "limit": args.limit, "eval_s": round(time.perf_counter() - t, 1),
-               "tasks": {k: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n")}
-                         for k, v in res["tasks"].items()}}
+        rec = {
+            "name": name,
+            "limit": args.limit,
+            "eval_s": round(time.perf_counter() - t, 1),
+            "tasks": {
+                k: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n")}
+                for k, v in res["tasks"].items()
+            },
+        }
         print(f"{name}: tasks {rec['tasks']} ({rec['eval_s']}s)", flush=True)
         _append(table, rec)
         done[name] = {**done.get(name, {}), **rec}
         del m
-    note = (f"model {args.model}; perplexity on the first {ppl_tokens.numel():,} tokens of {Path(args.ppl_data).name} "
-            f"({ppl_tokens.shape[0]} windows of {args.window}); statistics from {args.calib_seqs} x {args.calib_len} "
-            f"tokens of {Path(args.calib).name}; accuracy: zero-shot acc, first {args.limit} items per task")
+    note = (
+        f"model {args.model}; perplexity on the first {ppl_tokens.numel():,} tokens of {Path(args.ppl_data).name} "
+        f"({ppl_tokens.shape[0]} windows of {args.window}); statistics from {args.calib_seqs} x {args.calib_len} "
+        f"tokens of {Path(args.calib).name}; accuracy: zero-shot acc, first {args.limit} items per task"
+    )
     _write_markdown(table, args.out / f"prune_table.{tag}.md", tasks, note)
 
 

@@ -326,8 +326,11 @@ def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
 
     idx = torch.tensor(kept, dtype=torch.long)
     r = layer.router
-    rows = {n: getattr(r, n).detach().index_select(0, idx) for n in ("weight", "bias", "e_score_correction_bias")
-            if getattr(r, n, None) is not None and not getattr(r, n).is_meta}
+    rows = {
+        n: getattr(r, n).detach().index_select(0, idx)
+        for n in ("weight", "bias", "e_score_correction_bias")
+        if getattr(r, n, None) is not None and not getattr(r, n).is_meta
+    }
     _resize_empty(layer, len(kept))
     for n, t in rows.items():
         setattr(r, n, t if n == "e_score_correction_bias" else torch.nn.Parameter(t, requires_grad=False))
