@@ -24,29 +24,35 @@ DATA = ROOT.parent / "shared" / "data"
 CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "topk_prime", "random")
 
 
-def row_name(criterion: str, ratio: float | None, budget: str, k_prime: int | None = None) -> str:
+def row_name(criterion: str, ratio: float | None, budget: str, k_prime: int | None = None, tau: float = 1.0) -> str:
     if ratio is None:
-        return f"threshold top-{k_prime} tau=1"
+        return f"threshold top-{k_prime} tau={tau:g}"
     return f"{criterion}{f' (k={k_prime})' if criterion == 'topk_prime' else ''} -{ratio:.0%} {budget}"
 
 
 def plan_rows(top_k: int, ratios) -> list[dict]:
+    """Rows in the order they run: the unpruned model, uniform budgets, global budgets, the threshold rule."""
     rows = [{"name": "unpruned"}]
     k_prime = max(1, top_k // 2)
-    for ratio in ratios:
-        for budget in ("uniform", "global"):
+    for label in ("uniform", "global-median", "global-mean"):
+        budget, _, norm = label.partition("-")
+        for ratio in ratios:
             for c in CRITERIA:
                 rows.append(
                     {
-                        "name": row_name(c, ratio, budget, k_prime),
+                        "name": row_name(c, ratio, label, k_prime),
                         "criterion": c,
                         "ratio": ratio,
                         "budget": budget,
+                        "global_norm": norm or "mean",
                         "top_k_prime": k_prime if c == "topk_prime" else None,
                     }
                 )
-    for k in sorted({top_k, k_prime, 1}, reverse=True):
-        rows.append({"name": row_name("topk_prime", None, "", k), "criterion": "topk_prime", "top_k_prime": k, "tau": 1.0})
+    # the challenge team's rule: tau=1 (their default), and tau=100 (on a balanced router tau=1 may keep everything)
+    for k, tau in ((top_k, 1.0), (k_prime, 1.0), (1, 1.0), (2, 100.0), (1, 100.0)):
+        rows.append(
+            {"name": row_name("topk_prime", None, "", k, tau), "criterion": "topk_prime", "top_k_prime": k, "tau": tau}
+        )
     return rows
 
 
@@ -62,10 +68,16 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--tasks", default="arc_easy,openbookqa,social_iqa")
     ap.add_argument("--limit", type=int, default=300, help="items per task")
-    ap.add_argument("--eval-rows", default="all", help="'all', 'none', or comma-separated row-name substrings")
+    ap.add_argument("--eval-rows", default="all", help="'all', 'none', or comma-separated row names")
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
     ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--no-ppl", action="store_true", help="skip the perplexity pass (e.g. a second process doing accuracy)"
+    )
+    ap.add_argument(
+        "--stop-at", default=None, help="UTC HH:MM after which no new row starts (then the table is written)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
@@ -97,66 +109,108 @@ def main() -> None:
     if args.only:
         rows = [r for r in rows if any(s in r["name"] for s in args.only.split(","))]
     table = args.out / f"prune_table.{tag}.jsonl"
-    done = {}
+    done: dict[str, dict] = {}
     if table.exists():
-        done = {json.loads(line)["name"]: json.loads(line) for line in table.read_text().splitlines() if line.strip()}
+        for line in table.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["name"]] = {**done.get(r["name"], {}), **r}
 
     def wants_eval(name: str) -> bool:
         if args.eval_rows == "all":
             return True
         if args.eval_rows == "none":
             return False
-        return any(s == name or (s != "unpruned" and s in name) for s in args.eval_rows.split(","))
+        return any(s == name for s in args.eval_rows.split(","))
 
+    def pruned(spec):
+        m = copy.deepcopy(model)
+        if spec["name"] == "unpruned":
+            return m, None
+        cfg = PruneConfig(
+            criterion=spec["criterion"],
+            ratio=spec.get("ratio"),
+            top_k_prime=spec.get("top_k_prime"),
+            tau=spec.get("tau", 1.0),
+            budget=spec.get("budget") or "uniform",
+            global_norm=spec.get("global_norm", "mean"),
+        )
+        return m, prune_(m, stats, cfg)
+
+    def out_of_time() -> bool:
+        return bool(args.stop_at) and time.strftime("%H:%M", time.gmtime()) >= args.stop_at
+
+    # pass 1: parameters and perplexity for every row
     for spec in rows:
         name = spec["name"]
-        need_eval = wants_eval(name) and bool(tasks)
-        if name in done and (not need_eval or done[name].get("tasks")):
+        if name in done or out_of_time() or args.no_ppl:
             continue
-        m = copy.deepcopy(model)
         rec = {"name": name, **{k: v for k, v in spec.items() if k != "name"}}
-        if name != "unpruned":
-            cfg = PruneConfig(
-                criterion=spec["criterion"],
-                ratio=spec.get("ratio"),
-                top_k_prime=spec.get("top_k_prime"),
-                tau=spec.get("tau", 1.0),
-                budget=spec.get("budget") or "uniform",
-            )
-            try:
-                report = prune_(m, stats, cfg)
-            except Exception as e:  # a guard (e.g. the threshold rule keeping < top-k) is a result too
-                rec["error"] = str(e)
-                print(f"{name}: {e}")
-                _append(table, rec)
-                continue
-            rec["experts"] = report["experts_after"]
-            rec["experts_per_layer"] = [r["experts_after"] for r in report["layers"]]
-        else:
-            rec["experts"] = sum(x.num_experts for x in arch.moe_layers(m))
+        try:
+            m, report = pruned(spec)
+        except Exception as e:  # a guard (e.g. the threshold rule keeping < top-k) is a result too
+            rec["error"] = str(e)
+            print(f"{name}: {e}", flush=True)
+            _append(table, rec)
+            continue
+        rec["experts_per_layer"] = [x.num_experts for x in arch.moe_layers(m)]
+        rec["experts"] = sum(rec["experts_per_layer"])
         rec["params"] = arch.param_counts(m)
+        if (
+            report is not None
+            and report["experts_after"] == report["experts_before"]
+            and "ppl" in done.get("unpruned", {})
+        ):
+            rec.update(
+                ppl=done["unpruned"]["ppl"], ppl_s=0.0, ppl_tokens=done["unpruned"].get("ppl_tokens"), no_op=True
+            )
+            print(f"{name}: prunes nothing (experts {rec['experts']}); perplexity of the unpruned model", flush=True)
+            _append(table, rec)
+            done[name] = rec
+            continue
         t = time.perf_counter()
-        rec["ppl"] = done.get(name, {}).get("ppl") or perplexity(
-            m, ppl_tokens, batch_size=args.batch_size, progress=False
-        )
+        rec["ppl"] = perplexity(m, ppl_tokens, batch_size=args.batch_size, progress=False)
         rec["ppl_s"] = round(time.perf_counter() - t, 1)
-        if need_eval:
-            from moekit.evaluate import dev_data_dir, evaluate
-
-            t = time.perf_counter()
-            res = evaluate(m, tok, tasks=tasks, data_dir=dev_data_dir(), limit=args.limit, batch_size=args.eval_batch_size)
-            rec["tasks"] = {k: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm")} for k, v in res["tasks"].items()}
-            rec["eval_s"] = round(time.perf_counter() - t, 1)
-            rec["limit"] = args.limit
+        rec["ppl_tokens"] = int(ppl_tokens.numel())
         print(
-            f"{name}: experts {rec['experts']} params {rec['params']['total']:,} ppl {rec['ppl']:.2f}"
-            + (f" tasks {rec['tasks']}" if "tasks" in rec else ""),
+            f"{name}: experts {rec['experts']} params {rec['params']['total']:,} ppl {rec['ppl']:.3f} "
+            f"({rec['ppl_s']}s)",
             flush=True,
         )
         _append(table, rec)
         done[name] = rec
         del m
-    _write_markdown(table, args.out / f"prune_table.{tag}.md", tasks)
+    # pass 2: dev-task accuracy for the chosen rows
+    for spec in rows:
+        name = spec["name"]
+        if not tasks or not wants_eval(name) or done.get(name, {}).get("tasks") or "error" in done.get(name, {}):
+            continue
+        if out_of_time():
+            break
+        from moekit.evaluate import dev_data_dir, evaluate
+
+        m, _ = pruned(spec)
+        t = time.perf_counter()
+        res = evaluate(m, tok, tasks=tasks, data_dir=dev_data_dir(), limit=args.limit, batch_size=args.eval_batch_size)
+        rec = {
+            "name": name,
+            "limit": args.limit,
+            "eval_s": round(time.perf_counter() - t, 1),
+            "tasks": {
+                k: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n")}
+                for k, v in res["tasks"].items()
+            },
+        }
+        print(f"{name}: tasks {rec['tasks']} ({rec['eval_s']}s)", flush=True)
+        _append(table, rec)
+        done[name] = {**done.get(name, {}), **rec}
+        del m
+    note = (
+        f"model {args.model}; perplexity on the first {ppl_tokens.numel():,} tokens of {Path(args.ppl_data).name} "
+        f"({ppl_tokens.shape[0]} windows of {args.window}); statistics from {args.calib_seqs} x {args.calib_len} "
+        f"tokens of {Path(args.calib).name}; accuracy: zero-shot acc, first {args.limit} items per task"
+    )
+    _write_markdown(table, args.out / f"prune_table.{tag}.md", tasks, note)
 
 
 def _append(path: Path, rec: dict) -> None:
@@ -164,14 +218,14 @@ def _append(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _write_markdown(table: Path, out: Path, tasks: list[str]) -> None:
+def _write_markdown(table: Path, out: Path, tasks: list[str], note: str = "") -> None:
     recs = {}
     for line in table.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             recs[r["name"]] = {**recs.get(r["name"], {}), **r}
     head = "| configuration | # experts | # parameters | active | ppl | " + " | ".join(tasks) + " | mean |"
-    lines = [head, "|" + "---|" * (6 + len(tasks))]
+    lines = ([note, ""] if note else []) + [head, "|" + "---|" * (6 + len(tasks))]
     for r in recs.values():
         if "error" in r:
             lines.append(f"| {r['name']} | - | - | - | {r['error']} |" + " |" * (len(tasks) + 1))

@@ -22,7 +22,10 @@ Budgets (how many experts stay):
 * ``keep=N`` or ``ratio=R`` (R = fraction of routed experts *removed*), with ``budget="uniform"``: the
   same count in every layer (a standard checkpoint); ``budget="global"``: one ranking over all layers,
   scores divided by their layer's mean (1.0 = the layer's average expert) so that layers whose scores
-  live on different scales compete fairly; per-layer counts then differ (moekit's non-uniform form,
+  live on different scales compete fairly. ``global_norm="median"`` is the option robust to one outsized
+  score (a super expert shrinks every other score of its layer under the mean), but with an even expert
+  count it puts exactly half of every layer above 1.0, so a 50% global budget equals the uniform one.
+  Every layer keeps at least top-k experts. Per-layer counts then differ (moekit's non-uniform form,
   made standard again by :func:`make_uniform`).
 * ``top_k_prime=K'`` alone (threshold mode, the challenge team's rule): keep every expert selected within
   the top-K' at least ``tau`` times; per-layer counts follow from the data.
@@ -69,6 +72,7 @@ class PruneConfig:
     allow_super_experts: bool = False
     super_rule: str = "paper"
     seed: int = 0
+    global_norm: str = "mean"  # global budget: scores divided by the layer's "mean" or "median"
 
     @property
     def mode(self) -> str:
@@ -83,6 +87,8 @@ class PruneConfig:
             self.criterion = "topk_prime" if self.mode == "threshold" else DEFAULT_CRITERION
         if self.criterion not in CRITERIA:
             raise MoekitError(f"unknown criterion '{self.criterion}': use one of {', '.join(CRITERIA)}")
+        if self.global_norm not in ("median", "mean"):
+            raise MoekitError(f"unknown global normalisation '{self.global_norm}': use 'median' or 'mean'")
         if self.budget not in BUDGETS:
             raise MoekitError(f"unknown budget '{self.budget}': use 'uniform' or 'global'")
         if self.keep is not None and self.ratio is not None:
@@ -142,10 +148,11 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     return s
 
 
-def layer_normalised(s: torch.Tensor) -> torch.Tensor:
-    """Scores relative to the layer's average expert (what the global budget ranks)."""
-    mean = s.mean()
-    return s / mean if mean > 0 else torch.zeros_like(s)
+def layer_normalised(s: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Scores relative to the layer's typical expert (what the global budget ranks): divided by the layer's
+    mean (default) or median (robust to one outsized score)."""
+    ref = s.median() if how == "median" else s.mean()
+    return s / ref if ref > 0 else torch.zeros_like(s)
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -263,7 +270,7 @@ def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[in
         order = _order(scores[layer.index], p)
         forced = set(order[: _min_keep(layer)]) | p  # every layer keeps at least top-k, and its super experts
         keep[layer.index] = forced
-        z = layer_normalised(scores[layer.index])
+        z = layer_normalised(scores[layer.index], cfg.global_norm)
         rest += [(-float(z[e]), layer.index, e) for e in range(layer.num_experts) if e not in forced]
     n_forced = sum(len(v) for v in keep.values())
     if target < n_forced:
@@ -319,8 +326,11 @@ def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
 
     idx = torch.tensor(kept, dtype=torch.long)
     r = layer.router
-    rows = {n: getattr(r, n).detach().index_select(0, idx) for n in ("weight", "bias", "e_score_correction_bias")
-            if getattr(r, n, None) is not None and not getattr(r, n).is_meta}
+    rows = {
+        n: getattr(r, n).detach().index_select(0, idx)
+        for n in ("weight", "bias", "e_score_correction_bias")
+        if getattr(r, n, None) is not None and not getattr(r, n).is_meta
+    }
     _resize_empty(layer, len(kept))
     for n, t in rows.items():
         setattr(r, n, t if n == "e_score_correction_bias" else torch.nn.Parameter(t, requires_grad=False))

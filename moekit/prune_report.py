@@ -109,7 +109,8 @@ def plot_experts(report: dict, path: str | Path) -> Path:
         ylabel="routed experts",
         title=f"experts kept per layer ({c['criterion']}, {c['budget']})",
     )
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, max(r["experts_before"] for r in rows) * 1.25)  # room for the legend above the bars
+    ax.legend(loc="upper right", ncol=2, frameon=False)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)

@@ -118,15 +118,20 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
 
 
 def _read_routers(src: Path, wmap: dict[str, str], layout: DiskLayout) -> dict[int, dict[str, torch.Tensor]]:
+    """Router tensors per MoE layer, each shard opened once."""
     from safetensors import safe_open
 
-    out: dict[int, dict[str, torch.Tensor]] = {}
+    wanted: dict[str, list[tuple[int, str, str]]] = {}
     for layer in layout.blocks:
         for name in ("weight", "bias", "e_score_correction_bias"):
             key = layout.router_key(layer, name)
             if key in wmap:
-                with safe_open(str(src / wmap[key]), "pt") as f:
-                    out.setdefault(layer, {})[name] = f.get_tensor(key)
+                wanted.setdefault(wmap[key], []).append((layer, name, key))
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for shard, items in wanted.items():
+        with safe_open(str(src / shard), "pt") as f:
+            for layer, name, key in items:
+                out.setdefault(layer, {})[name] = f.get_tensor(key)
     return out
 
 
@@ -180,14 +185,14 @@ def prune_shards(
         new_map, total = {}, 0
         shards = sorted(set(wmap.values()))
         for shard in tqdm(shards, desc="pruning shards", leave=False):
-            infos, meta, _ = read_header(src / shard)
+            infos, meta, data_start = read_header(src / shard)
             items = []
             for key, info in infos.items():
                 new_key, rows = layout.rewrite(key, info.shape, keep, counts)
                 if new_key is not None:
                     items.append((new_key, info, rows))
                     new_map[new_key] = shard
-            total += write_subset(src / shard, tmp / shard, items, meta)
+            total += write_subset(src / shard, tmp / shard, items, meta, data_start)
         if (src / INDEX).exists():
             index = json.loads((src / INDEX).read_text())
             index["metadata"] = dict(index.get("metadata") or {}, total_size=total)
@@ -195,7 +200,7 @@ def prune_shards(
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         model.config.save_pretrained(tmp)
         _copy_other_files(src, tmp)
-        _check_written(tmp, model, layout)
+        _check_written(new_map, model)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,10 +219,10 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _check_written(path: Path, model, layout: DiskLayout) -> None:
-    """Cheap structural check: every MoE layer on disk holds the expert count the new config says."""
+def _check_written(written: dict[str, str], model) -> None:
+    """Cheap structural check: every MoE layer written holds the expert count the new config says."""
     found: dict[int, set[int]] = {}
-    for k in shard_map(path):
+    for k in written:
         m = EXPERT_KEY.match(k)
         head = m["rest"].split(".", 1)[0] if m else ""
         if head.isdigit():

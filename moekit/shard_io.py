@@ -51,11 +51,17 @@ def row_ranges(info: TensorInfo, rows: list[int] | None) -> list[tuple[int, int]
 
 
 def write_subset(
-    src: str | Path, dst: str | Path, items: list[tuple[str, TensorInfo, list[int] | None]], metadata: dict | None
+    src: str | Path,
+    dst: str | Path,
+    items: list[tuple[str, TensorInfo, list[int] | None]],
+    metadata: dict | None,
+    data_start: int | None = None,
 ) -> int:
     """Write ``dst`` holding, for each (new name, source tensor, rows or None), that tensor (or those rows)
-    of ``src``. Returns the bytes of tensor data written."""
-    _, _, data_start = read_header(src)
+    of ``src`` (whose data section starts at ``data_start``, read from its header when not given).
+    Returns the bytes of tensor data written."""
+    if data_start is None:
+        data_start = read_header(src)[2]
     header, ranges, offset = {}, [], 0
     for name, info, rows in sorted(items, key=lambda it: it[1].begin):
         rs = row_ranges(info, rows)

@@ -51,6 +51,14 @@ def fake_stats(model, seed: int = 0, super_expert: tuple[int, int] | None = None
     return st
 
 
+def skew(stats: ExpertStats, model) -> None:
+    """REAP scores that make a global budget (ratio 0.5) keep 5 experts in the first MoE layer, 3 in the second."""
+    first, second = (layer.index for layer in arch.moe_layers(model))
+    for i, reap in ((first, [1.0] * 8), (second, [0.01] * 5 + [1.0, 1.2, 1.4])):
+        stats.set("rank_counts", torch.full((8, 2), 10.0), i)
+        stats.set("reap_sum", torch.tensor(reap) * 20, i)
+
+
 @contextmanager
 def masked_routers(model, pruned: dict[int, list[int]]):
     """Reference: the original model with the pruned experts' router logits (and DeepSeek's selection
@@ -118,12 +126,13 @@ def test_global_budget_non_uniform_equals_masked_router(family, tmp_path):
     model = tiny_model(family)
     reference = copy.deepcopy(model)
     stats = fake_stats(model, seed=2)
-    # layer 0: one dominant expert (the rest far below its mean); layer 1: all alike -> layer 1 wins the free slots
+    # layer 0: one dominant expert (the rest far below its mean); layer 1: all alike -> under mean normalisation
+    # layer 1 wins the free slots
     first, second = (layer.index for layer in arch.moe_layers(model))
     for i, reap in ((first, [1.0] * 7 + [100.0]), (second, [1.0] * 8)):
         stats.set("rank_counts", torch.full((8, 2), 10.0), i)
         stats.set("reap_sum", torch.tensor(reap) * 20, i)
-    report = prune_(model, stats, PruneConfig(criterion="reap", ratio=0.5, budget="global"))
+    report = prune_(model, stats, PruneConfig(criterion="reap", ratio=0.5, budget="global", global_norm="mean"))
     counts = [r["experts_after"] for r in report["layers"]]
     assert counts == [2, 6]
     assert not arch.is_uniform(model)
@@ -201,8 +210,25 @@ def test_global_scores_are_normalised_per_layer():
     layers = arch.moe_layers(model)
     stats.set("prob_mass", torch.arange(1, 9).float() * 1000, layers[0].index)
     stats.set("prob_mass", torch.arange(1, 9).float(), layers[1].index)
-    keep = plan(layers, stats, PruneConfig(criterion="prob_mass", ratio=0.5, budget="global", allow_super_experts=True))
-    assert keep[layers[0].index] == keep[layers[1].index] == [4, 5, 6, 7]
+    for norm in ("median", "mean"):
+        cfg = PruneConfig(criterion="prob_mass", ratio=0.5, budget="global", allow_super_experts=True, global_norm=norm)
+        keep = plan(layers, stats, cfg)
+        assert keep[layers[0].index] == keep[layers[1].index] == [4, 5, 6, 7]
+
+
+def test_global_median_is_robust_to_one_outsized_expert():
+    """One huge score (a super expert) must not push the rest of its layer below every other layer."""
+    model = tiny_model("qwen3_moe")
+    stats = fake_stats(model)
+    first, second = (layer.index for layer in arch.moe_layers(model))
+    stats.set("prob_mass", torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1000.0]), first)
+    stats.set("prob_mass", torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]), second)
+    layers = arch.moe_layers(model)
+    base = dict(criterion="prob_mass", ratio=0.5, budget="global", allow_super_experts=True)
+    by_mean = plan(layers, stats, PruneConfig(**base))
+    by_median = plan(layers, stats, PruneConfig(**base, global_norm="median"))
+    assert len(by_mean[first]) == 2  # mean: the outlier makes its layer look unimportant
+    assert len(by_median[first]) == len(by_median[second]) == 4
 
 
 def test_guards():
@@ -265,8 +291,7 @@ def test_super_experts_are_protected(budget):
 def test_make_uniform_and_stats_follow_the_pruned_model():
     model = tiny_model("qwen3_moe")
     stats = fake_stats(model, seed=6)
-    layers = arch.moe_layers(model)
-    stats.tensors[f"reap_sum.{layers[1].index}"][:5] *= 0.001
+    skew(stats, model)
     prune_(model, stats, PruneConfig(criterion="reap", ratio=0.5, budget="global"))
     counts = sorted(layer.num_experts for layer in arch.moe_layers(model))
     assert counts[0] < counts[1] and not arch.is_uniform(model)
@@ -351,7 +376,7 @@ def test_shardwise_refuses_non_uniform_and_existing_output(tmp_path):
     model = tiny_model("qwen3_moe")
     model.save_pretrained(src)
     stats = fake_stats(model)
-    stats.tensors[f"reap_sum.{arch.moe_layers(model)[1].index}"][:5] *= 0.001
+    skew(stats, model)
     with pytest.raises(MoekitError, match="shard-wise"):
         prune_shards(src, stats, PruneConfig(criterion="reap", ratio=0.5, budget="global"), tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
@@ -386,7 +411,7 @@ def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
     model = tiny_model("qwen3_moe")
     save_model(model, char_tokenizer, tmp_path / "m", verify=False)
     stats = fake_stats(model, seed=8)
-    stats.tensors[f"reap_sum.{arch.moe_layers(model)[1].index}"][:5] *= 0.001
+    skew(stats, model)
     stats.save(tmp_path / "stats.safetensors")
     base = ["prune", str(tmp_path / "m"), "--stats", str(tmp_path / "stats.safetensors"), "--device", "cpu"]
 

@@ -42,6 +42,9 @@ def prune(
     budget: str = typer.Option("uniform", "--budget", help="uniform (same count per layer) or global (one ranking)"),
     allow_super_experts: bool = typer.Option(False, "--allow-super-experts", help="let super experts be pruned too"),
     seed: int = typer.Option(0, "--seed", help="seed of the random criterion"),
+    global_norm: str = typer.Option(
+        "mean", "--global-norm", help="global budget: divide scores by the layer 'mean' or 'median'"
+    ),
     shardwise: bool = typer.Option(
         False,
         "--shardwise",
@@ -66,6 +69,7 @@ def prune(
         budget=budget,
         allow_super_experts=allow_super_experts,
         seed=seed,
+        global_norm=global_norm,
     )
     cfg.validate()
     check_output_dir(out, overwrite)
