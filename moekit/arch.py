@@ -254,10 +254,7 @@ class MoELayer:
     def block_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The whole block (routed + shared) on x [B, T, H] -> [B, T, H]; ``params`` (from :meth:`block_tensors`)
         stand in for the block's own parameters, differentiably. GPT-OSS's block also returns router scores."""
-        if params is None:
-            out = self.block(x)
-        else:
-            out = torch.func.functional_call(self.block, params, (x,))
+        out = self.block(x) if params is None else torch.func.functional_call(self.block, params, (x,))
         return out[0] if isinstance(out, tuple) else out
 
     # ----------------------------------------------------------------- operations

@@ -28,7 +28,6 @@ with the lowest block-output error on held-back tokens, per layer).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -39,12 +38,13 @@ from tqdm.auto import tqdm
 from . import arch
 from .errors import MoekitError
 from .grouping import centre_groups, check_feasible, hc_groups, hc_heights
+from .merge_fit import BlockFit, capture_inputs, fit_coefficients, split_holdout
+from .merge_rules import PROJ, Cluster, align_to, assemble, permute_expert, svd_bases
 from .stats import ExpertStats, super_experts
 
 GROUPINGS = ("hc", "mcsmoe", "ream")
 RULES = ("avg", "svd")
 ROUTERS = ("dominant", "average", "fitted", "auto")
-PROJ = ("gate", "up", "down")
 
 
 @dataclass
@@ -195,58 +195,7 @@ def _spread_global(layers, stats, cfg: MergeConfig, free) -> dict[int, int]:
     return {i: len(free[i][1]) - merges[i] for i in floor}
 
 
-# ---------------------------------------------------------------------------------------------- merge rules
-def align_to(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Permutation of ``other``'s intermediate neurons that best matches ``ref``'s (canonical single-expert
-    weights gate [I,H], up [I,H], down [H,I]); maximises the summed inner products of the neurons' weights."""
-    from scipy.optimize import linear_sum_assignment
-
-    sim = ref["gate"].double() @ other["gate"].double().T + ref["up"].double() @ other["up"].double().T
-    sim = sim + ref["down"].double().T @ other["down"].double()
-    _, cols = linear_sum_assignment(-sim.numpy())
-    return torch.as_tensor(cols, dtype=torch.long)
-
-
-def permute_expert(w: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {"gate": w["gate"][perm], "up": w["up"][perm], "down": w["down"][:, perm]}
-    for k in ("gate_b", "up_b"):
-        if k in w:
-            out[k] = w[k][perm]
-    if "down_b" in w:
-        out["down_b"] = w["down_b"]
-    return out
-
-
-def svd_bases(mats: torch.Tensor, rank: int | None = None) -> torch.Tensor:
-    """[P_1 .. P_n] = U S [V_1 .. V_n] -> the n terms U_r S_r V_i,r (each [out, in]); their sum with
-    coefficients a is the SVD merge U S sum_i a_i V_i."""
-    n, _out_dim, in_dim = mats.shape
-    stacked = torch.cat(list(mats.double()), dim=1)  # [out, n*in]
-    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-    r = len(s) if rank is None else min(rank, len(s))
-    us = u[:, :r] * s[:r]
-    vs = vh[:r].reshape(r, n, in_dim).permute(1, 0, 2)  # V_i: [n, r, in]
-    return (us @ vs).to(mats.dtype)
-
-
-@dataclass
-class Cluster:
-    """One merged expert: its members and the linear bases of each projection (merged = sum_i a_i B_i)."""
-
-    members: list[int]
-    bases: dict[str, torch.Tensor]  # gate/up [n,I,H], down [n,H,I]; gate_b/up_b [n,I], down_b [n,H] when biased
-    alpha0: torch.Tensor  # [3, n] initial coefficients, rows in PROJ order
-
-    def merged(self, alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        a = self.alpha0 if alpha is None else alpha
-        out = {}
-        for p, row in zip(PROJ, a):
-            out[p] = torch.einsum("n,n...->...", row.to(self.bases[p].dtype), self.bases[p])
-            if f"{p}_b" in self.bases:
-                out[f"{p}_b"] = torch.einsum("n,n...->...", row.to(self.bases[p].dtype), self.bases[f"{p}_b"])
-        return out
-
-
+# ---------------------------------------------------------------------------------------------- clusters
 def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarray, cfg: MergeConfig) -> list[Cluster]:
     w = layer.expert_weights()
     b = layer.expert_biases()
@@ -269,14 +218,6 @@ def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarr
                 bases[p] = svd_bases(bases[p], cfg.rank)
         out.append(Cluster(list(members), bases, ratios.repeat(3, 1)))
     return out
-
-
-def assemble(clusters: list[Cluster], alphas: list[torch.Tensor] | None = None):
-    """Stacked merged weights: gate [E',I,H], up, down [E',H,I] and biases (or None)."""
-    merged = [c.merged(None if alphas is None else alphas[i]) for i, c in enumerate(clusters)]
-    w = {p: torch.stack([m[p] for m in merged]) for p in PROJ}
-    biases = {p: torch.stack([m[f"{p}_b"] for m in merged]) for p in PROJ} if "gate_b" in merged[0] else None
-    return w, biases
 
 
 # ---------------------------------------------------------------------------------------------- router rows
@@ -325,131 +266,6 @@ def _fit_row(layer: arch.MoELayer, x: torch.Tensor, w: torch.Tensor, b, avg: tor
     delta = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), rhs).float()
     row = start + delta
     return (row, None) if b is None else (row[:-1], row[-1])
-
-
-# ---------------------------------------------------------------------------------------------- calibration
-@torch.no_grad()
-def capture_inputs(model, layers: list[arch.MoELayer], tokens: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
-    """Hidden states entering each MoE block on ``tokens`` [n_seq, seq_len] -> {layer: [n_seq, seq_len, H] fp32}."""
-    device = next(model.parameters()).device
-    store: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in layers}
-    hooks = []
-    for layer in layers:
-        def hook(_module, args, idx=layer.index):
-            store[idx].append(args[0].detach().float().cpu())
-        hooks.append(layer.block.register_forward_pre_hook(hook))
-    try:
-        for i in tqdm(range(0, len(tokens), batch_size), desc="capture MoE inputs", leave=False):
-            model(tokens[i:i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(v) for k, v in store.items()}
-
-
-def split_holdout(n_seq: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if n_seq < 2:
-        raise MoekitError("coefficient learning needs at least 2 calibration sequences (one held back): raise --n-seq")
-    order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed))
-    n_val = min(n_seq - 1, max(1, round(holdout * n_seq)))
-    return order[n_val:], order[:n_val]
-
-
-# ---------------------------------------------------------------------------------------------- fitting
-class BlockFit:
-    """The merged block as a function of its merge coefficients (and router rows), against the original output."""
-
-    def __init__(self, layer: arch.MoELayer, clusters: list[Cluster], x: torch.Tensor, y: torch.Tensor):
-        self.layer, self.clusters, self.x, self.y = layer, clusters, x, y
-        self.norm = y.pow(2).sum().clamp_min(1e-30)
-
-    def output(self, alphas, router_w, router_b, x=None) -> torch.Tensor:
-        w, b = assemble(self.clusters, alphas)
-        params = self.layer.block_tensors(w["gate"], w["up"], w["down"], router_w, router_b, b)
-        x = self.x if x is None else x
-        return self.layer.block_forward(x.reshape(1, -1, x.shape[-1]), params).reshape(x.shape)
-
-    def error(self, alphas, router_w, router_b) -> torch.Tensor:
-        """Relative squared error sum ||f(x) - f'(x)||^2 / sum ||f(x)||^2."""
-        return (self.output(alphas, router_w, router_b) - self.y).pow(2).sum() / self.norm
-
-
-def fit_coefficients(train: BlockFit, val: BlockFit, router_w, router_b, cfg: MergeConfig) -> dict:
-    """Fit the merge coefficients of multi-member clusters (and their router rows with ``learn_router``).
-    Monotone training loss (a step that would raise it is undone and the step size halved), early stopping
-    on held-back tokens, and the initialisation returned unless the held-back error improves."""
-    torch.manual_seed(cfg.seed)
-    alphas = [c.alpha0.clone().requires_grad_(len(c.members) > 1) for c in train.clusters]
-    multi = [i for i, c in enumerate(train.clusters) if len(c.members) > 1]
-    params = [alphas[i] for i in multi]
-    rw = router_w.clone()
-    delta = torch.zeros(len(multi), rw.shape[1], requires_grad=True)
-    if cfg.learn_router:
-        params.append(delta)
-
-    def current_router():
-        if not cfg.learn_router or not multi:
-            return rw
-        return rw.index_add(0, torch.tensor(multi, device=rw.device), delta)
-
-    def train_loss():
-        for p in params:
-            p.grad = None
-        loss = train.error(alphas, current_router(), router_b)
-        loss.backward()
-        return loss.item()
-
-    def val_loss():
-        with torch.no_grad():
-            return float(val.error(alphas, current_router(), router_b))
-
-    report = {"train": [], "holdout": [], "rejected_steps": 0, "steps": 0}
-    if not params:
-        v = val_loss()
-        report.update(train=[float(train.error(alphas, rw, router_b).detach())], holdout=[v], init=v, best=v)
-        return {"alphas": [a.detach() for a in alphas], "router_weight": rw, **report}
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    lr = cfg.lr
-    cur = train_loss()
-    init_val = val_loss()
-    report["train"].append(cur)
-    report["holdout"].append(init_val)
-    best_val, best = init_val, [p.detach().clone() for p in params]
-    stale = 0
-    for _ in range(cfg.steps):
-        saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()),
-                 [p.grad.clone() for p in params])
-        opt.step()
-        new = train_loss()
-        report["steps"] += 1
-        if not new <= cur:  # also catches NaN: undo, halve the step size
-            with torch.no_grad():
-                for p, s, g in zip(params, saved[0], saved[2]):
-                    p.copy_(s)
-                    p.grad = g
-            opt.load_state_dict(saved[1])
-            lr /= 2
-            for group in opt.param_groups:
-                group["lr"] = lr
-            report["rejected_steps"] += 1
-            if lr < cfg.lr / 64:
-                break
-            continue
-        cur = new
-        v = val_loss()
-        report["train"].append(cur)
-        report["holdout"].append(v)
-        if v < best_val:
-            best_val, best, stale = v, [p.detach().clone() for p in params], 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    with torch.no_grad():
-        for p, s in zip(params, best):
-            p.copy_(s)
-    report.update(init=init_val, best=best_val)
-    return {"alphas": [a.detach() for a in alphas], "router_weight": current_router().detach(), **report}
 
 
 # ---------------------------------------------------------------------------------------------- the verb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moekit import arch
-from moekit.merge import capture_inputs
+from moekit.merge_fit import capture_inputs
 from moekit.models import fingerprint
 from moekit.stats import ExpertStats
 

@@ -17,7 +17,8 @@ from tiny import MOE_FAMILIES, ids, tiny_model
 from moekit import arch
 from moekit.errors import MoekitError
 from moekit.grouping import centre_groups, hc_groups
-from moekit.merge import MergeConfig, _fit_row, assemble, build_clusters, merge_, plan_groups, svd_bases
+from moekit.merge import MergeConfig, _fit_row, build_clusters, merge_, plan_groups
+from moekit.merge_rules import assemble, svd_bases
 
 CALIB = {"batch": 8, "length": 24}
 
@@ -127,7 +128,7 @@ def test_learned_model_matches_reported_error():
     model, stats, toks = _model_and_stats("qwen3_moe", seed=4)
     ref = tiny_model("qwen3_moe", seed=4)
     report = merge_(model, stats, MergeConfig(target=5, learn=True, steps=10, super_rule="none"), toks)
-    from moekit.merge import capture_inputs, split_holdout
+    from moekit.merge_fit import capture_inputs, split_holdout
 
     layer0 = arch.moe_layers(ref)[0]
     x = capture_inputs(ref, [layer0], toks)[0]
@@ -241,3 +242,31 @@ def test_learning_without_calibration_is_refused_and_foreign_stats_too():
     other = tiny_model("qwen3_moe", seed=9)
     with pytest.raises(MoekitError, match="another model"):
         merge_(other, stats, MergeConfig(target=4, super_rule="none"))
+
+
+def test_cli_merge_writes_smaller_model_and_report(tmp_path, char_tokenizer, capsys):
+    import json
+
+    from moekit.cli import main
+    from moekit.export import save_model
+    from moekit.models import load_model
+
+    save_model(tiny_model("qwen3_moe", vocab_size=len(char_tokenizer)), char_tokenizer, tmp_path / "m", verify=False)
+    model, _ = load_model(str(tmp_path / "m"), device="cpu")
+    stats = tiny_stats(model, ids(**CALIB))  # profiled on the model as loaded (the fingerprint must match)
+    stats.save(tmp_path / "stats.safetensors")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"document {i}: the experts route tokens, merging keeps what matters." for i in range(40)))
+    argv = ["merge", str(tmp_path / "m"), "--stats", str(tmp_path / "stats.safetensors"), "--target", "5", "--learn",
+            "--steps", "3", "--data", str(text), "--n-seq", "4", "--seq-len", "32", "--super-rule", "none",
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code in (0, None), capsys.readouterr().err
+    merged, _ = load_model(str(tmp_path / "out"), device="cpu")
+    assert [layer.num_experts for layer in arch.moe_layers(merged)] == [5, 5]
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert all(r["error_learned"] <= r["error_init"] for r in report["layers"])
+    with pytest.raises(SystemExit) as e:  # output exists now: refused, one line, exit 2
+        main(argv)
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
