@@ -39,18 +39,18 @@ from . import arch
 from .errors import MoekitError
 from .grouping import centre_groups, check_feasible, hc_groups, hc_heights
 from .merge_fit import BlockFit, capture_inputs, fit_coefficients, split_holdout
-from .merge_rules import PROJ, Cluster, align_to, assemble, permute_expert, svd_bases
+from .merge_rules import PROJ, Cluster, align_to, assemble, permute_expert, select_bases, svd_bases
 from .stats import ExpertStats, super_experts
 
 GROUPINGS = ("hc", "mcsmoe", "ream")
-RULES = ("avg", "svd")
+RULES = ("avg", "svd", "select")
 ROUTERS = ("dominant", "average", "fitted", "auto")
 
 
 @dataclass
 class MergeConfig:
     grouping: str = "hc"  # hc | mcsmoe | ream
-    rule: str = "avg"  # avg | svd
+    rule: str = "avg"  # avg | svd | select
     align: bool = False  # permute neurons onto the dominant member before merging
     rank: int | None = None  # svd rule: singular values kept per projection (None: all)
     target: int | None = None  # experts per layer after merging
@@ -196,9 +196,30 @@ def _spread_global(layers, stats, cfg: MergeConfig, free) -> dict[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- clusters
-def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarray, cfg: MergeConfig) -> list[Cluster]:
+def neuron_importance(layer: arch.MoELayer, w: dict[str, torch.Tensor], freq: np.ndarray,
+                      x: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per expert, per intermediate neuron: sum over routed calibration tokens of g * |h_j| times ||down_j||
+    (with ``x``), else frequency times ||gate_j|| ||up_j|| ||down_j||."""
+    down_norm = w["down"].float().norm(dim=1)  # [E, I]
+    if x is None:
+        f = torch.as_tensor(freq, dtype=torch.float32)
+        return list(f[:, None] * w["gate"].float().norm(dim=2) * w["up"].float().norm(dim=2) * down_norm)
+    _, weights, idx = layer.route(x)
+    out = []
+    with torch.no_grad():
+        for e in range(layer.num_experts):
+            tok, pos = torch.nonzero(idx == e, as_tuple=True)
+            h = layer.expert_hidden(e, x[tok].to(layer.router_weight.dtype)).float().abs()
+            out.append((weights[tok, pos].float()[:, None] * h).sum(0).cpu() * down_norm[e].cpu())
+    return out
+
+
+def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarray, cfg: MergeConfig,
+                   x: torch.Tensor | None = None) -> list[Cluster]:
+    """The clusters' bases and initial coefficients (``x``: calibration inputs, for the ``select`` rule)."""
     w = layer.expert_weights()
     b = layer.expert_biases()
+    importance = neuron_importance(layer, w, freq, x) if cfg.rule == "select" else None
     out = []
     for members in groups:
         experts = []
@@ -209,14 +230,18 @@ def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarr
             experts.append(one)
         f = torch.as_tensor(freq[members], dtype=torch.float32)
         ratios = f / f.sum() if f.sum() > 0 else torch.full_like(f, 1.0 / len(members))
-        if cfg.align and len(members) > 1:
+        if cfg.align and len(members) > 1 and cfg.rule != "select":
             dom = int(torch.argmax(ratios))
             experts = [x if i == dom else permute_expert(x, align_to(experts[dom], x)) for i, x in enumerate(experts)]
         bases = {k: torch.stack([x[k] for x in experts]) for k in experts[0]}
+        alpha0 = ratios.repeat(3, 1)
         if cfg.rule == "svd" and len(members) > 1:
             for p in PROJ:
                 bases[p] = svd_bases(bases[p], cfg.rank)
-        out.append(Cluster(list(members), bases, ratios.repeat(3, 1)))
+        elif cfg.rule == "select" and len(members) > 1:
+            bases = select_bases(experts, [importance[e] for e in members], ratios)
+            alpha0 = torch.ones(3, len(members))
+        out.append(Cluster(list(members), bases, alpha0))
     return out
 
 
@@ -298,7 +323,6 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
     freq = expert_frequency(stats, layer.index)
     rec = {"layer": layer.index, "experts_before": layer.num_experts, "experts_after": len(groups),
            "groups": groups}
-    clusters = build_clusters(layer, groups, freq, cfg)
     cb = _merged_correction_bias(layer, groups, freq)
     dtype = layer.router_weight.dtype
     x_tr = x_va = None
@@ -311,6 +335,7 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
         layer.block.float()
         with torch.no_grad():
             y_tr, y_va = layer.block_forward(x_tr[None])[0], layer.block_forward(x_va[None])[0]
+    clusters = build_clusters(layer, groups, freq, cfg, x_tr)
     options = [cfg.router] if cfg.router != "auto" else (["dominant", "average", "fitted"] if x_tr is not None
                                                          else ["average"])
     candidates = {how: router_rows(layer, groups, freq, how, x_tr) for how in options}

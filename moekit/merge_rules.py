@@ -2,6 +2,11 @@
 
 * ``avg`` (HC-SMoE): the bases are the members' own weights, P = sum_i a_i P_i; optionally each member's
   intermediate neurons are first permuted onto the dominant member's (:func:`align_to`).
+* ``select`` (moekit): the merged expert keeps the I most important of the members' n*I neurons, unchanged
+  (importance: routing-weighted activation mass on calibration tokens times the neuron's down-projection
+  norm, or a weight-norm proxy times frequency). Made for experts whose neurons are unrelated — experts carved
+  from one dense FFN hold disjoint neurons, so averaging them mixes unrelated neurons — and exact for
+  one member. Coefficients start at 1 (they scale each member's kept neurons).
 * ``svd`` (challenge team, Sub-MoE): [P_1 .. P_n] = U S [V_1 .. V_n] and the bases are U S V_i, so that
   P = U S sum_i a_i V_i. With every singular value kept U S V_i = P_i exactly (the SVD merge IS the
   average); with ``rank`` r the bases are projected onto the members' shared top-r output subspace.
@@ -73,3 +78,28 @@ def assemble(clusters: list[Cluster], alphas: list[torch.Tensor] | None = None):
     w = {p: torch.stack([m[p] for m in merged]) for p in PROJ}
     biases = {p: torch.stack([m[f"{p}_b"] for m in merged]) for p in PROJ} if "gate_b" in merged[0] else None
     return w, biases
+
+
+def select_bases(experts: list[dict[str, torch.Tensor]], importance: list[torch.Tensor],
+                 ratios: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Bases of the ``select`` rule: member i's basis holds its neurons among the top-I of the union (zeros
+    elsewhere), so that the merged expert (coefficients 1) is exactly the selected neurons."""
+    n, size = len(experts), experts[0]["gate"].shape[0]
+    keep = torch.topk(torch.cat(importance).float(), size).indices.sort().values
+    owner, neuron, slots = keep // size, keep % size, torch.arange(size)
+    bases = {}
+    for p in ("gate", "up"):
+        src = torch.stack([x[p] for x in experts])
+        bases[p] = torch.zeros_like(src)
+        bases[p][owner, slots] = src[owner, neuron]
+        if f"{p}_b" in experts[0]:
+            srcb = torch.stack([x[f"{p}_b"] for x in experts])
+            bases[f"{p}_b"] = torch.zeros_like(srcb)
+            bases[f"{p}_b"][owner, slots] = srcb[owner, neuron]
+    src = torch.stack([x["down"] for x in experts])
+    bases["down"] = torch.zeros_like(src)
+    bases["down"][owner, :, slots] = src[owner, :, neuron]
+    if "down_b" in experts[0]:  # the output bias is shared: frequency-weighted, so coefficients 1 average it
+        bases["down_b"] = ratios[:, None] * torch.stack([x["down_b"] for x in experts])
+    assert n == len(importance)
+    return bases

@@ -270,3 +270,29 @@ def test_cli_merge_writes_smaller_model_and_report(tmp_path, char_tokenizer, cap
     with pytest.raises(SystemExit) as e:  # output exists now: refused, one line, exit 2
         main(argv)
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_select_rule_keeps_the_most_important_neurons_unchanged():
+    model, _, toks = _model_and_stats("qwen3_moe")
+    layer = arch.moe_layers(model)[0]
+    w = layer.expert_weights()
+    half = layer.expert_size // 2
+    w["down"][5][:, :half] = 0  # expert 5's first half of neurons contributes nothing
+    w["down"][2][:, half:] = 0  # expert 2's second half neither
+    layer.replace_experts(w["gate"], w["up"], w["down"], layer.router_weight.detach().clone())
+    clusters = build_clusters(layer, [[2, 5]], np.array([1.0] * 8), MergeConfig(target=7, rule="select"))
+    merged, _ = assemble(clusters)
+    # the union's useful neurons are expert 2's first half and expert 5's second half, kept as they are
+    x = torch.randn(9, layer.hidden_size)
+    expected = layer.expert_forward(2, x) + layer.expert_forward(5, x)
+    h = torch.nn.functional.silu(x @ merged["gate"][0].T) * (x @ merged["up"][0].T)
+    assert torch.allclose(h @ merged["down"][0].T, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_select_rule_merges_every_layout(family):
+    model, stats, toks = _model_and_stats(family)
+    report = merge_(model, stats, MergeConfig(target=4, rule="select", learn=True, steps=3, super_rule="none"), toks)
+    assert all(rec["error_learned"] <= rec["error_init"] for rec in report["layers"])
+    with torch.no_grad():
+        assert model(toks[:2]).logits.isfinite().all()

@@ -1,0 +1,226 @@
+"""Pruning vs merging at matched parameter counts (the challenge team's comparison), on the embedded default MoE.
+
+For each size (routed experts kept per layer) the rows are
+
+* ``prune``            REAP pruning to the size (``moekit.prune.prune_``, its default criterion);
+* ``merge``            HC-SMoE grouping + frequency-weighted average, router row chosen by measurement;
+* ``merge+learn``      the same with learned coefficients;
+* ``prune+merge``      prune halfway, then merge (learned) down to the size (the challenge team's pipeline);
+
+all with the same expert count and expert size, so the same parameter count (printed). Metrics: perplexity
+on the first ``--tokens`` tokens of the dev text (1024-token windows) and dev-task accuracy (``--limit`` items
+per task). A second part (``--seeds``) repeats the coefficient learning with several calibration seeds and
+checks the loss curves. Results: ``OUT/merge_table.json`` / ``.md``, ``OUT/merge_curves.png``.
+
+    python bench/merge_table.py --model smollm2-moe --sizes 21 14 --limit 200 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+
+from moekit import arch  # noqa: E402
+from moekit.data import calibration_tokens  # noqa: E402
+from moekit.merge import MergeConfig, merge_  # noqa: E402
+from moekit.models import fingerprint, load_model  # noqa: E402
+from moekit.perplexity import perplexity, windows  # noqa: E402
+from moekit.stats import ExpertStats  # noqa: E402
+
+
+def write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def get_stats(model, tokens, path: Path | None, out: Path) -> ExpertStats:
+    if path is not None and Path(path).exists():
+        stats = ExpertStats.load(path)
+        if stats.meta.get("fingerprint") == fingerprint(model):
+            return stats
+        print(f"{path} is for another model; profiling again")
+    from moekit.profile import ProfileConfig, profile
+
+    stats = profile(model, tokens, ProfileConfig(batch_size=4))
+    stats.save(out / "stats.safetensors")
+    return stats
+
+
+def measure(model, tok, args, ppl_tokens) -> dict:
+    t0 = time.perf_counter()
+    row = {"params_total": arch.param_counts(model)["total"],
+           "experts": sum(layer.num_experts for layer in arch.moe_layers(model)),
+           "ppl": perplexity(model, ppl_tokens, batch_size=2, desc="ppl")}
+    if args.tasks:
+        from moekit.evaluate import evaluate
+
+        res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
+        for t in args.tasks:
+            row[t] = res["tasks"][t].get("acc_norm", res["tasks"][t]["acc"])
+        row["task_mean"] = sum(row[t] for t in args.tasks) / len(args.tasks)
+    row["eval_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def build(kind: str, base, stats, size: int, calib, args) -> tuple[object, dict]:
+    """A compressed copy of ``base`` with ``size`` routed experts per layer."""
+    model = copy.deepcopy(base)
+    info: dict = {}
+    learn = kind in ("merge+learn", "prune+merge")
+    merge_cfg = dict(grouping=args.grouping, rule=args.rule, router=args.router, learn=learn, steps=args.steps,
+                     lr=args.lr, super_rule=args.super_rule, seed=0)
+    if kind == "prune":
+        from moekit.prune import PruneConfig, prune_
+
+        prune_(model, stats, PruneConfig(keep=size, super_rule=args.super_rule))
+    elif kind in ("merge", "merge+learn"):
+        info = merge_(model, stats, MergeConfig(target=size, **merge_cfg), calib)
+    elif kind == "prune+merge":
+        from moekit.prune import PruneConfig, prune_, stats_for_model
+
+        e = min(layer.num_experts for layer in arch.moe_layers(model))
+        mid = size + (e - size) // 2
+        prune_(model, stats, PruneConfig(keep=mid, super_rule=args.super_rule))
+        info = merge_(model, stats_for_model(model, stats), MergeConfig(target=size, **merge_cfg), calib)
+        info["pruned_to"] = mid
+    else:
+        raise ValueError(kind)
+    return model, info
+
+
+def learning_summary(report: dict) -> dict:
+    layers = [r for r in report["layers"] if "curve" in r]
+    if not layers:
+        return {}
+    mono_train = all(all(b <= a for a, b in zip(r["curve"]["train"], r["curve"]["train"][1:], strict=False))
+                     for r in layers)
+    mono_hold = sum(all(b <= a for a, b in zip(r["curve"]["holdout"], r["curve"]["holdout"][1:], strict=False))
+                    for r in layers)
+    return {"layers": len(layers), "train_monotone_all_layers": mono_train, "holdout_monotone_layers": mono_hold,
+            "learned_not_worse_all_layers": all(r["error_learned"] <= r["error_init"] for r in layers),
+            "improved_layers": sum(r["error_learned"] < r["error_init"] for r in layers),
+            "mean_error_init": sum(r["error_init"] for r in layers) / len(layers),
+            "mean_error_learned": sum(r["error_learned"] for r in layers) / len(layers),
+            "rejected_steps": sum(r["rejected_steps"] for r in layers),
+            "router_choices": {c: sum(r["router"]["choice"] == c for r in layers)
+                               for c in ("dominant", "average", "fitted")}}
+
+
+def plot_curves(reports: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 4), squeeze=False)
+    for ax, (name, rep) in zip(axes[0], reports.items(), strict=True):
+        for r in rep["layers"]:
+            if "curve" in r:
+                h = r["curve"]["holdout"]
+                ax.plot([v / h[0] for v in h], lw=0.8)
+        ax.set_title(f"{name}: held-back error / init, per layer", fontsize=9)
+        ax.set_xlabel("accepted step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict], tasks: list[str]) -> str:
+    cols = ["size", "method", "experts", "params_total", "ppl", *tasks, *(["task_mean"] if tasks else [])]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4f}" if isinstance(v, float) and c != "ppl" else f"{v:.3f}" if isinstance(v, float)
+                         else f"{v:,}" if isinstance(v, int) and c != "size" else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-moe")
+    p.add_argument("--stats", default=None, help="statistics file of --model (profiled on --calib when absent)")
+    p.add_argument("--calib", default=str(DATA / "calib" / "c4_train_head.jsonl"))
+    p.add_argument("--dev", default=str(DATA / "dev" / "c4_valid_dev.jsonl"))
+    p.add_argument("--n-seq", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--sizes", type=int, nargs="+", default=[21, 14])
+    p.add_argument("--methods", nargs="+", default=["prune", "merge", "merge+learn", "prune+merge"])
+    p.add_argument("--tasks", nargs="*", default=["arc_easy", "openbookqa", "social_iqa"])
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--grouping", default="hc")
+    p.add_argument("--rule", default="avg")
+    p.add_argument("--router", default="auto")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--super-rule", default="paper")
+    p.add_argument("--seeds", type=int, nargs="*", default=[], help="coefficient-learning stability runs (first size)")
+    p.add_argument("--no-base", action="store_true", help="skip measuring the uncompressed model")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    base, tok = load_model(args.model, dtype="float32", device="cpu")
+    calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=0)
+    stats = get_stats(base, calib, args.stats, out)
+    ppl_tokens = windows(tok, args.dev, max_tokens=args.tokens, window=1024)
+    result = {"model": args.model, "args": vars(args), "torch_threads": torch.get_num_threads(), "rows": [],
+              "learning": {}}
+    path = out / "merge_table.json"
+    if not args.no_base:
+        result["rows"].append({"size": max(layer.num_experts for layer in arch.moe_layers(base)), "method": "base",
+                               **measure(base, tok, args, ppl_tokens)})
+        print(result["rows"][-1], flush=True)
+        write_json(path, result)
+    reports = {}
+    for size in args.sizes:
+        for kind in args.methods:
+            t0 = time.perf_counter()
+            model, info = build(kind, base, stats, size, calib, args)
+            row = {"size": size, "method": kind, "build_s": round(time.perf_counter() - t0, 1)}
+            row.update(measure(model, tok, args, ppl_tokens))
+            if info:
+                row["learning"] = learning_summary(info)
+                reports[f"{kind} {size}"] = info
+                write_json(out / f"merge_report_{kind.replace('+', '_')}_{size}.json", info)
+            result["rows"].append(row)
+            print(row, flush=True)
+            write_json(path, result)
+            del model
+    for seed in args.seeds:
+        cfg = MergeConfig(target=args.sizes[0], grouping=args.grouping, rule=args.rule, router=args.router, learn=True,
+                          steps=args.steps, lr=args.lr, super_rule=args.super_rule, seed=seed)
+        seed_calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=seed)
+        rep = merge_(copy.deepcopy(base), stats, cfg, seed_calib)
+        result["learning"][f"seed {seed}"] = learning_summary(rep)
+        reports[f"seed {seed}"] = rep
+        print(seed, result["learning"][f"seed {seed}"], flush=True)
+        write_json(path, result)
+    if reports:
+        plot_curves(reports, out / "merge_curves.png")
+    md = markdown(result["rows"], args.tasks)
+    (out / "merge_table.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
