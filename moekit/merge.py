@@ -5,16 +5,12 @@
 grouping; super experts are never merged), merges every cluster into ONE expert, gives it ONE router
 row, and rewrites the layer with ``MoELayer.replace_experts`` — the model is genuinely smaller.
 
-Merge rules (every projection P of gate / up / down, members i of a cluster):
+Merge rules (:mod:`moekit.merge_rules`; every projection P of gate / up / down, members i of a cluster):
+``avg`` (HC-SMoE, P = sum_i a_i P_i, a_i = activation-frequency ratios, optional neuron alignment),
+``svd`` (challenge team, Sub-MoE: [P_1 .. P_n] = U S [V_1 .. V_n], P = U S sum_i a_i V_i — equal to ``avg``
+unless ``rank`` truncates) and ``select`` (keep the members' most important neurons).
 
-* ``avg`` (HC-SMoE): P = sum_i a_i P_i with a_i the members' activation-frequency ratios; ``align=True``
-  first permutes each member's intermediate neurons onto the most-used member's (linear assignment on
-  the weights: an expert computes the same function under any neuron permutation).
-* ``svd`` (challenge team, Sub-MoE): [P_1 .. P_n] = U S [V_1 .. V_n], P = U S sum_i a_i V_i. Note that
-  with every singular value kept U S V_i = P_i exactly, so the SVD merge equals ``avg``; it differs only
-  with ``rank`` truncation, where it projects the average onto the members' shared top-``rank`` subspace.
-
-Both rules are linear in the coefficients a (one per member and projection). With ``learn=True`` they
+Every rule is linear in the coefficients a (one per member and projection). With ``learn=True`` they
 are fitted layer by layer so that the merged block reproduces the original block's output on calibration
 hidden states (captured by forward hooks): fp32, a few parameters per cluster, Adam with a rejected step
 and a halved step size whenever the training loss would rise (so the training curve is monotone), early
