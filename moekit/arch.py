@@ -342,9 +342,17 @@ class MoELayer:
             out = torch.sigmoid(self.shared_gate(x)) * out
         return out
 
-    def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Routed output for explicit routing decisions (weights/indices [T,k]); index >= E means 'skip'."""
-        return self.experts(x, indices, weights.to(x.dtype))
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed output for explicit routing decisions (weights/indices [T,k]); index >= E means 'skip'.
+        ``params`` (from :meth:`block_tensors`) stand in for the experts' own weights, differentiably."""
+        skip = indices >= self.num_experts  # transformers' grouped_mm path leaves such rows undefined: weight 0
+        if bool(skip.any()):
+            indices, weights = indices.masked_fill(skip, 0), weights.masked_fill(skip, 0)
+        if params is None:
+            return self.experts(x, indices, weights.to(x.dtype))
+        own = {k.removeprefix("experts."): v for k, v in params.items() if k.startswith("experts.")}
+        return torch.func.functional_call(self.experts, own, (x, indices, weights.to(x.dtype)))
 
     def __repr__(self) -> str:
         return (f"MoELayer(layer={self.index}, family={self.family.name}, experts={self.num_experts}, "

@@ -60,6 +60,7 @@ class MergeConfig:
     lr: float = 0.02
     patience: int = 6
     holdout: float = 0.25  # fraction of calibration sequences held back
+    fit_tokens: int = 4096  # training tokens per layer (sampled from the not-held-back sequences)
     batch_size: int = 4  # calibration sequences per forward pass while capturing
     super_rule: str = "paper"  # super-expert rule (moekit.stats.super_experts), or "none"
     protect: list = field(default_factory=list)  # extra (layer, expert) pairs never merged
@@ -324,7 +325,7 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
     x_tr = x_va = None
     if inputs is not None:
         x = inputs.pop(layer.index)
-        x_tr = x[split[0]].reshape(-1, x.shape[-1])
+        x_tr = _subsample(x[split[0]].reshape(-1, x.shape[-1]), cfg.fit_tokens, cfg.seed)
         x_va = x[split[1]].reshape(-1, x.shape[-1])
         device = layer.router_weight.device
         x_tr, x_va = x_tr.to(device), x_va.to(device)
@@ -342,15 +343,20 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
         rec["router"] = {"choice": options[0]}
         return rec
     layer.block.float()
-    train, val = BlockFit(layer, clusters, x_tr, y_tr), BlockFit(layer, clusters, x_va, y_va)
+    probe = BlockFit(layer, clusters, x_va, y_va)
     with torch.no_grad():
-        errors = {how: float(val.error(None, rw.to(x_va.device), None if rb is None else rb.to(x_va.device)))
+        errors = {how: float(probe.error(None, rw.to(x_va.device), None if rb is None else rb.to(x_va.device)))
                   for how, (rw, rb) in candidates.items()}
     choice = min(errors, key=errors.get)
     rec["router"] = {"choice": choice, "holdout_error": errors}
     rw, rb = candidates[choice]
     rec["error_init"] = errors[choice]
     if cfg.learn:
+        layer.replace_experts(w["gate"], w["up"], w["down"], rw, rb, cb, b)  # the chosen router in place
+        layer.block.float()
+        fixed = not cfg.learn_router
+        train = BlockFit(layer, clusters, x_tr, y_tr, fixed)
+        val = BlockFit(layer, clusters, x_va, y_va, fixed)
         fit = fit_coefficients(train, val, rw, rb, cfg)
         rec.update(error_learned=fit["best"], curve={"train": fit["train"], "holdout": fit["holdout"]},
                    steps=fit["steps"], rejected_steps=fit["rejected_steps"])
@@ -359,6 +365,13 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
     layer.replace_experts(w["gate"], w["up"], w["down"], rw, rb, cb, b)
     layer.block.to(dtype)
     return rec
+
+
+def _subsample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if len(x) <= n:
+        return x
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[pick.to(x.device)]
 
 
 def _merged_correction_bias(layer: arch.MoELayer, groups, freq):

@@ -48,15 +48,35 @@ def split_holdout(n_seq: int, holdout: float, seed: int) -> tuple[torch.Tensor, 
 
 # ---------------------------------------------------------------------------------------------- fitting
 class BlockFit:
-    """The merged block as a function of its merge coefficients (and router rows), against the original output."""
+    """The merged block as a function of its merge coefficients (and router rows), against the original output.
 
-    def __init__(self, layer: arch.MoELayer, clusters: list[Cluster], x: torch.Tensor, y: torch.Tensor):
+    With ``fixed_routing`` (router rows not learned) the routing is computed once with the router in place, and
+    only the (token, slot) pairs that pick a multi-member cluster are recomputed per step (the experts module's
+    own forward, one pair per row); everything else (shared expert, unmerged experts) is a constant.
+    """
+
+    def __init__(self, layer: arch.MoELayer, clusters: list[Cluster], x: torch.Tensor, y: torch.Tensor,
+                 fixed_routing: bool = False):
         self.layer, self.clusters, self.x, self.y = layer, clusters, x, y
         self.norm = y.pow(2).sum().clamp_min(1e-30)
+        self.fixed = fixed_routing
+        if fixed_routing:  # one (token, slot) pair per row, top-1: no skip slots needed
+            multi = torch.tensor([i for i, c in enumerate(clusters) if len(c.members) > 1], dtype=torch.long,
+                                 device=x.device)
+            with torch.no_grad():
+                _, weights, idx = layer.route(x)
+                tok, slot = torch.nonzero(torch.isin(idx, multi), as_tuple=True)
+                self.pair_tok, self.pair_x = tok, x[tok]
+                self.pair_idx, self.pair_w = idx[tok, slot][:, None], weights[tok, slot][:, None]
+                full = layer.block_forward(x[None])[0]
+                self.const = full.index_add(0, tok, -layer.combine(self.pair_x, self.pair_w, self.pair_idx))
 
     def output(self, alphas, router_w, router_b, x=None) -> torch.Tensor:
         w, b = assemble(self.clusters, alphas)
         params = self.layer.block_tensors(w["gate"], w["up"], w["down"], router_w, router_b, b)
+        if self.fixed and x is None:
+            part = self.layer.combine(self.pair_x, self.pair_w, self.pair_idx, params)
+            return self.const.index_add(0, self.pair_tok, part)
         x = self.x if x is None else x
         return self.layer.block_forward(x.reshape(1, -1, x.shape[-1]), params).reshape(x.shape)
 

@@ -296,3 +296,37 @@ def test_select_rule_merges_every_layout(family):
     assert all(rec["error_learned"] <= rec["error_init"] for rec in report["layers"])
     with torch.no_grad():
         assert model(toks[:2]).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fast_fit_path_equals_the_whole_block(family):
+    """With routing fixed, recomputing only the merged clusters' slots gives the whole block's output."""
+    from moekit.merge import expert_frequency
+    from moekit.merge_fit import BlockFit
+
+    model, stats, _ = _model_and_stats(family)
+    layer = arch.moe_layers(model)[0]
+    cfg = MergeConfig(target=4, super_rule="none")
+    groups = plan_groups(arch.moe_layers(model), stats, cfg)[layer.index]
+    clusters = build_clusters(layer, groups, expert_frequency(stats, layer.index), cfg)
+    w, b = assemble(clusters)
+    pick = [g[0] for g in groups]
+    rb = None if layer.router_bias is None else layer.router_bias.detach()[pick]
+    cb = None if layer.correction_bias is None else layer.correction_bias[pick]
+    layer.replace_experts(w["gate"], w["up"], w["down"], layer.router_weight.detach()[pick], rb, cb, b)
+    x = torch.randn(40, layer.hidden_size)
+    y = layer.block_forward(x[None])[0] + 0.1
+    slow, fast = BlockFit(layer, clusters, x, y, False), BlockFit(layer, clusters, x, y, True)
+    alphas = [c.alpha0 * (1.3 if len(c.members) > 1 else 1.0) for c in clusters]
+    rw = layer.router_weight.detach()
+    assert fast.error(alphas, rw, rb).item() == pytest.approx(slow.error(alphas, rw, rb).item(), rel=1e-4)
+
+
+def test_combine_skips_slots_numbered_past_the_last_expert():
+    model, _, _ = _model_and_stats("olmoe")
+    layer = arch.moe_layers(model)[0]
+    x = torch.randn(6, layer.hidden_size)
+    idx = torch.tensor([[2, 8]] * 3 + [[8, 5]] * 3)
+    w = torch.full((6, 2), 0.5)
+    expected = torch.cat([0.5 * layer.expert_forward(2, x[:3]), 0.5 * layer.expert_forward(5, x[3:])])
+    assert torch.allclose(layer.combine(x, w, idx), expected, atol=1e-5)
