@@ -35,6 +35,7 @@ DATA = ROOT.parent / "shared" / "data"
 from moekit import arch  # noqa: E402
 from moekit.data import calibration_tokens  # noqa: E402
 from moekit.merge import MergeConfig, merge_  # noqa: E402
+from moekit.merge_fit import capture_inputs, split_holdout  # noqa: E402
 from moekit.models import fingerprint, load_model  # noqa: E402
 from moekit.perplexity import perplexity, windows  # noqa: E402
 from moekit.stats import ExpertStats  # noqa: E402
@@ -60,10 +61,34 @@ def get_stats(model, tokens, path: Path | None, out: Path) -> ExpertStats:
     return stats
 
 
-def measure(model, tok, args, ppl_tokens) -> dict:
+@torch.no_grad()
+def block_targets(base, calib) -> dict:
+    """Held-back calibration inputs of every MoE block of the original model and the original outputs."""
+    layers = arch.moe_layers(base)
+    inputs = capture_inputs(base, layers, calib)
+    _, val = split_holdout(len(calib), 0.25, 0)
+    out = {}
+    for layer in layers:
+        x = inputs.pop(layer.index)[val].reshape(1, -1, layer.hidden_size)
+        out[layer.index] = (x, layer.block_forward(x))
+    return out
+
+
+@torch.no_grad()
+def block_error(model, targets) -> float:
+    """Mean over MoE layers of the relative squared error of the block output on the original inputs."""
+    errs = []
+    for layer in arch.moe_layers(model):
+        x, y = targets[layer.index]
+        errs.append(float((layer.block_forward(x) - y).pow(2).sum() / y.pow(2).sum()))
+    return sum(errs) / len(errs)
+
+
+def measure(model, tok, args, ppl_tokens, targets) -> dict:
     t0 = time.perf_counter()
     row = {"params_total": arch.param_counts(model)["total"],
            "experts": sum(layer.num_experts for layer in arch.moe_layers(model)),
+           "block_err": block_error(model, targets),
            "ppl": perplexity(model, ppl_tokens, batch_size=2, desc="ppl")}
     if args.tasks:
         from moekit.evaluate import evaluate
@@ -140,7 +165,7 @@ def plot_curves(reports: dict[str, dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict], tasks: list[str]) -> str:
-    cols = ["size", "method", "experts", "params_total", "ppl", *tasks, *(["task_mean"] if tasks else [])]
+    cols = ["size", "method", "experts", "params_total", "block_err", "ppl", *tasks, *(["task_mean"] if tasks else [])]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -183,12 +208,13 @@ def main(argv=None) -> None:
     calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=0)
     stats = get_stats(base, calib, args.stats, out)
     ppl_tokens = windows(tok, args.dev, max_tokens=args.tokens, window=1024)
+    targets = block_targets(base, calib)
     result = {"model": args.model, "args": vars(args), "torch_threads": torch.get_num_threads(), "rows": [],
               "learning": {}}
     path = out / "merge_table.json"
     if not args.no_base:
         result["rows"].append({"size": max(layer.num_experts for layer in arch.moe_layers(base)), "method": "base",
-                               **measure(base, tok, args, ppl_tokens)})
+                               **measure(base, tok, args, ppl_tokens, targets)})
         print(result["rows"][-1], flush=True)
         write_json(path, result)
     reports = {}
@@ -197,7 +223,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             model, info = build(kind, base, stats, size, calib, args)
             row = {"size": size, "method": kind, "build_s": round(time.perf_counter() - t0, 1)}
-            row.update(measure(model, tok, args, ppl_tokens))
+            row.update(measure(model, tok, args, ppl_tokens, targets))
             if info:
                 row["learning"] = learning_summary(info)
                 reports[f"{kind} {size}"] = info

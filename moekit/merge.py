@@ -41,6 +41,7 @@ from .stats import ExpertStats, super_experts
 GROUPINGS = ("hc", "mcsmoe", "ream")
 RULES = ("avg", "svd", "select")
 ROUTERS = ("dominant", "average", "fitted", "auto")
+PRUNE_RECORD = "moekit_kept_experts"  # moekit.prune's config record of surviving source experts
 
 
 @dataclass
@@ -311,6 +312,8 @@ def merge_(model, stats: ExpertStats, cfg: MergeConfig, calib_tokens: torch.Tens
     report = {"config": asdict(cfg), "params_before": before, "layers": []}
     for layer in tqdm(layers, desc="merge layers"):
         report["layers"].append(_merge_layer(layer, plan[layer.index], stats, cfg, inputs, split))
+    if hasattr(model.config, PRUNE_RECORD):  # merged experts are no longer a subset of the pruned source's
+        delattr(model.config, PRUNE_RECORD)
     report["params_after"] = arch.param_counts(model)
     report["experts_after"] = {layer.index: layer.num_experts for layer in layers}
     return report

@@ -330,3 +330,11 @@ def test_combine_skips_slots_numbered_past_the_last_expert():
     w = torch.full((6, 2), 0.5)
     expected = torch.cat([0.5 * layer.expert_forward(2, x[:3]), 0.5 * layer.expert_forward(5, x[3:])])
     assert torch.allclose(layer.combine(x, w, idx), expected, atol=1e-5)
+
+
+def test_merging_drops_a_stale_pruning_record():
+    model = tiny_model("qwen3_moe")
+    model.config.moekit_kept_experts = {"source": "x", "layers": {"0": list(range(8)), "1": list(range(8))}}
+    toks = ids(**CALIB)
+    merge_(model, tiny_stats(model, toks), MergeConfig(target=6, super_rule="none"))
+    assert not hasattr(model.config, "moekit_kept_experts")
