@@ -12,7 +12,8 @@ on the first ``--tokens`` tokens of the dev text (1024-token windows) and dev-ta
 per task). A second part (``--seeds``) repeats the coefficient learning with several calibration seeds and
 checks the loss curves. Results: ``OUT/merge_table.json`` / ``.md``, ``OUT/merge_curves.png``.
 
-    python bench/merge_table.py --model smollm2-moe --sizes 21 14 --limit 200 --seeds 0 1 2
+    python bench/merge_table.py --model smollm2-moe --sizes 18 12 --limit 200 --seeds 0 1 2
+    python bench/merge_table.py --explore   # block reconstruction error of every grouping x rule, no evaluation
 """
 
 from __future__ import annotations
@@ -95,13 +96,14 @@ def measure(model, tok, args, ppl_tokens, targets) -> dict:
 
         res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
         for t in args.tasks:
-            row[t] = res["tasks"][t].get("acc_norm", res["tasks"][t]["acc"])
+            m = res["tasks"][t]
+            row[t] = m["acc_norm"] if m.get("acc_norm") is not None else m["acc"]
         row["task_mean"] = sum(row[t] for t in args.tasks) / len(args.tasks)
     row["eval_s"] = round(time.perf_counter() - t0, 1)
     return row
 
 
-def build(kind: str, base, stats, size: int, calib, args) -> tuple[object, dict]:
+def build(kind: str, base, stats, size: int, calib, args, inputs=None) -> tuple[object, dict]:
     """A compressed copy of ``base`` with ``size`` routed experts per layer."""
     model = copy.deepcopy(base)
     info: dict = {}
@@ -113,7 +115,7 @@ def build(kind: str, base, stats, size: int, calib, args) -> tuple[object, dict]
 
         prune_(model, stats, PruneConfig(keep=size, super_rule=args.super_rule))
     elif kind in ("merge", "merge+learn"):
-        info = merge_(model, stats, MergeConfig(target=size, **merge_cfg), calib)
+        info = merge_(model, stats, MergeConfig(target=size, **merge_cfg), calib, inputs=inputs)
     elif kind == "prune+merge":
         from moekit.prune import PruneConfig, prune_, stats_for_model
 
@@ -177,6 +179,32 @@ def markdown(rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def explore(base, stats, calib, targets, args, out: Path) -> None:
+    """Block reconstruction error (held-back calibration tokens, original inputs) of each grouping x rule x
+    router, without learning, and of pruning: cheap, to choose the settings the full table evaluates."""
+    rows = []
+    inputs = capture_inputs(base, arch.moe_layers(base), calib)
+    combos = [(g, r, a) for g in ("hc", "mcsmoe", "ream") for r, a in (("avg", False), ("avg", True), ("select", False))]
+    combos += [("hc", "svd", False)]
+    for size in args.sizes:
+        try:
+            model, _ = build("prune", base, stats, size, calib, args)
+            rows.append({"size": size, "method": "prune", "block_err": block_error(model, targets)})
+            print(rows[-1], flush=True)
+        except ImportError:
+            pass
+        for grouping, rule, align in combos:
+            cfg = MergeConfig(target=size, grouping=grouping, rule=rule, align=align, rank=24 if rule == "svd" else None,
+                              router="auto", super_rule=args.super_rule)
+            model = copy.deepcopy(base)
+            rep = merge_(model, stats, cfg, calib, inputs=inputs)
+            choices = {c: sum(r["router"]["choice"] == c for r in rep["layers"]) for c in ("dominant", "average", "fitted")}
+            rows.append({"size": size, "method": f"merge {grouping} {rule}{' align' if align else ''}",
+                         "block_err": block_error(model, targets), "router": choices})
+            print(rows[-1], flush=True)
+            write_json(out / "merge_explore.json", {"model": args.model, "rows": rows})
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-moe")
@@ -186,7 +214,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-seq", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--sizes", type=int, nargs="+", default=[21, 14])
+    p.add_argument("--sizes", type=int, nargs="+", default=[18, 12])
     p.add_argument("--methods", nargs="+", default=["prune", "merge", "merge+learn", "prune+merge"])
     p.add_argument("--tasks", nargs="*", default=["arc_easy", "openbookqa", "social_iqa"])
     p.add_argument("--limit", type=int, default=200)
@@ -198,6 +226,7 @@ def main(argv=None) -> None:
     p.add_argument("--super-rule", default="paper")
     p.add_argument("--seeds", type=int, nargs="*", default=[], help="coefficient-learning stability runs (first size)")
     p.add_argument("--no-base", action="store_true", help="skip measuring the uncompressed model")
+    p.add_argument("--explore", action="store_true", help="only the block error of groupings x rules (and pruning)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -212,16 +241,20 @@ def main(argv=None) -> None:
     result = {"model": args.model, "args": vars(args), "torch_threads": torch.get_num_threads(), "rows": [],
               "learning": {}}
     path = out / "merge_table.json"
+    if args.explore:
+        explore(base, stats, calib, targets, args, out)
+        return
     if not args.no_base:
         result["rows"].append({"size": max(layer.num_experts for layer in arch.moe_layers(base)), "method": "base",
                                **measure(base, tok, args, ppl_tokens, targets)})
         print(result["rows"][-1], flush=True)
         write_json(path, result)
     reports = {}
+    inputs = capture_inputs(base, arch.moe_layers(base), calib)
     for size in args.sizes:
         for kind in args.methods:
             t0 = time.perf_counter()
-            model, info = build(kind, base, stats, size, calib, args)
+            model, info = build(kind, base, stats, size, calib, args, inputs)
             row = {"size": size, "method": kind, "build_s": round(time.perf_counter() - t0, 1)}
             row.update(measure(model, tok, args, ppl_tokens, targets))
             if info:
@@ -236,7 +269,7 @@ def main(argv=None) -> None:
         cfg = MergeConfig(target=args.sizes[0], grouping=args.grouping, rule=args.rule, router=args.router, learn=True,
                           steps=args.steps, lr=args.lr, super_rule=args.super_rule, seed=seed)
         seed_calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=seed)
-        rep = merge_(copy.deepcopy(base), stats, cfg, seed_calib)
+        rep = merge_(copy.deepcopy(base), stats, cfg, seed_calib)  # its own calibration sample: its own capture
         result["learning"][f"seed {seed}"] = learning_summary(rep)
         reports[f"seed {seed}"] = rep
         print(seed, result["learning"][f"seed {seed}"], flush=True)

@@ -292,8 +292,12 @@ def _fit_row(layer: arch.MoELayer, x: torch.Tensor, w: torch.Tensor, b, avg: tor
 
 
 # ---------------------------------------------------------------------------------------------- the verb
-def merge_(model, stats: ExpertStats, cfg: MergeConfig, calib_tokens: torch.Tensor | None = None) -> dict:
-    """Merge experts in place; return a report (groups, router choice, reconstruction errors, loss curves)."""
+def merge_(model, stats: ExpertStats, cfg: MergeConfig, calib_tokens: torch.Tensor | None = None, *,
+           inputs: dict[int, torch.Tensor] | None = None) -> dict:
+    """Merge experts in place; return a report (groups, router choice, reconstruction errors, loss curves).
+
+    ``inputs``: the MoE blocks' inputs on ``calib_tokens`` from :func:`moekit.merge_fit.capture_inputs` on this
+    (unmerged) model, to reuse one capture when merging several copies of a model."""
     cfg.validate()
     layers = arch.require_moe(model)
     stats.check_model(model)
@@ -307,7 +311,10 @@ def merge_(model, stats: ExpertStats, cfg: MergeConfig, calib_tokens: torch.Tens
         raise MoekitError("learned coefficients and fitted router rows need calibration tokens: pass --data")
     plan = plan_groups(layers, stats, cfg)
     before = arch.param_counts(model)
-    inputs = capture_inputs(model, layers, calib_tokens, cfg.batch_size) if calib_tokens is not None else None
+    if calib_tokens is not None:
+        inputs = dict(inputs) if inputs is not None else capture_inputs(model, layers, calib_tokens, cfg.batch_size)
+    else:
+        inputs = None
     split = split_holdout(len(calib_tokens), cfg.holdout, cfg.seed) if calib_tokens is not None else None
     report = {"config": asdict(cfg), "params_before": before, "layers": []}
     for layer in tqdm(layers, desc="merge layers"):
