@@ -20,7 +20,7 @@ def merge(model: str = MODEL,
           data: str = typer.Option(None, "--data", help="calibration text (file, 'c4', 'hf:NAME', 'self'); needed "
                                    "for --learn and for fitted/auto router rows"),
           grouping: str = typer.Option("hc", help="hc (hierarchical clustering), mcsmoe or ream"),
-          rule: str = typer.Option("avg", help="avg (frequency-weighted average) or svd"),
+          rule: str = typer.Option("avg", help="avg (frequency-weighted average), svd, or select (keep the most important neurons)"),
           align: bool = typer.Option(False, "--align", help="permute neurons onto the dominant member before merging"),
           rank: int = typer.Option(None, help="svd rule: singular values kept per projection"),
           target: int = typer.Option(None, "--target", help="experts per layer after merging"),
