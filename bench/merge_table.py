@@ -103,6 +103,37 @@ def measure(model, tok, args, ppl_tokens, targets) -> dict:
     return row
 
 
+def prune(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
+    """REAP pruning to ``keep`` experts per layer with moekit.prune when it is installed, else the same rule here
+    (keep the ``keep`` highest mean g*||E(x)|| experts, super experts always kept); returns the statistics
+    re-indexed to the surviving experts."""
+    try:
+        from moekit.prune import PruneConfig, prune_, stats_for_model
+    except ImportError:
+        return _prune_reap_local(model, stats, keep, args)
+    prune_(model, stats, PruneConfig(keep=keep, criterion="reap", super_rule=args.super_rule))
+    return stats_for_model(model, stats)
+
+
+def _prune_reap_local(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
+    from moekit.merge import expert_saliency
+    from moekit.stats import super_experts
+
+    supers = set(super_experts(stats, rule=args.super_rule)) if args.super_rule != "none" else set()
+    out = ExpertStats(meta=dict(stats.meta), tensors=dict(stats.tensors))
+    for layer in arch.moe_layers(model):
+        sal = torch.as_tensor(expert_saliency(stats, layer.index))
+        sal[[e for (li, e) in supers if li == layer.index]] = float("inf")
+        kept = sorted(torch.topk(sal, keep).indices.tolist())
+        layer.keep_experts(kept)
+        for key, t in stats.tensors.items():
+            name, _, li = key.rpartition(".")
+            if name and li == str(layer.index) and name != "gram" and t.dim() >= 1 and t.shape[0] == len(sal):
+                out.tensors[key] = t[kept]
+    out.meta["fingerprint"] = fingerprint(model)
+    return out
+
+
 def build(kind: str, base, stats, size: int, calib, args, inputs=None) -> tuple[object, dict]:
     """A compressed copy of ``base`` with ``size`` routed experts per layer."""
     model = copy.deepcopy(base)
@@ -111,18 +142,14 @@ def build(kind: str, base, stats, size: int, calib, args, inputs=None) -> tuple[
     merge_cfg = dict(grouping=args.grouping, rule=args.rule, router=args.router, learn=learn, steps=args.steps,
                      lr=args.lr, super_rule=args.super_rule, seed=0)
     if kind == "prune":
-        from moekit.prune import PruneConfig, prune_
-
-        prune_(model, stats, PruneConfig(keep=size, super_rule=args.super_rule))
+        prune(model, stats, size, args)
     elif kind in ("merge", "merge+learn"):
         info = merge_(model, stats, MergeConfig(target=size, **merge_cfg), calib, inputs=inputs)
     elif kind == "prune+merge":
-        from moekit.prune import PruneConfig, prune_, stats_for_model
-
         e = min(layer.num_experts for layer in arch.moe_layers(model))
         mid = size + (e - size) // 2
-        prune_(model, stats, PruneConfig(keep=mid, super_rule=args.super_rule))
-        info = merge_(model, stats_for_model(model, stats), MergeConfig(target=size, **merge_cfg), calib)
+        pruned_stats = prune(model, stats, mid, args)
+        info = merge_(model, pruned_stats, MergeConfig(target=size, **merge_cfg), calib)
         info["pruned_to"] = mid
     else:
         raise ValueError(kind)
