@@ -85,21 +85,28 @@ def block_error(model, targets) -> float:
     return sum(errs) / len(errs)
 
 
-def measure(model, tok, args, ppl_tokens, targets) -> dict:
+def measure(model, ppl_tokens, targets) -> dict:
     t0 = time.perf_counter()
     row = {"params_total": arch.param_counts(model)["total"],
            "experts": sum(layer.num_experts for layer in arch.moe_layers(model)),
            "block_err": block_error(model, targets),
            "ppl": perplexity(model, ppl_tokens, batch_size=2, desc="ppl")}
-    if args.tasks:
-        from moekit.evaluate import evaluate
+    row["ppl_s"] = round(time.perf_counter() - t0, 1)
+    return row
 
-        res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
-        for t in args.tasks:
-            m = res["tasks"][t]
-            row[t] = m["acc_norm"] if m.get("acc_norm") is not None else m["acc"]
-        row["task_mean"] = sum(row[t] for t in args.tasks) / len(args.tasks)
-    row["eval_s"] = round(time.perf_counter() - t0, 1)
+
+def measure_tasks(model, tok, args) -> dict:
+    """Dev-task accuracy (acc_norm where the task has it, else acc) on the first ``--limit`` items of each task."""
+    from moekit.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
+    row = {}
+    for t in args.tasks:
+        m = res["tasks"][t]
+        row[t] = m["acc_norm"] if m.get("acc_norm") is not None else m["acc"]
+    row["task_mean"] = sum(row[t] for t in args.tasks) / len(args.tasks)
+    row["tasks_s"] = round(time.perf_counter() - t0, 1)
     return row
 
 
@@ -111,7 +118,9 @@ def prune(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
         from moekit.prune import PruneConfig, prune_, stats_for_model
     except ImportError:
         return _prune_reap_local(model, stats, keep, args)
-    prune_(model, stats, PruneConfig(keep=keep, criterion="reap", super_rule=args.super_rule))
+    none = args.super_rule == "none"
+    prune_(model, stats, PruneConfig(keep=keep, criterion="reap", super_rule="paper" if none else args.super_rule,
+                                     allow_super_experts=none))
     return stats_for_model(model, stats)
 
 
@@ -271,9 +280,11 @@ def main(argv=None) -> None:
     if args.explore:
         explore(base, stats, calib, targets, args, out)
         return
+    models = {}  # perplexity for every row first, then the seeds study, then the (slow) dev tasks
     if not args.no_base:
         result["rows"].append({"size": max(layer.num_experts for layer in arch.moe_layers(base)), "method": "base",
-                               **measure(base, tok, args, ppl_tokens, targets)})
+                               **measure(base, ppl_tokens, targets)})
+        models[0] = base
         print(result["rows"][-1], flush=True)
         write_json(path, result)
     reports = {}
@@ -283,15 +294,16 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             model, info = build(kind, base, stats, size, calib, args, inputs)
             row = {"size": size, "method": kind, "build_s": round(time.perf_counter() - t0, 1)}
-            row.update(measure(model, tok, args, ppl_tokens, targets))
+            row.update(measure(model, ppl_tokens, targets))
             if info:
                 row["learning"] = learning_summary(info)
                 reports[f"{kind} {size}"] = info
                 write_json(out / f"merge_report_{kind.replace('+', '_')}_{size}.json", info)
+            models[len(result["rows"])] = model
             result["rows"].append(row)
             print(row, flush=True)
             write_json(path, result)
-            del model
+    del inputs
     for seed in args.seeds:
         cfg = MergeConfig(target=args.sizes[0], grouping=args.grouping, rule=args.rule, router=args.router, learn=True,
                           steps=args.steps, lr=args.lr, super_rule=args.super_rule, seed=seed)
@@ -303,9 +315,14 @@ def main(argv=None) -> None:
         write_json(path, result)
     if reports:
         plot_curves(reports, out / "merge_curves.png")
-    md = markdown(result["rows"], args.tasks)
-    (out / "merge_table.md").write_text(md + "\n")
-    print(md)
+    (out / "merge_table.md").write_text(markdown(result["rows"], []) + "\n")
+    if args.tasks:
+        for i, model in models.items():
+            result["rows"][i].update(measure_tasks(model, tok, args))
+            print(result["rows"][i], flush=True)
+            write_json(path, result)
+            (out / "merge_table.md").write_text(markdown(result["rows"], args.tasks) + "\n")
+    print(markdown(result["rows"], args.tasks))
 
 
 if __name__ == "__main__":
