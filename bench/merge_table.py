@@ -220,8 +220,8 @@ def explore(base, stats, calib, targets, args, out: Path) -> None:
     router, without learning, and of pruning: cheap, to choose the settings the full table evaluates."""
     rows = []
     inputs = capture_inputs(base, arch.moe_layers(base), calib)
-    combos = [(g, r, a) for g in ("hc", "mcsmoe", "ream") for r, a in (("avg", False), ("avg", True), ("select", False))]
-    combos += [("hc", "svd", False)]
+    combos = [("hc", "avg", False), ("hc", "avg", True), ("hc", "select", False), ("mcsmoe", "avg", False),
+              ("mcsmoe", "select", False), ("ream", "avg", False), ("ream", "select", False)]
     for size in args.sizes:
         try:
             model, _ = build("prune", base, stats, size, calib, args)
