@@ -63,14 +63,13 @@ def get_stats(model, tokens, path: Path | None, out: Path) -> ExpertStats:
 
 
 @torch.no_grad()
-def block_targets(base, calib) -> dict:
+def block_targets(base, calib, inputs) -> dict:
     """Held-back calibration inputs of every MoE block of the original model and the original outputs."""
     layers = arch.moe_layers(base)
-    inputs = capture_inputs(base, layers, calib)
     _, val = split_holdout(len(calib), 0.25, 0)
     out = {}
     for layer in layers:
-        x = inputs.pop(layer.index)[val].reshape(1, -1, layer.hidden_size)
+        x = inputs[layer.index][val].reshape(1, -1, layer.hidden_size)
         out[layer.index] = (x, layer.block_forward(x))
     return out
 
@@ -143,7 +142,7 @@ def _prune_reap_local(model, stats: ExpertStats, keep: int, args) -> ExpertStats
     return out
 
 
-def build(kind: str, base, stats, size: int, calib, args, inputs=None) -> tuple[object, dict]:
+def build(kind: str, base, stats, size: int, calib, args, inputs=None, targets=None) -> tuple[object, dict]:
     """A compressed copy of ``base`` with ``size`` routed experts per layer."""
     model = copy.deepcopy(base)
     info: dict = {}
@@ -158,8 +157,18 @@ def build(kind: str, base, stats, size: int, calib, args, inputs=None) -> tuple[
         e = min(layer.num_experts for layer in arch.moe_layers(model))
         mid = size + (e - size) // 2
         pruned_stats = prune(model, stats, mid, args)
-        info = merge_(model, pruned_stats, MergeConfig(target=size, **merge_cfg), calib)
-        info["pruned_to"] = mid
+        pruned_inputs = capture_inputs(model, arch.moe_layers(model), calib)
+        info["other_rules"] = {}
+        for rule in args.compare_rules:  # same pruned model, same capture: block error only
+            other = copy.deepcopy(model)
+            merge_(other, pruned_stats, MergeConfig(target=size, **dict(merge_cfg, rule=rule, learn=False)), calib,
+                   inputs=pruned_inputs)
+            info["other_rules"][rule] = block_error(other, targets)
+            print(f"prune+merge {size} rule {rule}: block error {info['other_rules'][rule]:.4f}", flush=True)
+            del other
+        other_rules = info["other_rules"]
+        info = merge_(model, pruned_stats, MergeConfig(target=size, **merge_cfg), calib, inputs=pruned_inputs)
+        info.update(pruned_to=mid, other_rules=other_rules)
     else:
         raise ValueError(kind)
     return model, info
@@ -215,11 +224,10 @@ def markdown(rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def explore(base, stats, calib, targets, args, out: Path) -> None:
+def explore(base, stats, calib, targets, args, out: Path, inputs) -> None:
     """Block reconstruction error (held-back calibration tokens, original inputs) of each grouping x rule x
     router, without learning, and of pruning: cheap, to choose the settings the full table evaluates."""
     rows = []
-    inputs = capture_inputs(base, arch.moe_layers(base), calib)
     combos = [("hc", "avg", False), ("hc", "avg", True), ("hc", "select", False), ("mcsmoe", "avg", False),
               ("mcsmoe", "select", False), ("ream", "avg", False), ("ream", "select", False)]
     for size in args.sizes:
@@ -255,7 +263,8 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", nargs="*", default=["arc_easy", "openbookqa", "social_iqa"])
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--grouping", default="hc")
-    p.add_argument("--rule", default="avg")
+    p.add_argument("--rule", default="select")
+    p.add_argument("--compare-rules", nargs="*", default=[], help="prune+merge: block error of these rules too")
     p.add_argument("--router", default="auto")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.02)
@@ -273,12 +282,13 @@ def main(argv=None) -> None:
     calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=0)
     stats = get_stats(base, calib, args.stats, out)
     ppl_tokens = windows(tok, args.dev, max_tokens=args.tokens, window=1024)
-    targets = block_targets(base, calib)
+    inputs = capture_inputs(base, arch.moe_layers(base), calib)
+    targets = block_targets(base, calib, inputs)
     result = {"model": args.model, "args": vars(args), "torch_threads": torch.get_num_threads(), "rows": [],
               "learning": {}}
     path = out / "merge_table.json"
     if args.explore:
-        explore(base, stats, calib, targets, args, out)
+        explore(base, stats, calib, targets, args, out, inputs)
         return
     models = {}  # perplexity for every row first, then the seeds study, then the (slow) dev tasks
     if not args.no_base:
@@ -288,15 +298,16 @@ def main(argv=None) -> None:
         print(result["rows"][-1], flush=True)
         write_json(path, result)
     reports = {}
-    inputs = capture_inputs(base, arch.moe_layers(base), calib)
     for size in args.sizes:
         for kind in args.methods:
             t0 = time.perf_counter()
-            model, info = build(kind, base, stats, size, calib, args, inputs)
+            model, info = build(kind, base, stats, size, calib, args, inputs, targets)
             row = {"size": size, "method": kind, "build_s": round(time.perf_counter() - t0, 1)}
             row.update(measure(model, ppl_tokens, targets))
             if info:
                 row["learning"] = learning_summary(info)
+                if info.get("other_rules"):
+                    row["block_err_other_rules"] = info["other_rules"]
                 reports[f"{kind} {size}"] = info
                 write_json(out / f"merge_report_{kind.replace('+', '_')}_{size}.json", info)
             models[len(result["rows"])] = model
