@@ -233,6 +233,30 @@ class MoELayer:
             r.e_score_correction_bias = cb.to(device=ref.device, dtype=r.e_score_correction_bias.dtype).contiguous()
         r.num_experts = int(weight.shape[0])
 
+    def block_tensors(self, gate, up, down, router_weight, router_bias=None, biases=None) -> dict[str, torch.Tensor]:
+        """Canonical expert weights and router rows as the block's own parameters, keyed by their names in
+        ``self.block`` and kept differentiable: for ``torch.func.functional_call(layer.block, ...)``. The block
+        must already hold this many experts (``replace_experts``)."""
+        r = self.family.router_attr
+        if self.family.layout == "gpt_oss":
+            gu = torch.stack([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).flatten(-2)  # interleave gate/up
+            out = {"experts.gate_up_proj": gu, "experts.down_proj": down.transpose(1, 2)}
+            if biases is not None:
+                out["experts.gate_up_proj_bias"] = torch.stack([biases["gate"], biases["up"]], dim=-1).flatten(-2)
+                out["experts.down_proj_bias"] = biases["down"]
+        else:
+            out = {"experts.gate_up_proj": torch.cat([gate, up], dim=1), "experts.down_proj": down}
+        out[f"{r}.weight"] = router_weight
+        if router_bias is not None and self.router_bias is not None:
+            out[f"{r}.bias"] = router_bias
+        return out
+
+    def block_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole block (routed + shared) on x [B, T, H] -> [B, T, H]; ``params`` (from :meth:`block_tensors`)
+        stand in for the block's own parameters, differentiably. GPT-OSS's block also returns router scores."""
+        out = self.block(x) if params is None else torch.func.functional_call(self.block, params, (x,))
+        return out[0] if isinstance(out, tuple) else out
+
     # ----------------------------------------------------------------- operations
     def keep_experts(self, keep: Sequence[int]) -> None:
         """Keep only these routed experts (in this order); the router loses exactly the other rows."""
@@ -318,9 +342,17 @@ class MoELayer:
             out = torch.sigmoid(self.shared_gate(x)) * out
         return out
 
-    def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Routed output for explicit routing decisions (weights/indices [T,k]); index >= E means 'skip'."""
-        return self.experts(x, indices, weights.to(x.dtype))
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed output for explicit routing decisions (weights/indices [T,k]); index >= E means 'skip'.
+        ``params`` (from :meth:`block_tensors`) stand in for the experts' own weights, differentiably."""
+        skip = indices >= self.num_experts  # transformers' grouped_mm path leaves such rows undefined: weight 0
+        if bool(skip.any()):
+            indices, weights = indices.masked_fill(skip, 0), weights.masked_fill(skip, 0)
+        if params is None:
+            return self.experts(x, indices, weights.to(x.dtype))
+        own = {k.removeprefix("experts."): v for k, v in params.items() if k.startswith("experts.")}
+        return torch.func.functional_call(self.experts, own, (x, indices, weights.to(x.dtype)))
 
     def __repr__(self) -> str:
         return (f"MoELayer(layer={self.index}, family={self.family.name}, experts={self.num_experts}, "

@@ -1,0 +1,126 @@
+"""`moekit eval` (lm-evaluation-harness in process, cost figures, perplexity) and `moekit compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+
+TASKS_HELP = "comma-separated tasks: arc_easy, arc_challenge, piqa, openbookqa, social_iqa, hellaswag, winogrande, mmlu, kmmlu, click"
+
+
+def _data_files(items: list[str] | None) -> dict | None:
+    from ..errors import MoekitError
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise MoekitError(f"--data-file '{item}' is not TASK=PATH: write e.g. --data-file arc_easy=my_arc.jsonl")
+        out[task.strip()] = path.strip()
+    return out
+
+
+def _checkpoint_of(model: str) -> Path | None:
+    """The directory a named model was loaded from, for its bytes on disk (never builds anything)."""
+    from ..models import cache_dir
+
+    if model == "smollm2":
+        from ..models import smollm2_path
+
+        return smollm2_path()
+    if model == "smollm2-moe":
+        path = cache_dir("models") / "smollm2-moe"
+        return path if path.is_dir() else None
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = MODEL,
+    tasks: str = typer.Option("arc_easy,openbookqa,social_iqa", "--tasks", help=TASKS_HELP),
+    data_dir: Path = typer.Option(None, "--data-dir", help="folder with local copies (arc_easy.jsonl ...); default: the hub"),
+    data_file: list[str] = typer.Option(None, "--data-file", help="TASK=PATH: one task's local file (repeatable)"),
+    limit: int = typer.Option(None, "--limit", help="score only the first N items of each task"),
+    batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", help="in-context examples per item"),
+    out: Path = typer.Option(None, "--out", help="result JSON (a Markdown table is written beside it, .md)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
+    backend: str = typer.Option("hf", "--backend", help="hf: in process; vllm: hand a saved checkpoint to the harness's vLLM backend"),
+    costs: bool = typer.Option(False, "--costs", help="also measure parameters, bytes, peak forward memory, prefill/decode speed"),
+    baseline: str = typer.Option(None, "--baseline", help="original model: its costs are measured in the same run (ratios)"),
+    ppl_data: str = typer.Option(None, "--ppl-data", help="also perplexity on this text (e.g. ../shared/data/dev/c4_valid_dev.jsonl)"),
+    ppl_tokens: int = typer.Option(16384, "--ppl-tokens", help="perplexity over the first N tokens"),
+    ppl_window: int = typer.Option(1024, "--ppl-window", help="perplexity window length"),
+    field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+):
+    """Score MODEL with lm-evaluation-harness's own tasks; write a JSON result and a Markdown table."""
+    from ..errors import MoekitError
+    from ..evaluate import check_tasks, markdown_table, write_result
+
+    files = _data_files(data_file)
+    task_list = check_tasks(tasks, data_dir, files)  # bad names and missing files fail before any loading
+    out = Path(out) if out else Path(f"eval_{Path(model).name or 'model'}.json")
+    if out.is_dir():
+        raise MoekitError(f"--out '{out}' is a directory: give a file name such as {out / 'result.json'}")
+    if out.exists() and not overwrite:
+        raise MoekitError(f"'{out}' exists: pass --overwrite to replace it, or choose another --out")
+    if backend not in ("hf", "vllm"):
+        raise MoekitError(f"unknown backend '{backend}': use hf (in process) or vllm (saved checkpoints, GPU)")
+    if backend == "vllm":
+        from ..evaluate import evaluate_checkpoint
+
+        if costs or ppl_data:
+            raise MoekitError("--costs and --ppl-data need the model in process: use --backend hf for them")
+        result = evaluate_checkpoint(model, task_list, data_dir, limit, num_fewshot=num_fewshot, data_files=files,
+                                     dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        from ..evaluate import evaluate
+
+        m, tok = load(model, dtype, device, trust_remote_code)
+        result = evaluate(m, tok, task_list, data_dir, limit, batch_size, num_fewshot, data_files=files,
+                          model_name=model)
+        if ppl_data:
+            from ..perplexity import perplexity, windows
+
+            toks = windows(tok, ppl_data, max_tokens=ppl_tokens, window=ppl_window, field=field)
+            result["perplexity"] = {"value": perplexity(m, toks), "data": ppl_data, "tokens": int(toks.numel()),
+                                    "window": ppl_window}
+        if costs or baseline:
+            from ..costs import compare_costs
+
+            models, cks, names = [m], [_checkpoint_of(model)], [model]
+            if baseline:
+                b, _ = load(baseline, dtype, device, trust_remote_code)
+                models, cks, names = [b, m], [_checkpoint_of(baseline), cks[0]], [baseline, model]
+            c = compare_costs(models, cks, names=names)
+            c["model_index"] = len(models) - 1  # the evaluated model; with --baseline the ratios are to the baseline
+            result["costs"] = c
+    json_path, md_path = write_result(result, out)
+    print(markdown_table([result]), end="")
+    if result.get("costs"):
+        from ..costs import costs_table
+
+        print(costs_table(result["costs"]), end="")
+    if result.get("perplexity"):
+        print(f"perplexity {result['perplexity']['value']:.3f} on {ppl_data}")
+    print(f"wrote {json_path} and {md_path}")
+
+
+@app.command()
+def compare(results: list[Path] = typer.Argument(..., help="result JSON files written by `moekit eval --out`"),
+            plot: Path = typer.Option(Path("compare.png"), "--plot", help="PNG of accuracy (and perplexity) vs parameters"),
+            params: str = typer.Option("total", "--params", help="x axis: total or active parameters")):
+    """Side-by-side table of several results and a plot of accuracy against parameters."""
+    from ..compare import compare_table, load_results
+    from ..compare import plot as draw
+
+    loaded = load_results(results)
+    print(compare_table(loaded), end="")
+    print(f"wrote {draw(loaded, plot, params=params)}")

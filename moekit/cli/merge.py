@@ -1,0 +1,75 @@
+"""`moekit merge`: fewer experts per layer, each merged from a cluster of similar ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+
+
+@app.command()
+def merge(model: str = MODEL,
+          stats: str = typer.Option(..., "--stats", help="statistics file from `moekit profile` of this model"),
+          out: str = typer.Option(..., "--out", help="output checkpoint directory"),
+          data: str = typer.Option(None, "--data", help="calibration text (file, 'c4', 'hf:NAME', 'self'); needed "
+                                   "for --learn and for fitted/auto router rows"),
+          grouping: str = typer.Option("hc", help="hc (hierarchical clustering), mcsmoe or ream"),
+          rule: str = typer.Option("avg", help="avg (frequency-weighted average), svd, or select (keep the most important neurons)"),
+          align: bool = typer.Option(False, "--align", help="permute neurons onto the dominant member before merging"),
+          rank: int = typer.Option(None, help="svd rule: singular values kept per projection"),
+          target: int = typer.Option(None, "--target", help="experts per layer after merging"),
+          target_total: int = typer.Option(None, "--target-total", help="routed experts over all layers after merging"),
+          merges_per_layer: int = typer.Option(None, "--merges-per-layer", help="experts removed per layer"),
+          max_cluster: int = typer.Option(None, "--max-cluster", help="largest cluster"),
+          router: str = typer.Option("auto", help="merged router row: dominant, average, fitted or auto (measured)"),
+          learn: bool = typer.Option(False, "--learn", help="fit merge coefficients to reproduce each block's output"),
+          learn_router: bool = typer.Option(False, "--learn-router", help="with --learn, also fit merged router rows"),
+          steps: int = typer.Option(40, help="--learn: optimisation steps per layer"),
+          lr: float = typer.Option(0.02, help="--learn: step size"),
+          super_rule: str = typer.Option("paper", help="super experts never merged: paper, first75 or none"),
+          n_seq: int = typer.Option(32, help="calibration sequences"),
+          seq_len: int = typer.Option(256, help="calibration sequence length"),
+          seed: int = typer.Option(0, help="calibration sampling and held-back split"),
+          field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+          overwrite: bool = OVERWRITE):
+    """Merge experts (one expert and one router row per cluster) and save the smaller model."""
+    from ..data import calibration_tokens
+    from ..export import check_output_dir, save_model
+    from ..merge import MergeConfig, merge_
+    from ..stats import ExpertStats
+
+    cfg = MergeConfig(grouping=grouping, rule=rule, align=align, rank=rank, target=target, target_total=target_total,
+                      merges_per_layer=merges_per_layer, max_cluster=max_cluster, router=router, learn=learn,
+                      learn_router=learn_router, steps=steps, lr=lr, super_rule=super_rule, seed=seed)
+    cfg.validate()
+    out_path = check_output_dir(out, overwrite)
+    st = ExpertStats.load(stats)
+    m, tok = load(model, dtype, device, trust_remote_code)
+    tokens = None
+    if data is not None:
+        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
+    report = merge_(m, st, cfg, tokens)
+    save_model(m, tok, out_path, overwrite=overwrite)
+    _write_json(out_path / "merge_report.json", report)
+    before, after = report["params_before"]["total"], report["params_after"]["total"]
+    errs = [rec for rec in report["layers"] if "error_init" in rec]
+    print(f"merged: {sum(r['experts_before'] for r in report['layers'])} -> "
+          f"{sum(r['experts_after'] for r in report['layers'])} experts, parameters {before:,} -> {after:,}")
+    if errs:
+        learned = [r.get("error_learned", r["error_init"]) for r in errs]
+        print(f"block reconstruction error (held-back, mean over layers): init "
+              f"{sum(r['error_init'] for r in errs) / len(errs):.4f}, final {sum(learned) / len(learned):.4f}")
+    print(f"saved to {out_path} (report: merge_report.json)")
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)

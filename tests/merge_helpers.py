@@ -1,0 +1,10 @@
+"""Statistics for tiny models: the profiler's one pass (``moekit.profile``), quietly."""
+
+from __future__ import annotations
+
+from moekit.profile import ProfileConfig, profile
+from moekit.stats import ExpertStats
+
+
+def tiny_stats(model, tokens) -> ExpertStats:
+    return profile(model, tokens, ProfileConfig(progress=False))
