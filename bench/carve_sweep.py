@@ -88,14 +88,13 @@ def main() -> None:
         carve_s = time.perf_counter() - t
         row = {"share": round((cfg.shared + cfg.active) / cfg.experts, 4), "experts": cfg.experts, "shared": cfg.shared,
                "active": cfg.active, "iterations": cfg.iterations, "rounds_mean": sum(moe.config.moekit_carve["rounds"]) / len(moe.config.moekit_carve["rounds"]),
-               "carve_s": round(carve_s, 1), "ppl": {}, "heal_s": {}}
+               "carve_s": round(carve_s, 1), "carve_cpu_s": moe.config.moekit_carve["cpu_seconds"], "ppl": {}, "heal_s": {}}
+        result["rows"].append(row)  # saved as it fills, so an interrupted run keeps its partial rows
         row["ppl"]["carved"] = ppl(moe)
         print(f"share {row['share']} N_k {cfg.active} it {cfg.iterations}: carve {carve_s:.1f} s, carved ppl "
               f"{row['ppl']['carved']}", flush=True)
         save()
         if cfg.iterations == 0:  # converged-clustering row: training-free only
-            result["rows"].append(row)
-            save()
             continue
         steps = [("+router", HealConfig(router=True, lstsq=False, local_epochs=0)),
                  ("+lstsq", HealConfig(router=False, lstsq=True, local_epochs=0)),
@@ -109,8 +108,6 @@ def main() -> None:
             row["ppl"][name] = ppl(moe)
             print(f"   {name}: ppl {row['ppl'][name]} (heal {row['heal_s'][name]} s)", flush=True)
             save()
-        result["rows"].append(row)
-        save()
 
     d = result["dense_ppl"]
     cols = ["carved", "+router", "+lstsq", "+local"]

@@ -297,7 +297,7 @@ def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, 
     m = check_config(dense_model, cfg)
     if tokens.dim() != 2 or tokens.numel() < cfg.k_a:
         raise MoekitError("calibration tokens must be a [n_seq, seq_len] tensor with at least a few tokens")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     mlps = dense_mlps(dense_model)
     d_h = int(mlps[0].gate_proj.weight.shape[0])
     stats = marker_stats(dense_model, tokens, cfg.k_a, cfg.batch_size, progress=progress)
@@ -314,7 +314,8 @@ def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, 
         moe.tie_weights()
     setattr(moe.config, CONFIG_KEY, {**asdict(cfg), "source": dense_model.config.model_type, "expert_size": m,
                                      "calibration_tokens": int(tokens.numel()), "rounds": rounds,
-                                     "seconds": round(time.perf_counter() - start, 2)})
+                                     "seconds": round(time.perf_counter() - start, 2),
+                                     "cpu_seconds": round(time.process_time() - cpu_start, 2)})
     moe.generation_config = dense_model.generation_config
     return moe.to(next(dense_model.parameters()).device).eval()
 

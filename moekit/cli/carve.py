@@ -28,7 +28,7 @@ def _summary(cfg) -> dict:
     layers = cfg.report.get("layers", {})
     if not layers:
         return {}
-    keys = next(iter(layers.values())).keys()
+    keys = [k for k, v in next(iter(layers.values())).items() if isinstance(v, float)]
     return {k: round(sum(v[k] for v in layers.values()) / len(layers), 4) for k in keys}
 
 
