@@ -365,7 +365,7 @@ def _run_merge(ctx: Context, cfg, sdir: Path) -> dict:
 def _run_route(ctx: Context, cfg, sdir: Path) -> dict:
     from .route import route_
 
-    return {"report": _as_dict(route_(ctx.model, ctx.current_stats(), cfg))}
+    return {"report": _as_dict(route_(ctx.model, ctx.current_stats(), cfg, tokens=ctx.calib_tokens()))}
 
 
 def _run_densify(ctx: Context, cfg, sdir: Path) -> dict:
@@ -381,7 +381,7 @@ def _run_distill(ctx: Context, cfg, sdir: Path) -> dict:
 
     if ctx.teacher is None:
         raise MoekitError(f"{ctx.recipe.path}: 'distill' needs a teacher: put it after 'densify' or 'carve'")
-    return {"report": _as_dict(distill(ctx.model, ctx.teacher, ctx.calib_tokens(), cfg))}
+    return {"report": _as_dict(distill(ctx.model, ctx.teacher, ctx.calib_tokens(), cfg, tokenizer=ctx.tokenizer))}
 
 
 def _run_eval(ctx: Context, cfg: EvalStep, sdir: Path) -> dict:
