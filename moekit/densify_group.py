@@ -46,7 +46,7 @@ def group_and_merge(w: dict[str, torch.Tensor], selected: list[int], counts: tor
         mix = torch.tensor([float(counts[e]) + 1.0 for e, _ in groups[c]], dtype=torch.float64)
         mix = mix / mix.sum()
         g = u = d = 0
-        for (e, perm), a in zip(groups[c], mix.tolist()):
+        for (e, perm), a in zip(groups[c], mix.tolist(), strict=False):
             p = slice(None) if perm is None else perm
             g = g + a * w["gate"][e][p].double()
             u = u + a * w["up"][e][p].double()
