@@ -248,3 +248,40 @@ def test_bad_input_is_refused():
     st = ExpertStats(meta={"fingerprint": fingerprint(model)})
     with pytest.raises(MoekitError, match="gram"):
         densify(model, st, DensifyConfig(keep=2, score="do-acp"))
+
+
+def test_cli_densify_then_distill_and_resume(tmp_path, char_tokenizer, capsys):
+    import json
+
+    from moekit.cli import main
+    from moekit.export import save_model
+
+    teacher = tiny_model("qwen3_moe", vocab_size=100)
+    save_model(teacher, char_tokenizer, tmp_path / "moe", verify=False)
+    local_stats(teacher, ids(vocab=100)).save(tmp_path / "stats.safetensors")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"doc {i} " + "the quick brown fox " * 4}) for i in range(8)))
+
+    def run(argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        return e.value.code, capsys.readouterr()
+
+    code, out = run(["densify", str(tmp_path / "moe"), "--stats", str(tmp_path / "stats.safetensors"), "--keep", "3",
+                     "--score", "do-acp", "--out", str(tmp_path / "dense"), "--device", "cpu"])
+    assert code in (0, None), out.err
+    assert "qwen3" in out.out and (tmp_path / "dense" / "config.json").exists()
+    code, out = run(["densify", str(tmp_path / "moe"), "--stats", str(tmp_path / "stats.safetensors"), "--keep", "3",
+                     "--out", str(tmp_path / "dense"), "--device", "cpu"])
+    assert code == 2 and "already exists" in out.err
+    base = ["distill", str(tmp_path / "dense"), "--teacher", str(tmp_path / "moe"), "--data", str(data), "--out",
+            str(tmp_path / "kd"), "--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--device", "cpu"]
+    code, out = run([*base, "--steps", "2", "--checkpoint-every", "1"])
+    assert code in (0, None), out.err
+    assert (tmp_path / "kd" / "final" / "config.json").exists() and "tokens/s" in out.out
+    code, out = run([*base, "--steps", "3"])
+    assert code == 2 and "--resume" in out.err
+    code, out = run([*base, "--steps", "4", "--resume"])
+    assert code in (0, None), out.err
+    report = json.loads((tmp_path / "kd" / "distill_report.json").read_text())
+    assert report["start_step"] == 2 and report["steps_run"] == 2
