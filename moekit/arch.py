@@ -427,7 +427,6 @@ def _shared_size(layer: MoELayer) -> int:
     return int(sh.down_proj.weight.shape[1]) if hasattr(sh, "down_proj") else 0
 
 
-<<<<<<< HEAD
 # ----------------------------------------------------------------- MoE -> dense
 # Config keys that only describe MoE routing; never copied into a dense config.
 _MOE_ONLY_KEYS = ("architectures", "model_type", "intermediate_size", "_name_or_path", "transformers_version",
@@ -472,7 +471,8 @@ def dense_config(model: nn.Module, intermediate_size: int):
         kw["first_k_dense_replace"] = int(model.config.num_hidden_layers)
     config = AutoConfig.for_model(target, **kw)
     return config
-=======
+
+
 # Per-expert checkpoint names on disk (what transformers 5 fuses on load; Mixtral also renames the block).
 _DISK_BLOCK_RENAMES = {"block_sparse_moe.": "mlp."}
 _DISK_EXPERT_RENAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -508,4 +508,3 @@ def fuse_layer_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in range(n)])
         out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
     return out
->>>>>>> main
