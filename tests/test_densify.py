@@ -17,41 +17,11 @@ FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
 DENSE_OF = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral", "deepseek_v3": "deepseek_v3"}
 
 
-@torch.no_grad()
 def local_stats(model, tokens) -> ExpertStats:
-    """The statistics the profiler would collect, computed directly (routed tokens only; Gram on all)."""
-    layers = arch.moe_layers(model)
-    inputs = {}
-    hooks = [la.block.register_forward_pre_hook(lambda m, a, i=la.index: inputs.__setitem__(i, a[0])) for la in layers]
-    model(tokens)
-    for h in hooks:
-        h.remove()
-    st = ExpertStats(meta={"fingerprint": fingerprint(model), "layers": [la.index for la in layers],
-                           "tokens": tokens.numel()})
-    for la in layers:
-        x = inputs[la.index].reshape(-1, la.hidden_size)
-        logits, weights, idx = la.route(x)
-        probs = la.scores(logits)
-        e, k = la.num_experts, la.top_k
-        outs = torch.stack([la.expert_forward(j, x) for j in range(e)])  # [E, T, H]
-        norms = outs.norm(dim=-1)  # [E, T]
-        rank_counts = torch.zeros(e, k)
-        sel_prob, wsum, reap, nsum, sq = (torch.zeros(e) for _ in range(5))
-        for r in range(k):
-            for t in range(x.shape[0]):
-                j = int(idx[t, r])
-                g = float(weights[t, r])
-                rank_counts[j, r] += 1
-                sel_prob[j] += probs[t, j]
-                wsum[j] += g
-                reap[j] += g * norms[j, t]
-                nsum[j] += norms[j, t]
-                sq[j] += norms[j, t] ** 2
-        flat = outs.reshape(e, -1)
-        for name, v in (("rank_counts", rank_counts), ("selected_prob", sel_prob), ("weight_sum", wsum),
-                        ("reap_sum", reap), ("norm_sum", nsum), ("sq_norm_sum", sq), ("gram", flat @ flat.T)):
-            st.set(name, v, la.index)
-    return st
+    """The profiler's statistics, with the Gram matrix over every token."""
+    from moekit.profile import ProfileConfig, profile
+
+    return profile(model, tokens, ProfileConfig(gram_tokens=tokens.numel(), progress=False))
 
 
 def all_experts_uniform(model):
