@@ -67,7 +67,6 @@ class Table:
 
 def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=None) -> None:
     """Fill the missing metrics of row ``name``; ``build()`` makes the model only when something is missing."""
-    from moekit.evaluate import DEV_TASKS, evaluate
     from moekit.perplexity import perplexity
 
     row = table.row(name)
@@ -77,7 +76,9 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
         return
     model = build()
     row.setdefault("params", sum(p.numel() for p in model.parameters()))
-    row.setdefault("ffn_width", getattr(model.config, "intermediate_size", None))
+    from moekit.arch import is_moe
+
+    row.setdefault("ffn_width", None if is_moe(model) else model.config.intermediate_size)
     if "ppl" not in row:
         t0 = time.perf_counter()
         row["ppl"] = perplexity(model, ppl_tokens, batch_size=4, desc=f"ppl {name}")
@@ -85,6 +86,8 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
         table.save()
         print(f"{name:34s} ppl {row['ppl']:8.2f}  ({row['ppl_seconds']}s)", flush=True)
     if want_tasks:
+        from moekit.evaluate import DEV_TASKS, evaluate
+
         t0 = time.perf_counter()
         res = evaluate(model, tok, tasks=DEV_TASKS, data_dir=DATA / "dev", limit=args.task_limit, batch_size=16)
         row["tasks"] = {t: res["tasks"][t].get("acc") for t in DEV_TASKS}
@@ -211,7 +214,7 @@ def report(table: Table) -> None:
         dist = f"{d['tokens_run']} tok, {d['seconds']:.0f}s, KL {d['loss_first']:.2f}->{d['loss_last']:.2f}" if d else ""
         acc = f"{r['acc_mean']:.3f}" if "acc_mean" in r else ""
         vals = [f"{v:.3f}" if v is not None else "" for v in t.values()] + [""] * (3 - len(t))
-        lines.append(f"| {name} | {r.get('ffn_width', '')} | {r.get('params', 0) / 1e6:.1f}M | {r.get('ppl', float('nan')):.2f} "
+        lines.append(f"| {name} | {r.get('ffn_width') or 'MoE'} | {r.get('params', 0) / 1e6:.1f}M | {r.get('ppl', float('nan')):.2f} "
                      f"| {acc} | {' | '.join(vals[:3])} | {dist} |")
     text = "\n".join(lines)
     print(text)
