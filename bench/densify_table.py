@@ -44,6 +44,9 @@ def parse():
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--distill-top", type=int, default=2, help="distil the best N scores (by perplexity) and random")
     p.add_argument("--no-distill", action="store_true")
+    p.add_argument("--distill-ks", type=int, nargs="*", default=None, help="distil only at these K (default: all)")
+    p.add_argument("--control-only", action="store_true", help="only the dense baseline and the control rows")
+    p.add_argument("--control-widths", type=int, nargs="*", default=[], help="FFN widths of the control, one per K")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args()
 
@@ -72,6 +75,8 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
     row = table.row(name)
     row.update(extra or {})
     want_tasks = args.task_limit > 0 and row.get("task_limit") != args.task_limit
+    if row.get("ppl_tokens") != ppl_tokens.numel():
+        row.pop("ppl", None)
     if "ppl" in row and not want_tasks:
         return
     model = build()
@@ -82,6 +87,7 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
     if "ppl" not in row:
         t0 = time.perf_counter()
         row["ppl"] = perplexity(model, ppl_tokens, batch_size=4, desc=f"ppl {name}")
+        row["ppl_tokens"] = ppl_tokens.numel()
         row["ppl_seconds"] = round(time.perf_counter() - t0, 1)
         table.save()
         print(f"{name:34s} ppl {row['ppl']:8.2f}  ({row['ppl_seconds']}s)", flush=True)
@@ -105,11 +111,10 @@ def main() -> None:
     from moekit.data import calibration_tokens
     from moekit.densify import DensifyConfig, densify
     from moekit.distill import DistillConfig, distill
+    from moekit.export import save_model
     from moekit.models import load_model
     from moekit.neuron_prune import NeuronPruneConfig, prune_neurons_
     from moekit.perplexity import windows
-    from moekit.profile import ProfileConfig, profile
-    from moekit.stats import ExpertStats
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,92 +122,107 @@ def main() -> None:
     dev = str(DATA / "dev" / "c4_valid_dev.jsonl")
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
             "model": args.model, "dense": args.dense, "ppl": f"first {args.ppl_tokens} tokens of {dev}, 1024 windows",
+            "tasks": f"moekit.evaluate DEV_TASKS, first {args.task_limit} items each, 0-shot",
             "distill": {"steps": args.distill_steps, "batch": args.distill_batch, "seq_len": args.distill_seq,
                         "lr": args.distill_lr, "tokens": args.distill_steps * args.distill_batch * args.distill_seq,
                         "data": calib}}
     table = Table(out / "densify_table.json", meta)
-    teacher, tok = load_model(args.model, dtype="float32", device="cpu")
+    cache: dict = {}
+
+    def get(name):  # models loaded once, on first need
+        if name not in cache:
+            cache[name] = load_model(name, dtype="float32", device="cpu")
+        return cache[name]
+
+    tok = get(args.dense)[1]
     ppl_tokens = windows(tok, dev, max_tokens=args.ppl_tokens, window=1024)
-
-    stats_path = out / f"{args.model}.densify-stats.safetensors"
-    if stats_path.exists():
-        stats = ExpertStats.load(stats_path)
-    else:
-        tokens = calibration_tokens(calib, tok, n_seq=args.calib_seq, seq_len=args.calib_len, seed=0)
-        t0 = time.perf_counter()
-        stats = profile(teacher, tokens, ProfileConfig(gram_tokens=args.gram))
-        stats.save(stats_path)
-        table.data["meta"]["profile"] = {"tokens": int(tokens.numel()), "gram_tokens": args.gram,
-                                         "seconds": round(time.perf_counter() - t0, 1)}
-        table.save()
-
-    evaluate_row(table, f"MoE teacher ({args.model})", lambda: teacher, tok, ppl_tokens, args)
-    dense_teacher = None
-
-    def get_dense():
-        nonlocal dense_teacher
-        if dense_teacher is None:
-            dense_teacher = load_model(args.dense, dtype="float32", device="cpu")[0]
-        return dense_teacher
-
-    evaluate_row(table, f"dense ({args.dense})", get_dense, tok, ppl_tokens, args)
-
-    def build_dense(k, score):
-        return densify(teacher, stats, DensifyConfig(keep=k, score=score))
-
-    # 1. every score, every K, before distillation
-    for k in args.ks:
-        for score in args.scores:
-            t0 = time.perf_counter()
-            evaluate_row(table, f"K={k} {score}", lambda k=k, s=score: build_dense(k, s), tok, ppl_tokens, args,
-                         extra={"k": k, "score": score, "stage": "before"})
-            table.row(f"K={k} {score}").setdefault("densify_seconds", round(time.perf_counter() - t0, 1))
-    # 2. the control before distillation (same FFN width)
-    widths = {}
     calib_tokens = calibration_tokens(calib, tok, n_seq=args.calib_seq, seq_len=args.calib_len, seed=0)
+    dcfg = {"steps": args.distill_steps, "lr": args.distill_lr, "batch_size": args.distill_batch,
+            "seq_len": args.distill_seq, "warmup_steps": max(args.distill_steps // 8, 1)}
 
     def build_control(width):
         m = load_model(args.dense, dtype="float32", device="cpu")[0]
         prune_neurons_(m, calib_tokens, NeuronPruneConfig(width=width))
         return m
 
-    for k in args.ks:
-        widths[k] = table.row(f"K={k} {args.scores[0]}")["ffn_width"]
-        evaluate_row(table, f"K={k} control: {args.dense} pruned", lambda w=widths[k]: build_control(w), tok,
-                     ppl_tokens, args, extra={"k": k, "score": "neuron-prune", "stage": "before"})
-    table.save()
-    if args.no_distill:
+    def distilled(name, build, teacher_name):
+        mdir = out / "models" / name.replace(" ", "_").replace("=", "").replace("+", "plus").replace(":", "")
+
+        def make():
+            if (mdir / "config.json").exists():
+                return load_model(str(mdir), dtype="float32", device="cpu")[0]
+            student = build()
+            rep = distill(student, get(teacher_name)[0], calib, DistillConfig(**dcfg), tokenizer=tok)
+            row = table.row(name)
+            row["distill"] = {k_: rep[k_] for k_ in ("steps_run", "tokens_run", "seconds", "tokens_per_s")}
+            row["distill"].update(teacher=teacher_name, loss_first=rep["losses"][0], loss_last=rep["losses"][-1])
+            table.save()
+            print(f"{name:34s} distilled {rep['tokens_run']} tokens in {rep['seconds']:.0f}s, "
+                  f"KL {rep['losses'][0]:.3f} -> {rep['losses'][-1]:.3f}", flush=True)
+            save_model(student, tok, mdir, overwrite=True)
+            return student
+
+        return make
+
+    evaluate_row(table, f"dense ({args.dense})", lambda: get(args.dense)[0], tok, ppl_tokens, args)
+    if args.control_only:
+        for k, width in zip(args.ks, args.control_widths, strict=True):
+            evaluate_row(table, f"K={k} control: {args.dense} pruned", lambda w=width: build_control(w), tok,
+                         ppl_tokens, args, extra={"k": k, "score": "neuron-prune", "stage": "before"})
+            if not args.no_distill and k in (args.distill_ks or args.ks):
+                evaluate_row(table, f"K={k} control + distill", distilled(f"K={k} control + distill",
+                             lambda w=width: build_control(w), args.dense), tok, ppl_tokens, args,
+                             extra={"k": k, "stage": "after"})
         return report(table)
-    # 3. distillation: best scores + random, and the control, same budget
-    dcfg = {"steps": args.distill_steps, "lr": args.distill_lr, "batch_size": args.distill_batch,
-            "seq_len": args.distill_seq, "warmup_steps": max(args.distill_steps // 8, 1)}
+
+    teacher = get(args.model)[0]
+    stats = _stats(out, args, teacher, tok, calib)
+    evaluate_row(table, f"MoE teacher ({args.model})", lambda: teacher, tok, ppl_tokens, args)
+
+    def build_dense(k, score):
+        return densify(teacher, stats, DensifyConfig(keep=k, score=score))
+
     for k in args.ks:
+        # 1. every score before distillation
+        for score in args.scores:
+            t0 = time.perf_counter()
+            evaluate_row(table, f"K={k} {score}", lambda k=k, s=score: build_dense(k, s), tok, ppl_tokens, args,
+                         extra={"k": k, "score": score, "stage": "before"})
+            table.row(f"K={k} {score}").setdefault("densify_seconds", round(time.perf_counter() - t0, 1))
+        # 2. the control at the same FFN width
+        width = table.row(f"K={k} {args.scores[0]}")["ffn_width"]
+        evaluate_row(table, f"K={k} control: {args.dense} pruned", lambda w=width: build_control(w), tok,
+                     ppl_tokens, args, extra={"k": k, "score": "neuron-prune", "stage": "before"})
+        if args.no_distill or k not in (args.distill_ks or args.ks):
+            continue
+        # 3. distillation, same budget: the best scores by perplexity, random, and the control
         ranked = sorted((s for s in args.scores if s != "random"), key=lambda s: table.row(f"K={k} {s}")["ppl"])
         chosen = ranked[: args.distill_top] + (["random"] if "random" in args.scores else [])
-        jobs = [(f"K={k} {s} + distill", lambda k=k, s=s: build_dense(k, s), teacher) for s in chosen]
-        jobs.append((f"K={k} control + distill", lambda w=widths[k]: build_control(w), None))
-        for name, build, t_model in jobs:
-            mdir = out / "models" / name.replace(" ", "_").replace("=", "").replace("+", "plus").replace(":", "")
-
-            def trained(build=build, t_model=t_model, mdir=mdir, name=name):
-                from moekit.export import save_model
-
-                if (mdir / "config.json").exists():
-                    return load_model(str(mdir), dtype="float32", device="cpu")[0]
-                student = build()
-                rep = distill(student, t_model if t_model is not None else get_dense(), calib,
-                              DistillConfig(**dcfg), tokenizer=tok)
-                row = table.row(name)
-                row["distill"] = {k_: rep[k_] for k_ in ("steps_run", "tokens_run", "seconds", "tokens_per_s")}
-                row["distill"]["loss_first"], row["distill"]["loss_last"] = rep["losses"][0], rep["losses"][-1]
-                table.save()
-                print(f"{name:34s} distilled {rep['tokens_run']} tokens in {rep['seconds']:.0f}s, "
-                      f"KL {rep['losses'][0]:.3f} -> {rep['losses'][-1]:.3f}", flush=True)
-                save_model(student, tok, mdir, overwrite=True)
-                return student
-
-            evaluate_row(table, name, trained, tok, ppl_tokens, args, extra={"k": k, "stage": "after"})
+        for s in chosen:
+            name = f"K={k} {s} + distill"
+            evaluate_row(table, name, distilled(name, lambda k=k, s=s: build_dense(k, s), args.model), tok,
+                         ppl_tokens, args, extra={"k": k, "score": s, "stage": "after"})
+        name = f"K={k} control + distill"
+        evaluate_row(table, name, distilled(name, lambda w=width: build_control(w), args.dense), tok, ppl_tokens,
+                     args, extra={"k": k, "stage": "after"})
     report(table)
+
+
+def _stats(out: Path, args, teacher, tok, calib: str):
+    from moekit.data import calibration_tokens
+    from moekit.profile import ProfileConfig, profile
+    from moekit.stats import ExpertStats
+
+    path = out / f"{args.model}.densify-stats.safetensors"
+    if path.exists():
+        return ExpertStats.load(path)
+    tokens = calibration_tokens(calib, tok, n_seq=args.calib_seq, seq_len=args.calib_len, seed=0)
+    t0 = time.perf_counter()
+    stats = profile(teacher, tokens, ProfileConfig(gram_tokens=args.gram))
+    stats.meta["bench_seconds"] = round(time.perf_counter() - t0, 1)
+    stats.save(path)
+    print(f"profiled {tokens.numel()} tokens (Gram on {args.gram}) in {stats.meta['bench_seconds']}s", flush=True)
+    return stats
 
 
 def report(table: Table) -> None:
