@@ -85,3 +85,31 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
     student, teacher = pair()
     with pytest.raises(MoekitError, match="no complete checkpoint"):
         distill(student, teacher, data(), DistillConfig(steps=2, out=str(tmp_path / "none"), resume=True, progress=False))
+
+
+def test_recipe_profile_densify_distill(tmp_path, char_tokenizer):
+    """The recipe runner drives densify and distill through their config dataclasses."""
+    import json
+
+    from moekit.export import save_model
+    from moekit.recipe import load_recipe, run_recipe
+
+    save_model(tiny_model("qwen3_moe", vocab_size=100, max_position_embeddings=1024), char_tokenizer,
+               tmp_path / "moe", verify=False)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"text {i} " + "abc def ghi " * 30}) for i in range(6)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""model: {tmp_path / 'moe'}
+data:
+  calib: {calib}
+device: cpu
+steps:
+  - profile: {{gram_tokens: 64, progress: false}}
+  - densify: {{keep: 3, score: do-acp}}
+  - distill: {{steps: 2, batch_size: 2, seq_len: 16, progress: false}}
+""")
+    results = run_recipe(load_recipe(recipe), tmp_path / "run", progress=False)
+    assert [r["step"] for r in results] == ["profile", "densify", "distill"]
+    assert results[2]["report"]["steps_run"] == 2
+    cfg = json.loads((tmp_path / "run" / "03-distill" / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["moekit_densified"]["score"] == "do-acp"
