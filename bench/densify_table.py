@@ -59,11 +59,21 @@ class Table:
         self.data = json.loads(path.read_text()) if path.exists() else {"meta": meta, "rows": {}}
         self.data["meta"].update(meta)
 
+        self.touched: set[str] = set()
+
     def row(self, name: str) -> dict:
+        self.touched.add(name)
         return self.data["rows"].setdefault(name, {})
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        """Write this process's rows over the file's current content (two runs may share the file)."""
+        if self.path.exists():
+            disk = json.loads(self.path.read_text())
+            disk["rows"].update({k: v for k, v in self.data["rows"].items() if k in self.touched})
+            for k, v in disk["rows"].items():
+                if k not in self.touched:
+                    self.data["rows"][k] = v
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
 
