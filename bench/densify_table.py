@@ -31,7 +31,7 @@ def parse():
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--model", default="smollm2-moe")
     p.add_argument("--dense", default="smollm2", help="the dense model of the control")
-    p.add_argument("--ks", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--ks", type=int, nargs="*", default=[8, 4])
     p.add_argument("--scores", nargs="+", default=list(SCORES))
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--task-limit", type=int, default=25, help="items per dev task (0: skip tasks)")
