@@ -21,6 +21,7 @@ app = typer.Typer(
 from . import basic, run  # noqa: E402,F401
 from . import densify  # noqa: E402,F401
 from . import profile  # noqa: E402,F401
+from . import prune  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
