@@ -207,7 +207,8 @@ def main() -> None:
             continue
         # 3. distillation, same budget: the best scores by perplexity, random, and the control
         ranked = sorted((s for s in args.scores if s != "random"), key=lambda s: table.row(f"K={k} {s}")["ppl"])
-        chosen = ranked[: args.distill_top] + (["random"] if "random" in args.scores else [])
+        rand = ["random"] if "random" in args.scores else []
+        chosen = ranked[:1] + rand + ranked[1 : args.distill_top]  # best, random, then the runner-up
         for s in chosen:
             name = f"K={k} {s} + distill"
             evaluate_row(table, name, distilled(name, lambda k=k, s=s: build_dense(k, s), args.model), tok,
