@@ -224,7 +224,7 @@ def _stats(out: Path, args, teacher, tok, calib: str):
     from moekit.profile import ProfileConfig, profile
     from moekit.stats import ExpertStats
 
-    path = out / f"{args.model}.densify-stats.safetensors"
+    path = out / f"{Path(args.model).name}.densify-stats.safetensors"
     if path.exists():
         return ExpertStats.load(path)
     tokens = calibration_tokens(calib, tok, n_seq=args.calib_seq, seq_len=args.calib_len, seed=0)
