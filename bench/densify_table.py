@@ -206,7 +206,10 @@ def main() -> None:
         if args.no_distill or k not in (args.distill_ks or args.ks):
             continue
         # 3. distillation, same budget: the best scores by perplexity, random, and the control
-        ranked = sorted((s for s in args.scores if s != "random"), key=lambda s: table.row(f"K={k} {s}")["ppl"])
+        ranked = []  # by perplexity; a score that built the very same model as a better one is skipped
+        for s in sorted((s for s in args.scores if s != "random"), key=lambda s: table.row(f"K={k} {s}")["ppl"]):
+            if all(table.row(f"K={k} {s}")["ppl"] != table.row(f"K={k} {r}")["ppl"] for r in ranked):
+                ranked.append(s)
         rand = ["random"] if "random" in args.scores else []
         chosen = ranked[:1] + rand + ranked[1 : args.distill_top]  # best, random, then the runner-up
         for s in chosen:
