@@ -208,7 +208,8 @@ def main() -> None:
         # 3. distillation, same budget: the best scores by perplexity, random, and the control
         ranked = []  # by perplexity; a score that built the very same model as a better one is skipped
         for s in sorted((s for s in args.scores if s != "random"), key=lambda s: table.row(f"K={k} {s}")["ppl"]):
-            if all(table.row(f"K={k} {s}")["ppl"] != table.row(f"K={k} {r}")["ppl"] for r in ranked):
+            ppl = table.row(f"K={k} {s}")["ppl"]  # the same experts in another order: equal up to float rounding
+            if all(abs(ppl - table.row(f"K={k} {r}")["ppl"]) > 1e-6 * ppl for r in ranked):
                 ranked.append(s)
         rand = ["random"] if "random" in args.scores else []
         chosen = ranked[:1] + rand + ranked[1 : args.distill_top]  # best, random, then the runner-up
