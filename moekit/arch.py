@@ -35,18 +35,21 @@ class Family:
     shared_attr: str | None = None  # shared expert module on the block
     shared_gate_attr: str | None = None  # sigmoid gate of the shared expert (Qwen2-MoE)
     dense_model_type: str | None = None  # the dense family an MoE of this kind densifies into
+    dense_model_type_unbiased: str | None = None  # ... when its attention biases are absent or all zero
     norm_topk_default: bool = True
 
 
 MOE_FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family(
-        "qwen2_moe", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate", dense_model_type="qwen2"
+        "qwen2_moe", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate", dense_model_type="qwen2",
+        dense_model_type_unbiased="llama",
     ),
     "qwen3_moe": Family("qwen3_moe", dense_model_type="qwen3"),
     "mixtral": Family(
         "mixtral", num_experts_key="num_local_experts", expert_size_key="intermediate_size", dense_model_type="mistral"
     ),
-    "olmoe": Family("olmoe", expert_size_key="intermediate_size", dense_model_type="olmo2", norm_topk_default=False),
+    # OLMoE (pre-norm, full-width q/k norms) has no dense twin in transformers (OLMo2 is post-norm): no dense type.
+    "olmoe": Family("olmoe", expert_size_key="intermediate_size", norm_topk_default=False),
     "deepseek_v3": Family(
         "deepseek_v3", num_experts_key="n_routed_experts", scoring="sigmoid", shared_attr="shared_experts",
         dense_model_type="deepseek_v3",
@@ -454,6 +457,52 @@ def describe(model: nn.Module) -> dict:
 def _shared_size(layer: MoELayer) -> int:
     sh = layer.shared_expert
     return int(sh.down_proj.weight.shape[1]) if hasattr(sh, "down_proj") else 0
+
+
+# ----------------------------------------------------------------- MoE -> dense
+# Config keys that only describe MoE routing; never copied into a dense config.
+_MOE_ONLY_KEYS = ("architectures", "model_type", "intermediate_size", "_name_or_path", "transformers_version",
+                  PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY)
+_ATTN_BIAS_SUFFIXES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
+
+
+def has_attention_bias(model: nn.Module) -> bool:
+    """Whether any attention projection carries a non-zero bias."""
+    return any(name.endswith(_ATTN_BIAS_SUFFIXES) and bool(p.detach().abs().max() > 0)
+               for name, p in model.named_parameters())
+
+
+def dense_model_type(model: nn.Module) -> str:
+    """The standard dense family an MoE model densifies into (Qwen3-MoE -> Qwen3, Mixtral -> Mistral, ...).
+
+    Qwen2-MoE goes to Qwen2 (whose q/k/v biases hold the MoE's), or to Llama when those biases are absent or
+    all zero, as in an MoE carved from a Llama model (the carved SmolLM2 default).
+    """
+    mt = model_type(model)
+    family = MOE_FAMILIES.get(mt)
+    if family is None or family.dense_model_type is None:
+        known = ", ".join(f"{k} -> {f.dense_model_type}" for k, f in MOE_FAMILIES.items() if f.dense_model_type)
+        raise MoekitError(f"moekit cannot densify '{mt}' into a standard dense model; supported: {known}")
+    if family.dense_model_type_unbiased and not has_attention_bias(model):
+        return family.dense_model_type_unbiased
+    return family.dense_model_type
+
+
+def dense_config(model: nn.Module, intermediate_size: int):
+    """A config of :func:`dense_model_type` with the MoE's attention/embedding settings and one FFN width."""
+    from transformers import AutoConfig
+
+    target = dense_model_type(model)
+    src = model.config.to_dict()
+    known = AutoConfig.for_model(target).to_dict()
+    kw = {k: v for k, v in src.items() if k in known and k not in _MOE_ONLY_KEYS}
+    kw["intermediate_size"] = int(intermediate_size)
+    if target == "llama":
+        kw.update(attention_bias=False, mlp_bias=False)
+    if target == "deepseek_v3":  # DeepSeek-V3 with every layer dense is its own dense form
+        kw["first_k_dense_replace"] = int(model.config.num_hidden_layers)
+    config = AutoConfig.for_model(target, **kw)
+    return config
 
 
 # Per-expert checkpoint names on disk (what transformers 5 fuses on load; Mixtral also renames the block).

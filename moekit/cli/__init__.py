@@ -20,6 +20,7 @@ app = typer.Typer(
 # Each module registers its commands on `app` when imported.
 from . import basic  # noqa: E402,F401
 from . import carve  # noqa: E402,F401
+from . import densify  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import merge  # noqa: E402,F401
 from . import profile  # noqa: E402,F401

@@ -1,0 +1,88 @@
+"""`moekit densify` (MoE -> standard dense model) and `moekit distill` (refine a student from a teacher)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+
+
+@app.command()
+def densify(model: str = MODEL,
+            stats: Path = typer.Option(..., "--stats", help="statistics file from `moekit profile` (with --gram for do-acp)"),
+            keep: int = typer.Option(..., "--keep", help="experts per layer concatenated into the dense FFN"),
+            score: str = typer.Option("do-acp", "--score", help="sf, cp, acp, do-acp, reap, ean or random"),
+            grouping: str = typer.Option("select", "--grouping", help="select (drop the rest) or merge (fold them in)"),
+            down_scaling: str = typer.Option("uniform", "--down-scaling", help="uniform (1/K) or score (proportional)"),
+            shared_gate: str = typer.Option("auto", "--shared-gate",
+                                            help="Qwen2-MoE shared-expert gate: auto, mean (needs --data) or one"),
+            data: str = typer.Option(None, "--data", help="calibration text, only to fold a learned shared-expert gate"),
+            field: str = FIELD, seed: int = typer.Option(0, "--seed", help="seed of the random score"),
+            out: Path = typer.Option(..., "--out", help="output directory for the dense checkpoint"),
+            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """Score experts from the profile, keep K per layer and concatenate them into one standard dense model."""
+    from ..arch import param_counts
+    from ..data import calibration_tokens
+    from ..densify import DensifyConfig
+    from ..densify import densify as run_densify
+    from ..export import check_output_dir, save_model
+    from ..stats import ExpertStats
+
+    cfg = DensifyConfig(keep=keep, score=score, grouping=grouping, down_scaling=down_scaling, seed=seed,
+                        shared_gate=shared_gate)
+    cfg.check()
+    check_output_dir(out, overwrite)
+    st = ExpertStats.load(stats)
+    m, tok = load(model, dtype, device, trust_remote_code)
+    tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
+    t0 = time.perf_counter()
+    dense = run_densify(m, st, cfg, tokens=tokens)
+    save_model(dense, tok, out, overwrite=overwrite)
+    before, after = param_counts(m)["total"], param_counts(dense)["total"]
+    print(f"densified {model} ({before:,} parameters) into {dense.config.model_type} with {keep} experts per layer "
+          f"({after:,} parameters, FFN width {dense.config.intermediate_size}) by {score}/{grouping} "
+          f"in {time.perf_counter() - t0:.1f}s -> {out}")
+
+
+@app.command()
+def distill(student: str = MODEL,
+            teacher: str = typer.Option(..., "--teacher", help="teacher model (e.g. the MoE the student came from)"),
+            data: str = DATA, field: str = FIELD,
+            out: Path = typer.Option(..., "--out", help="directory for checkpoints and the final model (OUT/final)"),
+            steps: int = typer.Option(100, "--steps", help="optimizer steps"),
+            lr: float = typer.Option(5e-5, "--lr", help="peak learning rate (warm-up, then cosine to 10%)"),
+            batch_size: int = typer.Option(4, "--batch-size", help="sequences per step"),
+            seq_len: int = typer.Option(256, "--seq-len", help="tokens per sequence"),
+            warmup: int = typer.Option(10, "--warmup", help="warm-up steps"),
+            checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="checkpoint every N steps (0: end only)"),
+            resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
+            seed: int = typer.Option(0, "--seed", help="data order seed"),
+            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """Forward-KL distillation (T = 1) of the whole student from the teacher, with checkpoints and resume."""
+    from ..distill import DistillConfig
+    from ..distill import distill as run_distill
+    from ..errors import MoekitError
+    from ..export import save_model
+
+    out = Path(out)
+    final = out / "final"
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise MoekitError(f"output '{out}' is not empty: pass --resume to continue it or --overwrite to start over")
+    cfg = DistillConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup, seed=seed,
+                        field=field, out=str(out), checkpoint_every=checkpoint_every, resume=resume)
+    cfg.check()
+    s_model, tok = load(student, "float32", device, trust_remote_code)
+    t_model, _ = load(teacher, dtype, device, trust_remote_code)
+    report = run_distill(s_model, t_model, data, cfg, tokenizer=tok)
+    save_model(s_model, tok, final, overwrite=True)
+    losses = report.pop("losses")
+    report.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    print(f"distilled {report['steps_run']} steps ({report['tokens_run']:,} tokens) in {report['seconds']:.0f}s "
+          f"({report['tokens_per_s']:.0f} tokens/s); loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; "
+          f"model -> {final}")
