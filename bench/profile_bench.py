@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def memory_child(mode: str, name: str, n_seq: int, seq_len: int, batch_size: int
 def memory_ratio(name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
     out = {}
     for mode in ("inmem", "stream"):
-        cmd = [sys.executable, __file__, "--child", mode, "--model", name, "--n-seq", str(n_seq), "--seq-len", str(seq_len),
+        cmd = [sys.executable, __file__, "--child", mode, "--threads", str(torch.get_num_threads()), "--model", name, "--n-seq", str(n_seq), "--seq-len", str(seq_len),
                "--batch-size", str(batch_size)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -280,9 +281,11 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--random", type=int, default=3, help="random-ablation controls")
     ap.add_argument("--skip", nargs="*", default=[], choices=["time", "memory", "super", "planted"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine's 2 cores are shared)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", choices=["inmem", "stream"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(memory_child(args.child, args.model, args.n_seq, args.seq_len, args.batch_size)))
         return
@@ -291,7 +294,8 @@ def main() -> None:
     from moekit.perplexity import windows
     from moekit.profile import ProfileConfig, profile
 
-    results: dict = {"machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU"}
+    results: dict = {"machine": f"CPU, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores, load average "
+                                f"{os.getloadavg()[0]:.1f} at start, torch {torch.__version__}"}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         name = resolve_model(args.model, tmp)

@@ -79,12 +79,13 @@ class LayerAccumulator:
                 start += n
 
         o32 = outs.float()
+        weighted = o32 * w.float()[:, None]  # what the module adds into the residual stream
         norms = o32.norm(dim=-1).double()
         self.norm_sum.index_add_(0, expert_of, norms)
         self.sq_norm_sum.index_add_(0, expert_of, norms * norms)
         self.reap_sum.index_add_(0, expert_of, g.double() * norms)
         self.weight_sum.index_add_(0, expert_of, w.double())
-        self.weighted_out.index_add_(0, expert_of, o32 * w.float()[:, None])
+        self.weighted_out.index_add_(0, expert_of, weighted)
         self.down_max.scatter_reduce_(0, expert_of, o32.abs().amax(-1), reduce="amax")
         if self.gram is not None and self.sample_rows is not None and self.sample_rows.numel():
             xs = x[self.sample_rows]
@@ -92,7 +93,7 @@ class LayerAccumulator:
             self.gram += torch.einsum("esh,fsh->ef", o, o).double()
 
         out = torch.zeros_like(x)
-        out.index_add_(0, rows, (outs * w[:, None].to(outs.dtype)).to(x.dtype))
+        out.index_add_(0, rows, weighted.to(x.dtype))
         return out
 
     def observe_shared(self, down_out: torch.Tensor) -> None:
