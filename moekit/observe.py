@@ -88,7 +88,7 @@ class LayerAccumulator:
         self.weighted_out.index_add_(0, expert_of, weighted)
         self.down_max.scatter_reduce_(0, expert_of, o32.abs().amax(-1), reduce="amax")
         if self.gram is not None and self.sample_rows is not None and self.sample_rows.numel():
-            xs = x[self.sample_rows]
+            xs = x[self.sample_rows.to(x.device)]
             o = torch.stack([layer.expert_forward(ex, xs).float() for ex in range(e)])  # [E, S, H]
             self.gram += torch.einsum("esh,fsh->ef", o, o).double()
 
@@ -117,14 +117,15 @@ class ModelAccumulator:
         self.sink_count = torch.zeros(num_layers, device=device, dtype=torch.float64) if attn_sink else None
 
     def observe_hidden(self, i: int, h: torch.Tensor) -> None:
-        self.hidden_max[i] = torch.maximum(self.hidden_max[i], h.detach().float().abs().amax())
+        peak = h.detach().float().abs().amax().to(self.hidden_max.device, non_blocking=True)
+        self.hidden_max[i] = torch.maximum(self.hidden_max[i], peak)
 
     def observe_attention(self, i: int, probs: torch.Tensor | None) -> None:
         """probs [B, A, Tq, Tk] (eager attention); the first query is left out (it can only see token 0)."""
         if probs is None or self.sink_sum is None or probs.shape[-2] < 2:
             return
         a = probs.shape[1]
-        self.sink_sum[i, :a] += probs[:, :, 1:, 0].double().sum(dim=(0, 2))
+        self.sink_sum[i, :a] += probs[:, :, 1:, 0].double().sum(dim=(0, 2)).to(self.sink_sum.device)
         self.sink_count[i] += probs.shape[0] * (probs.shape[-2] - 1)
 
     def results(self) -> dict[str, torch.Tensor]:
