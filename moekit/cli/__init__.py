@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-from . import basic  # noqa: E402,F401
+from . import basic, run  # noqa: E402,F401
 from . import profile  # noqa: E402,F401
 
 
