@@ -162,11 +162,15 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
     body = model.model
     cfg = ProfileConfig(batch_size=batch_size, progress=False)
     plain_forward(body, tokens[:batch_size], batch_size)  # warm-up
-    t = {"forward": [], "profile": [], "reap_observer": [], "full_forward_with_logits": []}
+    t = {"forward": [], "profile": [], "reap_observer": [], "full_forward_with_logits": [], "forward_eager_experts": []}
+    default_impl = model.config._experts_implementation
     for _ in range(repeats):  # interleaved, so machine load hits all alike
         t["forward"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
         t["profile"].append(timed(lambda: profile(model, tokens, cfg)))
         t["full_forward_with_logits"].append(timed(lambda: plain_forward(model, tokens, batch_size)))
+        model.config._experts_implementation = "eager"  # transformers' per-expert loop, for comparison
+        t["forward_eager_experts"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
+        model.config._experts_implementation = default_impl
     with all_experts_observer(model):
         t["reap_observer"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -175,6 +179,8 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
         "median_seconds": med,
         "profile_over_forward": med["profile"] / med["forward"],
         "profile_over_full_forward": med["profile"] / med["full_forward_with_logits"],
+        "profile_over_forward_eager_experts": med["profile"] / med["forward_eager_experts"],
+        "experts_implementation": default_impl,
         "reap_observer_over_profile": med["reap_observer"] / med["profile"],
         "tokens": int(tokens.numel()),
     }
@@ -336,6 +342,8 @@ def print_table(r: dict) -> None:
         m = t["median_seconds"]
         print(f"  profile / plain forward (decoder stack)   {t['profile_over_forward']:.3f}   "
               f"({m['profile']:.2f}s / {m['forward']:.2f}s, median of {len(t['seconds']['profile'])})")
+        print(f"  (plain forward uses transformers' '{t['experts_implementation']}' experts; with its 'eager' per-expert "
+              f"loop: {t['profile_over_forward_eager_experts']:.3f})")
         print(f"  profile / full forward (with logits)      {t['profile_over_full_forward']:.3f}")
         print(f"  REAP all-experts observer / profile       {t['reap_observer_over_profile']:.2f}   ({m['reap_observer']:.2f}s)")
     if "memory" in r:

@@ -85,7 +85,7 @@ class LayerAccumulator:
             weighted = o * w[sl, None]
             out.index_add_(0, rows[sl], weighted.to(x.dtype))
             torch.linalg.vector_norm(o, dim=-1, out=norms[sl])
-            torch.linalg.vector_norm(o, ord=float("inf"), dim=-1, out=peaks[sl])  # max |down_proj output|
+            torch.amax(o.abs(), dim=-1, out=peaks[sl])  # max |down_proj output| (the inf-norm kernel is slow on CPU)
             torch.sum(weighted, dim=0, out=h_sum[ex])
             start += n
 
@@ -123,7 +123,7 @@ class ModelAccumulator:
         self.sink_count = torch.zeros(num_layers, device=device, dtype=torch.float64) if attn_sink else None
 
     def observe_hidden(self, i: int, h: torch.Tensor) -> None:
-        peak = torch.linalg.vector_norm(h.detach(), ord=float("inf")).float().to(self.hidden_max.device, non_blocking=True)
+        peak = h.detach().abs().amax().float().to(self.hidden_max.device, non_blocking=True)
         self.hidden_max[i] = torch.maximum(self.hidden_max[i], peak)
 
     def observe_attention(self, i: int, probs: torch.Tensor | None) -> None:
