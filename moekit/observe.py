@@ -74,7 +74,7 @@ class LayerAccumulator:
         g = (w_tok / w_tok.sum(-1, keepdim=True).clamp_min(1e-20))[rows, slots]  # top-k renormalised gate (REAP)
 
         f32 = {"device": x.device, "dtype": torch.float32}
-        norms, peaks, h_sum = torch.empty(n_routed, **f32), torch.empty(n_routed, **f32), torch.zeros(e, x.shape[-1], **f32)
+        norms, peaks, h_sum = torch.empty(n_routed, **f32), torch.zeros(e, **f32), torch.zeros(e, x.shape[-1], **f32)
         out = torch.zeros_like(x)
         start = 0
         for ex, n in enumerate(counts):
@@ -85,8 +85,8 @@ class LayerAccumulator:
             weighted = o * w[sl, None]
             out.index_add_(0, rows[sl], weighted.to(x.dtype))
             torch.linalg.vector_norm(o, dim=-1, out=norms[sl])
-            torch.amax(o.abs(), dim=-1, out=peaks[sl])  # max |down_proj output| (the inf-norm kernel is slow on CPU)
-            torch.sum(weighted, dim=0, out=h_sum[ex])
+            torch.maximum(o.amax(), o.amin().neg(), out=peaks[ex])  # max |down_proj output| (no |o| temporary)
+            torch.mv(o.T, w[sl], out=h_sum[ex])  # sum of w * E(x)
             start += n
 
         n64 = norms.double()
@@ -95,7 +95,7 @@ class LayerAccumulator:
         self.reap_sum.index_add_(0, expert_of, g.double() * n64)
         self.weight_sum.index_add_(0, expert_of, w.double())
         self.weighted_out += h_sum
-        self.down_max.scatter_reduce_(0, expert_of, peaks, reduce="amax")
+        torch.maximum(self.down_max, peaks, out=self.down_max)
         if self.gram is not None and self.sample_rows is not None and self.sample_rows.numel():
             xs = x[self.sample_rows.to(x.device)]
             o = torch.stack([layer.expert_forward(ex, xs).float() for ex in range(e)])  # [E, S, H]
