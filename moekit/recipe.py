@@ -152,7 +152,10 @@ def _parse_step(path: Path, node, raw) -> Step:
         raise MoekitError(f"{path}:{line}: unknown step '{name}' (known: {', '.join(STEP_CONFIGS)})")
     if not isinstance(options, dict):
         raise MoekitError(f"{path}:{line}: options of step '{name}' must be a mapping")
-    cls = config_class(name)
+    try:
+        cls = config_class(name)
+    except MoekitError as e:
+        raise MoekitError(f"{path}:{line}: {e}") from None
     allowed = {f.name for f in dataclasses.fields(cls)}
     for key in options:
         if key not in allowed:

@@ -43,3 +43,91 @@ def test_good_recipe_parses_into_configs(tmp_path):
 def test_validation_errors_name_the_line(tmp_path, text, message):
     with pytest.raises(MoekitError, match=message):
         load_recipe(write(tmp_path, text))
+
+
+# ------------------------------------------------------------------------------------------- running
+@pytest.fixture()
+def tiny_setup(tmp_path, char_tokenizer, monkeypatch):
+    """A tiny Qwen2-MoE checkpoint with a tokenizer, calibration and perplexity text, an isolated cache."""
+    import json
+
+    from tiny import tiny_model
+
+    from moekit import save_model
+
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("qwen2_moe", vocab_size=len(char_tokenizer))
+    save_model(model, char_tokenizer, tmp_path / "model")
+    docs = [f"calibration document {i}: " + "the quick brown fox jumps over the lazy dog. " * 3 for i in range(30)]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""\
+model: {tmp_path / 'model'}
+data:
+  calib: {tmp_path / 'calib.jsonl'}
+  eval: {tmp_path / 'calib.jsonl'}
+  calib_seqs: 4
+  calib_seq_len: 32
+steps:
+  - profile: {{}}
+  - prune: {{criterion: reap, keep: 6}}
+  - eval: {{ppl_tokens: 256, ppl_window: 64, speed: false}}
+""")
+    return tmp_path, recipe
+
+
+def test_run_writes_every_step_and_a_report(tiny_setup):
+    from moekit.recipe import run_recipe
+    from moekit.report import write_report
+
+    tmp_path, recipe = tiny_setup
+    results = run_recipe(load_recipe(recipe), tmp_path / "run", progress=False)
+    assert [r["step"] for r in results] == ["profile", "prune", "eval"]
+    assert (tmp_path / "run" / "01-profile" / "stats.safetensors").exists()
+    assert (tmp_path / "run" / "02-prune" / "model" / "config.json").exists()
+    assert results[2]["model"]["experts_by_layer"] == [6, 6]
+    assert results[2]["perplexity"]["value"] > 1
+    report = write_report(results, tmp_path / "run").read_text()
+    assert "prune(criterion=reap, keep=6)" in report and "| 6 |" in report
+
+
+def test_second_run_reuses_the_cached_profile(tiny_setup, monkeypatch):
+    import moekit.profile
+    from moekit.recipe import run_recipe
+
+    tmp_path, recipe = tiny_setup
+    run_recipe(load_recipe(recipe), tmp_path / "run1", progress=False)
+    calls = []
+    real = moekit.profile.profile
+    monkeypatch.setattr(moekit.profile, "profile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_recipe(load_recipe(recipe), tmp_path / "run2", progress=False)
+    assert calls == []  # same model, same data, same options: the cached statistics were reused
+
+
+def test_interrupted_run_leaves_no_half_checkpoint_and_resumes(tiny_setup, monkeypatch):
+    import moekit.recipe as recipe_mod
+
+    tmp_path, recipe = tiny_setup
+    real_eval = recipe_mod.STEP_RUNNERS["eval"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(recipe_mod.STEP_RUNNERS, "eval", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recipe_mod.run_recipe(load_recipe(recipe), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert (run / "02-prune" / "done.json").exists() and not (run / "03-eval" / "done.json").exists()
+    assert not [p for p in run.rglob(".*tmp*")]  # no temporary (half-written) directories or files left
+    ran = []
+    monkeypatch.setitem(recipe_mod.STEP_RUNNERS, "prune", lambda *a, **k: ran.append("prune"))
+    monkeypatch.setitem(recipe_mod.STEP_RUNNERS, "eval", real_eval)
+    results = recipe_mod.run_recipe(load_recipe(recipe), run, progress=False)
+    assert ran == []  # finished steps are not run again
+    assert results[2]["model"]["experts_by_layer"] == [6, 6]  # resumed from the pruned checkpoint
+
+
+def test_impossible_combination_is_refused_before_work(tmp_path):
+    p = write(tmp_path, "model: m\nsteps:\n  - prune: {keep: 4}\n  - route: {top_k: 6}\n")
+    with pytest.raises(MoekitError, match=r"r.yaml:4: top-k 6 is above the 4 experts kept"):
+        load_recipe(p)

@@ -18,8 +18,11 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-from . import basic, run  # noqa: E402,F401
+from . import basic  # noqa: E402,F401
+from . import carve  # noqa: E402,F401
+from . import run  # noqa: E402,F401
 from . import profile  # noqa: E402,F401
+from . import prune  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,98 @@
+"""`moekit carve` (dense -> MoE, CMoE) and `moekit heal` (repair an MoE against a teacher)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from . import app
+from .common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+
+OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
+N_SEQ = typer.Option(16, "--n-seq", help="calibration sequences")
+SEQ_LEN = typer.Option(512, "--seq-len", help="tokens per calibration sequence")
+SEED = typer.Option(0, "--seed", help="calibration shuffling seed")
+HEAL_EPOCHS = typer.Option(2, "--local-epochs", help="layer-wise local reconstruction epochs (0 = off)")
+
+
+def _heal_config(router: bool, lstsq: bool, local_epochs: int, distill_steps: int, finetune: str, finetune_steps: int,
+                 seed: int):
+    from ..heal import HealConfig
+
+    return HealConfig(router=router, lstsq=lstsq, local_epochs=local_epochs, distill_steps=distill_steps,
+                      finetune=finetune, finetune_steps=finetune_steps, seed=seed)
+
+
+def _summary(cfg) -> dict:
+    layers = cfg.report.get("layers", {})
+    if not layers:
+        return {}
+    keys = next(iter(layers.values())).keys()
+    return {k: round(sum(v[k] for v in layers.values()) / len(layers), 4) for k in keys}
+
+
+@app.command("carve")
+def carve_cmd(
+    model: str = MODEL,
+    experts: int = typer.Option(32, "--experts", help="N: experts per FFN (shared included); must divide the FFN width"),
+    shared: int = typer.Option(8, "--shared", help="N_s: experts' worth of neurons in the always-on shared expert"),
+    active: int = typer.Option(8, "--active", help="N_k: routed experts per token (top-k)"),
+    k_a: int = typer.Option(10, "--k-a", help="K_a: neurons each token marks for activation rates"),
+    iterations: int = typer.Option(1, "--iterations", help="balanced clustering rounds; 0 = until convergence"),
+    data: str = DATA, field: str = FIELD, n_seq: int = N_SEQ, seq_len: int = SEQ_LEN, seed: int = SEED,
+    heal: bool = typer.Option(True, "--heal/--no-heal", help="heal after carving (router fit, least squares, local)"),
+    local_epochs: int = HEAL_EPOCHS,
+    out: str = OUT, overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+):
+    """Carve a dense Llama/Mistral/Qwen2/Qwen3 model into a standard MoE checkpoint (CMoE), optionally healed."""
+    from ..carve import CarveConfig, carve, check_config
+    from ..data import calibration_tokens
+    from ..export import check_output_dir, save_model
+    from ..heal import heal_
+
+    target = check_output_dir(out, overwrite)
+    cfg = CarveConfig(experts=experts, shared=shared, active=active, k_a=k_a, iterations=iterations)
+    dense, tok = load(model, dtype, device, trust_remote_code)
+    check_config(dense, cfg)
+    calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=dense)
+    moe = carve(dense, calib, cfg)
+    summary = {"carve": moe.config.moekit_carve}
+    if heal:
+        hcfg = _heal_config(True, True, local_epochs, 0, "none", 0, seed)
+        heal_(moe, dense, calib, hcfg)
+        summary["heal_relative_error"] = _summary(hcfg)
+    save_model(moe.to(dense.dtype), tok, target, overwrite=overwrite)
+    print(json.dumps(summary, default=str))
+    print(f"carved MoE written to {target}")
+
+
+@app.command("heal")
+def heal_cmd(
+    model: str = MODEL,
+    teacher: str = typer.Option(..., "--teacher", help="the model to reproduce (the dense source, or the MoE before compression)"),
+    data: str = DATA, field: str = FIELD, n_seq: int = N_SEQ, seq_len: int = SEQ_LEN, seed: int = SEED,
+    router: bool = typer.Option(True, "--router/--no-router", help="closed-form (ridge) router fit"),
+    lstsq: bool = typer.Option(True, "--lstsq/--no-lstsq", help="least-squares refit of the down projections"),
+    local_epochs: int = HEAL_EPOCHS,
+    distill_steps: int = typer.Option(0, "--distill-steps", help="end-to-end KL distillation steps (GPU advised)"),
+    finetune: str = typer.Option("none", "--finetune", help="none, lora (r=8, alpha=32, merged back) or router"),
+    finetune_steps: int = typer.Option(0, "--finetune-steps", help="fine-tuning steps"),
+    out: str = OUT, overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+):
+    """Heal an MoE (carved, pruned or merged) toward a teacher, layer by layer, and save it."""
+    from ..data import calibration_tokens
+    from ..export import check_output_dir, save_model
+    from ..heal import heal_
+
+    target = check_output_dir(out, overwrite)
+    moe, tok = load(model, dtype, device, trust_remote_code)
+    teach, _ = load(teacher, dtype, device, trust_remote_code)
+    calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=teach)
+    hcfg = _heal_config(router, lstsq, local_epochs, distill_steps, finetune, finetune_steps, seed)
+    heal_(moe, teach, calib, hcfg)
+    save_model(moe, tok, target, overwrite=overwrite)
+    print(json.dumps({"heal_relative_error": _summary(hcfg)}))
+    print(f"healed MoE written to {target}")
