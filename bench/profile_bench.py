@@ -232,7 +232,7 @@ def memory_ratio(name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
 # ------------------------------------------------------------------------------------------------ super experts
 def super_expert_report(model, stats, ppl_tokens, batch_size: int, n_random: int) -> dict:
     from moekit.ablate import ablate, measure, random_experts
-    from moekit.stats import massive_layers, super_expert_threshold, super_experts
+    from moekit.stats import massive_layers, super_expert_threshold, super_experts, super_shared_experts
 
     found = {rule: super_experts(stats, rule=rule) for rule in ("paper", "first75")}
     flat = sorted(((stats.get("down_max", li)[e].item(), li, e) for li in stats.layers
@@ -243,6 +243,8 @@ def super_expert_report(model, stats, ppl_tokens, batch_size: int, n_random: int
         "threshold": super_expert_threshold(stats),
         "found": {k: [list(p) for p in v] for k, v in found.items()},
         "top5_down_max": [[li, e, round(a, 3)] for a, li, e in flat[:5]],
+        "shared_above_threshold": {li: round(stats.get("shared_down_max", li).max().item(), 3)
+                                   for li in super_shared_experts(stats)} if stats.has("shared_down_max") else {},
         "experts_total": sum(stats.get("down_max", li).numel() for li in stats.layers),
     }
     chosen = found["paper"] or found["first75"]
@@ -356,7 +358,7 @@ def print_table(r: dict) -> None:
             a = s["ablation"]
             rnd = ", ".join(f"{x['ppl']:.3f}" for x in a["random"])
             print(f"  [{key}] massive layers {s['massive_layers']}, found {s['found']}, threshold {s['threshold']:.3g}, "
-                  f"top down_max {s['top5_down_max'][:3]}")
+                  f"top down_max {s['top5_down_max'][:3]}, shared experts above it {s['shared_above_threshold']}")
             print(f"  [{key}] ablate {a['experts']} ({a['which']}): ppl {a['ppl_intact']:.3f} -> {a['ppl_ablated']:.3f}; "
                   f"random same count -> [{rnd}]")
 
