@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -161,11 +162,15 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
     body = model.model
     cfg = ProfileConfig(batch_size=batch_size, progress=False)
     plain_forward(body, tokens[:batch_size], batch_size)  # warm-up
-    t = {"forward": [], "profile": [], "reap_observer": [], "full_forward_with_logits": []}
+    t = {"forward": [], "profile": [], "reap_observer": [], "full_forward_with_logits": [], "forward_eager_experts": []}
+    default_impl = model.config._experts_implementation
     for _ in range(repeats):  # interleaved, so machine load hits all alike
         t["forward"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
         t["profile"].append(timed(lambda: profile(model, tokens, cfg)))
         t["full_forward_with_logits"].append(timed(lambda: plain_forward(model, tokens, batch_size)))
+        model.config._experts_implementation = "eager"  # transformers' per-expert loop, for comparison
+        t["forward_eager_experts"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
+        model.config._experts_implementation = default_impl
     with all_experts_observer(model):
         t["reap_observer"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -174,6 +179,8 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
         "median_seconds": med,
         "profile_over_forward": med["profile"] / med["forward"],
         "profile_over_full_forward": med["profile"] / med["full_forward_with_logits"],
+        "profile_over_forward_eager_experts": med["profile"] / med["forward_eager_experts"],
+        "experts_implementation": default_impl,
         "reap_observer_over_profile": med["reap_observer"] / med["profile"],
         "tokens": int(tokens.numel()),
     }
@@ -214,7 +221,7 @@ def memory_child(mode: str, name: str, n_seq: int, seq_len: int, batch_size: int
 def memory_ratio(name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
     out = {}
     for mode in ("inmem", "stream"):
-        cmd = [sys.executable, __file__, "--child", mode, "--model", name, "--n-seq", str(n_seq), "--seq-len", str(seq_len),
+        cmd = [sys.executable, __file__, "--child", mode, "--threads", str(torch.get_num_threads()), "--model", name, "--n-seq", str(n_seq), "--seq-len", str(seq_len),
                "--batch-size", str(batch_size)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -225,7 +232,7 @@ def memory_ratio(name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
 # ------------------------------------------------------------------------------------------------ super experts
 def super_expert_report(model, stats, ppl_tokens, batch_size: int, n_random: int) -> dict:
     from moekit.ablate import ablate, measure, random_experts
-    from moekit.stats import massive_layers, super_expert_threshold, super_experts
+    from moekit.stats import massive_layers, super_expert_threshold, super_experts, super_shared_experts
 
     found = {rule: super_experts(stats, rule=rule) for rule in ("paper", "first75")}
     flat = sorted(((stats.get("down_max", li)[e].item(), li, e) for li in stats.layers
@@ -236,6 +243,8 @@ def super_expert_report(model, stats, ppl_tokens, batch_size: int, n_random: int
         "threshold": super_expert_threshold(stats),
         "found": {k: [list(p) for p in v] for k, v in found.items()},
         "top5_down_max": [[li, e, round(a, 3)] for a, li, e in flat[:5]],
+        "shared_above_threshold": {li: round(stats.get("shared_down_max", li).max().item(), 3)
+                                   for li in super_shared_experts(stats)} if stats.has("shared_down_max") else {},
         "experts_total": sum(stats.get("down_max", li).numel() for li in stats.layers),
     }
     chosen = found["paper"] or found["first75"]
@@ -280,9 +289,11 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--random", type=int, default=3, help="random-ablation controls")
     ap.add_argument("--skip", nargs="*", default=[], choices=["time", "memory", "super", "planted"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine's 2 cores are shared)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", choices=["inmem", "stream"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(memory_child(args.child, args.model, args.n_seq, args.seq_len, args.batch_size)))
         return
@@ -291,7 +302,8 @@ def main() -> None:
     from moekit.perplexity import windows
     from moekit.profile import ProfileConfig, profile
 
-    results: dict = {"machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU"}
+    results: dict = {"machine": f"CPU, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores, load average "
+                                f"{os.getloadavg()[0]:.1f} at start, torch {torch.__version__}"}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         name = resolve_model(args.model, tmp)
@@ -332,6 +344,8 @@ def print_table(r: dict) -> None:
         m = t["median_seconds"]
         print(f"  profile / plain forward (decoder stack)   {t['profile_over_forward']:.3f}   "
               f"({m['profile']:.2f}s / {m['forward']:.2f}s, median of {len(t['seconds']['profile'])})")
+        print(f"  (plain forward uses transformers' '{t['experts_implementation']}' experts; with its 'eager' per-expert "
+              f"loop: {t['profile_over_forward_eager_experts']:.3f})")
         print(f"  profile / full forward (with logits)      {t['profile_over_full_forward']:.3f}")
         print(f"  REAP all-experts observer / profile       {t['reap_observer_over_profile']:.2f}   ({m['reap_observer']:.2f}s)")
     if "memory" in r:
@@ -344,7 +358,7 @@ def print_table(r: dict) -> None:
             a = s["ablation"]
             rnd = ", ".join(f"{x['ppl']:.3f}" for x in a["random"])
             print(f"  [{key}] massive layers {s['massive_layers']}, found {s['found']}, threshold {s['threshold']:.3g}, "
-                  f"top down_max {s['top5_down_max'][:3]}")
+                  f"top down_max {s['top5_down_max'][:3]}, shared experts above it {s['shared_above_threshold']}")
             print(f"  [{key}] ablate {a['experts']} ({a['which']}): ppl {a['ppl_intact']:.3f} -> {a['ppl_ablated']:.3f}; "
                   f"random same count -> [{rnd}]")
 

@@ -56,43 +56,50 @@ class LayerAccumulator:
 
     # ---------------------------------------------------------------- experts (instrumented forward)
     def experts_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Same result as the experts module's own forward; statistics accumulated on the way."""
+        """Same result as the experts module's own forward; statistics accumulated on the way.
+
+        Each expert runs once on its routed tokens; its statistics are taken right after, while its output is
+        still in cache, into per-slot buffers that are summed per expert at the end (few extra kernels)."""
         layer, e = self.layer, self.rank_counts.shape[0]
         t, k = indices.shape
         flat = indices.reshape(-1).long()
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=e + 1)[: e + 1].tolist()  # one host sync per layer
-        n_routed = sum(counts[:e])
-        order = order[:n_routed]  # drop "skip" slots (index >= E)
+        counts = torch.bincount(flat, minlength=e + 1)[:e].tolist()  # one host sync per layer
+        n_routed = sum(counts)
+        order = order[:n_routed]  # drop "skip" slots (index >= E), sorted last
         rows, slots = order // k, order % k
         expert_of = flat[order]
-        w = weights.reshape(t, k)[rows, slots]
-        gate = weights.reshape(t, k).float()
-        gate = gate / gate.sum(-1, keepdim=True).clamp_min(1e-20)  # top-k renormalised gate (REAP)
-        g = gate[rows, slots]
+        w_tok = weights.reshape(t, k).float()
+        w = w_tok[rows, slots]
+        g = (w_tok / w_tok.sum(-1, keepdim=True).clamp_min(1e-20))[rows, slots]  # top-k renormalised gate (REAP)
 
-        outs = x.new_empty(n_routed, x.shape[-1])
+        f32 = {"device": x.device, "dtype": torch.float32}
+        norms, peaks, h_sum = torch.empty(n_routed, **f32), torch.zeros(e, **f32), torch.zeros(e, x.shape[-1], **f32)
+        out = torch.zeros_like(x)
         start = 0
-        for ex, n in enumerate(counts[:e]):
-            if n:
-                outs[start : start + n] = layer.expert_forward(ex, x[rows[start : start + n]])
-                start += n
+        for ex, n in enumerate(counts):
+            if not n:
+                continue
+            sl = slice(start, start + n)
+            o = layer.expert_forward(ex, x[rows[sl]]).float()
+            weighted = o * w[sl, None]
+            out.index_add_(0, rows[sl], weighted.to(x.dtype))
+            torch.linalg.vector_norm(o, dim=-1, out=norms[sl])
+            torch.maximum(o.amax(), o.amin().neg(), out=peaks[ex])  # max |down_proj output| (no |o| temporary)
+            torch.mv(o.T, w[sl], out=h_sum[ex])  # sum of w * E(x)
+            start += n
 
-        o32 = outs.float()
-        norms = o32.norm(dim=-1).double()
-        self.norm_sum.index_add_(0, expert_of, norms)
-        self.sq_norm_sum.index_add_(0, expert_of, norms * norms)
-        self.reap_sum.index_add_(0, expert_of, g.double() * norms)
+        n64 = norms.double()
+        self.norm_sum.index_add_(0, expert_of, n64)
+        self.sq_norm_sum.index_add_(0, expert_of, n64 * n64)
+        self.reap_sum.index_add_(0, expert_of, g.double() * n64)
         self.weight_sum.index_add_(0, expert_of, w.double())
-        self.weighted_out.index_add_(0, expert_of, o32 * w.float()[:, None])
-        self.down_max.scatter_reduce_(0, expert_of, o32.abs().amax(-1), reduce="amax")
+        self.weighted_out += h_sum
+        torch.maximum(self.down_max, peaks, out=self.down_max)
         if self.gram is not None and self.sample_rows is not None and self.sample_rows.numel():
-            xs = x[self.sample_rows]
+            xs = x[self.sample_rows.to(x.device)]
             o = torch.stack([layer.expert_forward(ex, xs).float() for ex in range(e)])  # [E, S, H]
             self.gram += torch.einsum("esh,fsh->ef", o, o).double()
-
-        out = torch.zeros_like(x)
-        out.index_add_(0, rows, (outs * w[:, None].to(outs.dtype)).to(x.dtype))
         return out
 
     def observe_shared(self, down_out: torch.Tensor) -> None:
@@ -116,14 +123,15 @@ class ModelAccumulator:
         self.sink_count = torch.zeros(num_layers, device=device, dtype=torch.float64) if attn_sink else None
 
     def observe_hidden(self, i: int, h: torch.Tensor) -> None:
-        self.hidden_max[i] = torch.maximum(self.hidden_max[i], h.detach().float().abs().amax())
+        peak = h.detach().abs().amax().float().to(self.hidden_max.device, non_blocking=True)
+        self.hidden_max[i] = torch.maximum(self.hidden_max[i], peak)
 
     def observe_attention(self, i: int, probs: torch.Tensor | None) -> None:
         """probs [B, A, Tq, Tk] (eager attention); the first query is left out (it can only see token 0)."""
         if probs is None or self.sink_sum is None or probs.shape[-2] < 2:
             return
         a = probs.shape[1]
-        self.sink_sum[i, :a] += probs[:, :, 1:, 0].double().sum(dim=(0, 2))
+        self.sink_sum[i, :a] += probs[:, :, 1:, 0].double().sum(dim=(0, 2)).to(self.sink_sum.device)
         self.sink_count[i] += probs.shape[0] * (probs.shape[-2] - 1)
 
     def results(self) -> dict[str, torch.Tensor]:

@@ -94,7 +94,8 @@ def profile(model, tokens: torch.Tensor, config: ProfileConfig | None = None) ->
     tokens = check_tokens(tokens)
     device = next(model.parameters()).device
     n_layers = len(decoder_layers(model))
-    layer_accs = [LayerAccumulator(layer, device, gram=config.gram_tokens > 0) for layer in layers]
+    # each layer's sums live beside its weights (a model spread over devices works too)
+    layer_accs = [LayerAccumulator(layer, layer.router_weight.device, gram=config.gram_tokens > 0) for layer in layers]
     model_acc = ModelAccumulator(n_layers, device, attn_sink=config.attn_sink, num_heads=num_heads(model.config))
     sample = gram_sample(tokens.numel(), config.gram_tokens, config.seed)
     seq_len = tokens.shape[1]

@@ -180,3 +180,19 @@ def super_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float 
         a = stats.get("down_max", layer).float()
         out += [(layer, int(e)) for e in torch.nonzero(a > thr).flatten().tolist()]
     return out
+
+
+def super_shared_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float = 99.5,
+                         max_ratio: float = 10.0) -> list[int]:
+    """Decoder layers whose shared expert passes the routed experts' super-expert threshold, under the same layer
+    rule. Shared experts cannot be skipped when routed, but they can carry the massive activation themselves."""
+    thr = super_expert_threshold(stats, percentile=percentile, max_ratio=max_ratio)
+    if thr is None or not stats.has("shared_down_max"):
+        return []
+    if rule == "paper":
+        allowed = set(massive_layers(stats))
+    else:
+        n_layers = int(stats.meta.get("num_layers", max(stats.layers) + 1))
+        allowed = {layer for layer in stats.layers if layer < 0.75 * n_layers}
+    return [layer for layer in stats.layers if layer in allowed and f"shared_down_max.{layer}" in stats.tensors
+            and stats.get("shared_down_max", layer).max().item() > thr]

@@ -135,6 +135,18 @@ def materialise(module: torch.nn.Module, state: dict[str, torch.Tensor], device,
     module.to(device=device, dtype=dtype)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the system (glibc keeps freed heap memory otherwise, and the
+    many expert-sized tensors of each layer would pile up as fragmentation)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class _Stop(Exception):
     pass
 
@@ -234,6 +246,7 @@ def profile_stream(name: str | Path, tokens: torch.Tensor, config: ProfileConfig
                     out = dl(hidden[a:b].to(dev), *args, **kwargs)
                     hidden[a:b] = (out[0] if isinstance(out, tuple) else out).to("cpu", dt)
             dl.to("meta")
+            release_freed_memory()
     meta = model_meta(model, moe, router_weights=router_weights)
     meta["stream"] = True
     return build_stats(meta, accs, model_acc, tokens, config)

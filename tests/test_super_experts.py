@@ -58,3 +58,20 @@ def test_ablating_the_planted_expert_hurts_more_than_a_random_one():
     sup = ablate(model, tokens, [PLANTED], progress=False, baseline=base)
     rnd = ablate(model, tokens, random_experts(model, 1, seed=0, exclude=[PLANTED]), progress=False, baseline=base)
     assert abs(sup.ppl_after - sup.ppl_before) > abs(rnd.ppl_after - rnd.ppl_before)
+
+
+def test_shared_expert_carrying_the_massive_activation_is_reported():
+    from moekit.stats import super_shared_experts
+
+    stats = ExpertStats(meta={"layers": [0, 1, 2, 3], "num_layers": 4})
+    stats.set("hidden_max", torch.tensor([3.0, 400.0, 410.0, 405.0]))
+    for layer in range(4):
+        a = torch.ones(8)
+        if layer == 1:
+            a[2] = 60.0
+        stats.set("down_max", a, layer)
+        stats.set("shared_down_max", torch.tensor([300.0 if layer == 1 else 2.0]), layer)
+    assert super_experts(stats) == [(1, 2)]
+    assert super_shared_experts(stats) == [1]
+    stats.set("shared_down_max", torch.tensor([5.0]), 1)
+    assert super_shared_experts(stats) == []

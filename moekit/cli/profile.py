@@ -49,7 +49,7 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
     from ..errors import MoekitError
     from ..profile import ProfileConfig
     from ..profile import profile as run_profile
-    from ..stats import massive_layers, super_experts
+    from ..stats import massive_layers, super_experts, super_shared_experts
 
     out = _check_out(out, overwrite)
     if stream and data == "self":
@@ -75,7 +75,8 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
     print(f"profiled {len(stats.layers)} MoE layers on {stats.tokens:,} tokens in {elapsed:.1f}s"
           f"{' (stream)' if stream else ''} -> {out}")
     print(f"massive activations form at layers {massive_layers(stats)}; super experts ({rule} rule): "
-          f"{super_experts(stats, rule=rule)}")
+          f"{super_experts(stats, rule=rule)}; shared experts above the threshold in layers "
+          f"{super_shared_experts(stats, rule=rule)}")
     if plots is not None:
         from ..plots import write_plots
 

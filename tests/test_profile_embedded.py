@@ -1,0 +1,48 @@
+"""The profiler on the embedded default MoE (slow; skipped until `smollm2-moe` has been built by its owner)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.arch import moe_layers
+
+pytestmark = pytest.mark.slow
+
+
+def _built_embedded():
+    try:
+        from moekit.embedded import _ready, embedded_name
+        from moekit.models import cache_dir
+    except ImportError:
+        return None
+    path = cache_dir("models") / embedded_name()
+    return path if _ready(path) else None  # never build it from here
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    path = _built_embedded()
+    if path is None:
+        pytest.skip("smollm2-moe has not been built yet (the carve step builds it on first use)")
+    from moekit.models import load_model
+
+    model, tok = load_model(str(path), dtype="float32", device="cpu")
+    return path, model, tok
+
+
+def test_profile_and_stream_agree_on_the_embedded_moe(embedded):
+    from moekit.profile import ProfileConfig, profile
+    from moekit.stream import profile_stream
+
+    path, model, _ = embedded
+    tokens = torch.randint(3, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    cfg = ProfileConfig(batch_size=2, gram_tokens=16, progress=False)
+    mem = profile(model, tokens, cfg)
+    streamed = profile_stream(path, tokens, cfg, device="cpu", dtype=torch.float32)
+    assert streamed.meta["fingerprint"] == mem.meta["fingerprint"]
+    for layer in moe_layers(model):
+        rc = mem.get("rank_counts", layer.index)
+        assert torch.equal(rc.sum(0), torch.full((layer.top_k,), float(tokens.numel()), dtype=rc.dtype))
+    for key, value in mem.tensors.items():
+        torch.testing.assert_close(streamed.tensors[key], value, rtol=1e-3, atol=1e-4, msg=key)
