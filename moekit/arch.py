@@ -14,7 +14,7 @@ a model: routing and expert maths are the modules' own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -96,13 +96,21 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and " " not in name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def _load_tokenizer(source, **kw):
+    """The tokenizer at ``source``, or None. transformers 5 builds an empty one-token tokenizer for a directory
+    with no tokenizer files, so a local directory must hold one of them."""
     from transformers import AutoTokenizer
 
+    if Path(source).is_dir() and "gguf_file" not in kw and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        return None
     try:
-        return AutoTokenizer.from_pretrained(source, **kw)
+        tok = AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError, TypeError):
         return None
+    return tok if len(tok) > 1 else None
 
 
 def _load_local(path: Path, dtype, trust_remote_code: bool, device_map):

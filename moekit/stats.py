@@ -103,7 +103,7 @@ class ExpertStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ExpertStats":
+    def load(cls, path: str | Path) -> ExpertStats:
         from safetensors import safe_open
 
         path = Path(path)
@@ -112,7 +112,7 @@ class ExpertStats:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("moekit", "null"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except Exception:
             raise MoekitError(f"'{path}' is not a moekit statistics file (safetensors with moekit metadata)") from None
         if not isinstance(meta, dict):
