@@ -7,7 +7,8 @@ Plain reduction is the router's own top-k at a smaller k: a standard checkpoint 
 (``num_experts_per_tok``), moekit's opt-in per-layer key ``moekit_top_k_per_layer`` otherwise.
 Mitigations (training-free, combinable):
 
-``renorm``      scale each token's kept weights so they sum to what its original top-K weights summed to.
+``renorm``      scale each token's kept weights so they sum to what its original top-K weights summed to (what a
+                router with ``norm_topk_prob`` already does, and what moekit then keeps doing for every rule).
 ``rescale``     one constant per layer (``rescale_mode``: "norm" matches the RMS of the original top-K
                 routed output on calibration tokens, "lsq" is the least-squares scalar), folded into the
                 experts' down projections: the weights stay standard.
@@ -75,7 +76,8 @@ class LayerPlan:
 
     K: int  # the original top-k
     k: int  # kept per token (fixed rule); slots the router returns
-    renorm: bool = False
+    renorm: bool = False  # kept weights scaled to the original top-K sum
+    native_renorm: bool = False  # the router itself renormalises its top-k (norm_topk_prob, Mixtral, GPT-OSS)
     rule: str | None = None  # None (fixed k), "cumprob" or "beta"
     threshold: float = 0.0
     min_k: int = 1
@@ -89,7 +91,7 @@ class LayerPlan:
     @property
     def rerouted(self) -> bool:
         """Whether the router's output is post-processed (else the router's own top-k at ``k`` runs as is)."""
-        return bool(self.renorm or self.rule or self.keep or self.compensate)
+        return bool((self.renorm and not self.native_renorm) or self.rule or self.keep or self.compensate)
 
 
 # ---------------------------------------------------------------------------------------------- routing maths
@@ -243,7 +245,7 @@ class BlockInputs:
         self.resid: dict[int, float] = {layer.index: 0.0 for layer in layers}
 
     @torch.no_grad()
-    def run(self, tokens: torch.Tensor, batch_size: int = 4) -> "BlockInputs":
+    def run(self, tokens: torch.Tensor, batch_size: int = 4) -> BlockInputs:
         hooks = []
         decoder = arch.decoder_layers(self.model)
         for layer in self.layers:
@@ -310,7 +312,7 @@ def allocate(errors: dict[int, list[float]], big_k: dict[int, int], total: int, 
     ``errors[l][k]`` is layer l's error at k kept experts (index 0 unused)."""
     ks = dict(big_k)
     while sum(ks.values()) > total:
-        options = [(errors[l][ks[l] - 1] - errors[l][ks[l]], l) for l in ks if ks[l] > min_k]
+        options = [(errors[idx][ks[idx] - 1] - errors[idx][ks[idx]], idx) for idx in ks if ks[idx] > min_k]
         if not options:
             raise MoekitError(f"a budget of {total} experts over {len(ks)} layers is below min_k={min_k} per layer")
         _, best = min(options)
@@ -323,7 +325,7 @@ def calibrate_threshold(routings: list, plans: list[LayerPlan], budget: float) -
     rule = plans[0].rule
 
     def avg(t: float) -> float:
-        kept = sum(int(keep_mask(w, i, p, t).sum()) for (w, i), p in zip(routings, plans))
+        kept = sum(int(keep_mask(w, i, p, t).sum()) for (w, i), p in zip(routings, plans, strict=True))
         return kept / sum(w.shape[0] for w, _ in routings)
 
     lo, hi = 0.0, 1.0  # cumprob: count grows with t; beta: count shrinks with t
@@ -439,8 +441,11 @@ def _base_plan(layer, cfg: RouteConfig, mits: set[str], stats) -> LayerPlan:
     if "super" in mits:
         pairs = cfg.super_list if cfg.super_list is not None else super_experts(stats, rule=cfg.super_rule)
         keep = sorted({int(e) for lay, e in pairs if int(lay) == layer.index})
+    # a router that renormalises its own top-k keeps doing so for the kept experts, unless compensation takes the
+    # dropped weight (then kept experts keep their original top-K weights)
+    native = layer.norm_topk_prob
     return LayerPlan(
-        K=big_k, k=k, renorm="renorm" in mits, rule=cfg.adaptive_rule if "adaptive" in mits else None,
+        K=big_k, k=k, renorm="renorm" in mits or (native and "compensate" not in mits), native_renorm=native, rule=cfg.adaptive_rule if "adaptive" in mits else None,
         threshold=float(cfg.threshold or 0.0), min_k=max(1, cfg.min_k), keep=keep, compensate="compensate" in mits,
     )
 

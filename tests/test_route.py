@@ -18,7 +18,13 @@ from moekit.route import MEAN_OUT, RouteConfig, route_
 from moekit.stats import ExpertStats
 from tests.tiny import MOE_FAMILIES, ids, tiny_model
 
-NORMALISED = {"qwen2_moe": False, "qwen3_moe": True, "mixtral": True, "olmoe": False, "deepseek_v3": True}
+NORMALISED = {"qwen2_moe": False, "qwen3_moe": True, "mixtral": True, "olmoe": False, "deepseek_v3": True, "gpt_oss": True}
+
+
+def kept_weights(family, w, keep):
+    """Kept experts' original top-K weights; a router that renormalises its top-k renormalises them too."""
+    kw = w * keep
+    return kw * (w.sum(-1, keepdim=True) / kw.sum(-1, keepdim=True)) if NORMALISED[family] else kw
 
 
 def fake_stats(model, seed: int = 0) -> ExpertStats:
@@ -186,7 +192,7 @@ def test_adaptive_threshold_matches_hand_rule(family, rule):
             else:
                 n = int((q[tok] >= t * q[tok, 0]).sum())
             keep[tok, : max(n, 1)] = True
-        ref = hand_routed(la, x, w * keep, i) + shared(la, x)
+        ref = hand_routed(la, x, kept_weights(family, w, keep), i) + shared(la, x)
         torch.testing.assert_close(block_out(la, x), ref, atol=1e-5, rtol=1e-4)
 
 
@@ -210,7 +216,7 @@ def test_super_expert_selected_by_top_k_is_never_dropped(family):
             keep[tok, order[:2]] = True
         if la.index == la0.index:
             assert (keep & (i == sup)).sum() == (i == sup).sum() > 0
-        ref = hand_routed(la, x, w * keep, i) + shared(la, x)
+        ref = hand_routed(la, x, kept_weights(family, w, keep), i) + shared(la, x)
         torch.testing.assert_close(block_out(la, x), ref, atol=1e-5, rtol=1e-4)
 
 
@@ -278,7 +284,7 @@ def test_allocate_spends_the_budget_by_measured_sensitivity(family):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("rule", ["cumprob", "beta"])
 def test_adaptive_calibrated_average_equals_budget(family, rule):
-    model, tokens, layers = setup(family, num_experts_per_tok=4)
+    model, _, layers = setup(family, num_experts_per_tok=4)
     calib = ids(batch=8, length=32, seed=1)
     report = route_(model, None, RouteConfig(top_k=2.0, mitigations=("adaptive",), adaptive_rule=rule), tokens=calib)
     n = calib.numel() * len(layers)
@@ -334,7 +340,7 @@ def test_reload_equals_in_memory(tmp_path, family, cfg, form):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_input_raises_one_line_errors():
-    model, tokens, _ = setup("qwen3_moe", num_experts_per_tok=4)
+    model, _, _ = setup("qwen3_moe", num_experts_per_tok=4)
     with pytest.raises(MoekitError, match="between 1"):
         route_(model, None, RouteConfig(top_k=5))
     with pytest.raises(MoekitError, match="unknown mitigation"):
@@ -345,7 +351,7 @@ def test_bad_input_raises_one_line_errors():
         route_(model, None, RouteConfig(top_k=2, mitigations=("rescale",)))
     with pytest.raises(MoekitError, match="fractional"):
         route_(model, None, RouteConfig(top_k=1.5))
-    route_(model, None, RouteConfig(top_k=2, mitigations=("renorm",)))
+    route_(model, None, RouteConfig(top_k=2, mitigations=("adaptive",), threshold=0.5))
     with pytest.raises(MoekitError, match="already re-routed"):
         route_(model, None, RouteConfig(top_k=1, mitigations=("renorm",)))
 
@@ -365,7 +371,7 @@ def test_cli_route_writes_a_reloadable_checkpoint(tmp_path):
 
     from moekit.cli import app
 
-    model, tokens, _ = setup("qwen2_moe", num_experts_per_tok=4)
+    model, _, _ = setup("qwen2_moe", num_experts_per_tok=4)
     save_model(model, word_tokenizer(), tmp_path / "src", verify=False)
     fake_stats(model).save(tmp_path / "stats.safetensors")
     g = torch.Generator().manual_seed(0)
