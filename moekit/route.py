@@ -516,31 +516,45 @@ def _scale_experts(layer, c: float) -> None:
         ex.down_proj_bias.data.mul_(c)
 
 
-@torch.no_grad()
-def measure_active(model, tokens: torch.Tensor, batch_size: int = 4) -> dict:
-    """Average routed experts actually run per token, per MoE layer and overall, by hooking the routers."""
-    layers = arch.moe_layers(model)
-    counts = {layer.index: [0, 0] for layer in layers}
+class ActiveCounter:
+    """Context manager counting the routed experts actually run per token, per MoE layer (router hooks)."""
 
-    def hook_for(layer):
+    def __init__(self, model):
+        self.layers = arch.moe_layers(model)
+        self.counts = {layer.index: [0, 0] for layer in self.layers}
+        self.hooks = []
+
+    def __enter__(self) -> ActiveCounter:
+        for layer in self.layers:
+            self.hooks.append(layer.router.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def _hook(self, layer):
         def hook(_module, _args, out):
             w, i = out[1], out[2]
-            active = (i < layer.num_experts) & (w != 0)
-            counts[layer.index][0] += int(active.sum())
-            counts[layer.index][1] += int(i.shape[0])
+            self.counts[layer.index][0] += int(((i < layer.num_experts) & (w != 0)).sum())
+            self.counts[layer.index][1] += int(i.shape[0])
         return hook
 
-    hooks = [layer.router.register_forward_hook(hook_for(layer)) for layer in layers]
+    def result(self) -> dict:
+        per_layer = {idx: a / max(n, 1) for idx, (a, n) in self.counts.items()}
+        return {"average": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer,
+                "tokens": int(next(iter(self.counts.values()))[1])}
+
+
+@torch.no_grad()
+def measure_active(model, tokens: torch.Tensor, batch_size: int = 4) -> dict:
+    """Average routed experts actually run per token on ``tokens``, per MoE layer and overall."""
     device = next(model.parameters()).device
-    try:
+    with ActiveCounter(model) as counter:
         for s in tqdm(range(0, tokens.shape[0], batch_size), desc="measure k", leave=False):
             model(tokens[s : s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    per_layer = {idx: a / max(n, 1) for idx, (a, n) in counts.items()}
-    return {"average": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer,
-            "tokens": int(next(iter(counts.values()))[1])}
+    return counter.result()
 
 
 def _report(model, layers, plans, big_k, before, measured, scales, errors, cfg, mits) -> dict:
