@@ -445,3 +445,40 @@ def describe(model: nn.Module) -> dict:
 def _shared_size(layer: MoELayer) -> int:
     sh = layer.shared_expert
     return int(sh.down_proj.weight.shape[1]) if hasattr(sh, "down_proj") else 0
+
+
+# Per-expert checkpoint names on disk (what transformers 5 fuses on load; Mixtral also renames the block).
+_DISK_BLOCK_RENAMES = {"block_sparse_moe.": "mlp."}
+_DISK_EXPERT_RENAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def fuse_layer_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors as stored on disk (keys relative to the layer) -> the module's state-dict keys.
+
+    Per-expert tensors ``mlp.experts.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj`` (Mixtral:
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``) are stacked into ``mlp.experts.gate_up_proj [E, 2I, H]`` and
+    ``mlp.experts.down_proj [E, H, I]``, the way transformers fuses them on load; anything else (already fused
+    checkpoints, GPT-OSS, attention, norms) passes through unchanged.
+    """
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    pattern = re.compile(r"^(.*experts)\.(\d+)\.(\w+)\.weight$")
+    for key, value in state.items():
+        for old, new in _DISK_BLOCK_RENAMES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        m = pattern.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        proj = _DISK_EXPERT_RENAMES.get(m.group(3), m.group(3))
+        per_expert.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[proj] = value
+    for prefix, experts in per_expert.items():
+        n = len(experts)
+        if sorted(experts) != list(range(n)) or any(set(p) != {"gate_proj", "up_proj", "down_proj"} for p in experts.values()):
+            raise MoekitError(f"checkpoint experts under '{prefix}' are incomplete (need gate/up/down for experts 0..{n - 1})")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
+    return out

@@ -43,7 +43,10 @@ def cache_dir(*parts: str) -> Path:
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MoekitError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -267,11 +270,16 @@ def restore_moekit_state(model) -> None:
         restore(model)
 
 
-def fingerprint(model) -> str:
-    """Hash of the architecture config and every router weight: identifies 'the same model' for stats files."""
+def fingerprint(model, router_weights=None) -> str:
+    """Hash of the architecture config and every router weight: identifies 'the same model' for stats files.
+
+    ``router_weights`` (MoE-layer order) stands in for the model's own when those are not in memory
+    (the layer-by-layer profiler)."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for layer in arch.moe_layers(model):
-        h.update(layer.router_weight.detach().float().cpu().numpy().tobytes())
+    if router_weights is None:
+        router_weights = [layer.router_weight for layer in arch.moe_layers(model)]
+    for w in router_weights:
+        h.update(w.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -13,17 +13,24 @@ name                shape     meaning
 rank_counts         [E, K]    times expert e was selected at rank r (r = 0 is the top choice)
 prob_mass           [E]       sum over all tokens of the router probability of e
 selected_prob       [E]       sum of the router probability of e over the tokens that selected e
-weight_sum          [E]       sum of the routing weight g_e over the tokens routed to e
-reap_sum            [E]       sum of g_e * ||E_e(x)||_2 over routed tokens (REAP saliency numerator)
+weight_sum          [E]       sum of the routing weight w_e the model applies, over the tokens routed to e
+reap_sum            [E]       sum of g_e * ||E_e(x)||_2 over routed tokens, g_e = w_e / sum of the token's top-k
+                              weights (the top-k-renormalised gate; REAP saliency numerator)
 norm_sum            [E]       sum of ||E_e(x)||_2 over routed tokens (EAN numerator)
 sq_norm_sum         [E]       sum of ||E_e(x)||_2^2 over routed tokens
-weighted_out        [E, H]    h_e = sum of g_e * E_e(x) over routed tokens
+weighted_out        [E, H]    h_e = sum of w_e * E_e(x) over routed tokens
 down_max            [E]       max |down_proj output| over routed tokens (super-expert statistic)
-shared_down_max     [S]       same for the layer's shared expert(s), when the layer has them
-gram                [E, E]    optional: Gram matrix of expert outputs on a token sample
+shared_down_max     [S]       same for the layer's shared expert(s) (before its gate), when the layer has them
+gram                [E, E]    optional: sum over a token sample of <E_i(x), E_j(x)> (every expert run on
+                              the sample; meta ``gram_tokens`` says how many tokens)
 hidden_max          [L]       whole model: max |hidden state| after each decoder layer
-attn_sink           [L, A]    whole model, optional: attention mass each head puts on the first token
+attn_sink           [L, A]    whole model, optional: MEAN attention probability each head puts on the first
+                              token (queries 1..T-1; a mean, not a sum)
 ==================  ========  ================================================================
+
+Metadata: ``fingerprint``, ``layers`` (MoE decoder-layer indices), ``num_layers``, ``tokens``, ``top_k``
+(max over layers; ``top_k_per_layer`` and ``num_experts_per_layer`` per layer), ``model_type``, ``data``,
+``gram_tokens``, ``collected``, ``moekit_version``.
 """
 
 from __future__ import annotations
@@ -112,8 +119,8 @@ class ExpertStats:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("moekit", "null"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        except Exception:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        except Exception:  # noqa: BLE001 (safetensors raises its own error types for a foreign file)
             raise MoekitError(f"'{path}' is not a moekit statistics file (safetensors with moekit metadata)") from None
         if not isinstance(meta, dict):
             raise MoekitError(f"'{path}' is not a moekit statistics file (no moekit metadata)")
@@ -121,16 +128,30 @@ class ExpertStats:
 
 
 def massive_layers(stats: ExpertStats, *, ratio: float = 10.0, jump: float = 2.0) -> list[int]:
-    """MoE layers where massive activations form: the hidden-state max after the layer is at least
-    ``ratio`` x the median over layers and at least ``jump`` x the max after the previous layer."""
+    """MoE layers where massive activations form: the hidden-state max after the layer is at least ``jump`` x the
+    max after the previous layer and at least ``ratio`` x the median over the layers before it (layer 0: over all
+    layers). Massive activations usually persist once formed, so later layers are compared with what came before,
+    not with the overall median."""
     hm = stats.get("hidden_max").float()
-    med = hm.median().clamp_min(1e-6)
     out = []
     for layer in stats.layers:
-        prev = hm[layer - 1] if layer > 0 else med
-        if hm[layer] >= ratio * med and hm[layer] >= jump * prev:
+        if layer == 0:
+            formed = hm[0] >= ratio * hm.median().clamp_min(1e-6)
+        else:
+            base = hm[:layer].median().clamp_min(1e-6)
+            formed = hm[layer] >= jump * hm[layer - 1] and hm[layer] >= ratio * base
+        if formed:
             out.append(layer)
     return out
+
+
+def super_expert_threshold(stats: ExpertStats, *, percentile: float = 99.5, max_ratio: float = 10.0) -> float | None:
+    """max(P_percentile of all a_{l,e}, max(a) / max_ratio), a = ``down_max`` over every MoE layer; None if empty."""
+    stats.require("down_max", what="super-expert detection")
+    a_all = torch.cat([stats.get("down_max", layer).float().flatten() for layer in stats.layers])
+    if a_all.numel() == 0:
+        return None
+    return max(torch.quantile(a_all, percentile / 100).item(), a_all.max().item() / max_ratio)
 
 
 def super_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float = 99.5, max_ratio: float = 10.0) -> list[tuple[int, int]]:
@@ -140,12 +161,10 @@ def super_experts(stats: ExpertStats, *, rule: str = "paper", percentile: float 
     where massive activations form (:func:`massive_layers`). ``first75``: the same thresholds over the
     first 75% of layers (the public profiler's fixed rule).
     """
-    stats.require("down_max", what="super-expert detection")
     layers = stats.layers
-    a_all = torch.cat([stats.get("down_max", layer).float() for layer in layers])
-    if a_all.numel() == 0:
+    thr = super_expert_threshold(stats, percentile=percentile, max_ratio=max_ratio)
+    if thr is None:
         return []
-    thr = max(torch.quantile(a_all, percentile / 100).item(), a_all.max().item() / max_ratio)
     if rule == "paper":
         stats.require("hidden_max", what="the paper's super-expert rule")
         allowed = set(massive_layers(stats))

@@ -1,0 +1,143 @@
+"""`moekit profile` (one-pass expert statistics) and `moekit ablate` (skip experts, measure the damage)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    from ..errors import MoekitError
+
+    out = Path(out)
+    if out.is_dir():
+        raise MoekitError(f"--out '{out}' is a directory: give a file name such as {out / 'stats.safetensors'}")
+    if out.exists() and not overwrite:
+        raise MoekitError(f"'{out}' exists: pass --overwrite to replace it, or choose another --out")
+    return out
+
+
+def _tokenizer(model: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    from ..stream import checkpoint_dir
+
+    return AutoTokenizer.from_pretrained(checkpoint_dir(model), trust_remote_code=trust_remote_code)
+
+
+@app.command()
+def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., "--out", help="statistics file to write (.safetensors)"),
+            field: str = FIELD, n_seq: int = typer.Option(32, "--n-seq", help="calibration sequences"),
+            seq_len: int = typer.Option(512, "--seq-len", help="tokens per sequence"),
+            batch_size: int = typer.Option(4, "--batch-size", help="sequences per forward pass"),
+            stream: bool = typer.Option(False, "--stream", help="one decoder layer in memory at a time, read from disk"),
+            gram: int = typer.Option(0, "--gram", help="also the Gram matrix of expert outputs on N sampled tokens"),
+            attn_sink: bool = typer.Option(False, "--attn-sink", help="also attention mass on the first token (eager attention)"),
+            plots: Path = typer.Option(None, "--plots", help="write PNG plots into this directory"),
+            rule: str = typer.Option("paper", "--rule", help="super-expert rule: 'paper' or 'first75'"),
+            seed: int = typer.Option(0, "--seed", help="data shuffling and Gram sample seed"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing statistics file"),
+            dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """One forward pass over calibration data; every expert statistic compression needs, saved to --out."""
+    from ..data import calibration_tokens, describe_source
+    from ..errors import MoekitError
+    from ..profile import ProfileConfig
+    from ..profile import profile as run_profile
+    from ..stats import massive_layers, super_experts
+
+    out = _check_out(out, overwrite)
+    if stream and data == "self":
+        raise MoekitError("--stream cannot sample 'self' text (that needs the whole model in memory): give a data file")
+    if stream:
+        from ..stream import profile_stream
+
+        tok = _tokenizer(model, trust_remote_code)
+        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed)
+    else:
+        m, tok = load(model, dtype, device, trust_remote_code)
+        from ..arch import require_moe
+
+        require_moe(m)  # a dense model fails here, before the data is read
+        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
+    cfg = ProfileConfig(batch_size=batch_size, gram_tokens=gram, attn_sink=attn_sink, seed=seed,
+                        data=describe_source(data, field, tokens, seed))
+    t0 = time.perf_counter()
+    stats = profile_stream(model, tokens, cfg, device=device, dtype=dtype) if stream else run_profile(m, tokens, cfg)
+    elapsed = time.perf_counter() - t0
+    stats.meta["model"] = str(model)
+    stats.save(out)
+    print(f"profiled {len(stats.layers)} MoE layers on {stats.tokens:,} tokens in {elapsed:.1f}s"
+          f"{' (stream)' if stream else ''} -> {out}")
+    print(f"massive activations form at layers {massive_layers(stats)}; super experts ({rule} rule): "
+          f"{super_experts(stats, rule=rule)}")
+    if plots is not None:
+        from ..plots import write_plots
+
+        for p in write_plots(stats, plots, rule=rule):
+            print(f"plot: {p}")
+
+
+@app.command()
+def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
+           experts: str = typer.Option(None, "--experts", help="experts to skip: 'LAYER,EXPERT;LAYER,EXPERT'"),
+           super_experts_: bool = typer.Option(False, "--super-experts", help="skip the super experts (from --stats, "
+                                               "or profiled on the evaluation windows)"),
+           random_n: int = typer.Option(None, "--random", help="skip N experts drawn at random"),
+           control: bool = typer.Option(True, "--control/--no-control", help="also ablate as many random experts"),
+           stats_file: Path = typer.Option(None, "--stats", help="statistics file for --super-experts"),
+           rule: str = typer.Option("paper", "--rule", help="super-expert rule: 'paper' or 'first75'"),
+           max_tokens: int = typer.Option(16384, help="score the first N tokens"),
+           window: int = typer.Option(1024, help="non-overlapping window length"),
+           batch_size: int = typer.Option(4, "--batch-size", help="windows per forward pass"),
+           seed: int = typer.Option(0, "--seed", help="seed of the random experts"),
+           json_out: Path = typer.Option(None, "--json", help="also write the results to this JSON file"),
+           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """Skip experts where routed (no renormalisation); perplexity and attention-sink decay D_sink per layer."""
+    from ..ablate import ablate as run_ablate
+    from ..ablate import measure, parse_experts, random_experts
+    from ..arch import require_moe
+    from ..errors import MoekitError
+    from ..perplexity import windows
+    from ..stats import ExpertStats, super_experts
+
+    if sum([experts is not None, super_experts_, random_n is not None]) != 1:
+        raise MoekitError("choose exactly one of --experts 'L,E;...', --super-experts or --random N")
+    m, tok = load(model, dtype, device, trust_remote_code)
+    require_moe(m)
+    toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
+    if experts is not None:
+        chosen = parse_experts(experts)
+    elif random_n is not None:
+        chosen, control = random_experts(m, random_n, seed=seed), False
+    else:
+        if stats_file is not None:
+            st = ExpertStats.load(stats_file)
+            st.check_model(m)
+        else:
+            from ..profile import ProfileConfig, profile
+
+            st = profile(m, toks, ProfileConfig(batch_size=batch_size))
+        chosen = super_experts(st, rule=rule)
+        if not chosen:
+            raise MoekitError(f"no super experts found by the '{rule}' rule; try --rule first75 or name --experts")
+    base = measure(m, toks, batch_size=batch_size, desc="ppl (intact)")
+    runs = {"ablated": run_ablate(m, toks, chosen, batch_size=batch_size, baseline=base)}
+    if control:
+        rnd = random_experts(m, len(chosen), seed=seed, exclude=chosen)
+        runs["random control"] = run_ablate(m, toks, rnd, batch_size=batch_size, baseline=base)
+    print(f"perplexity intact {base[0]:.3f} over {toks.numel():,} tokens of {data}")
+    for name, r in runs.items():
+        d = ", ".join(f"{i}:{v:+.3f}" for i, v in enumerate(r.d_sink))
+        print(f"{name}: experts {r.experts} -> perplexity {r.ppl_after:.3f} ({r.ppl_after / r.ppl_before:.2f}x); D_sink {d}")
+    if json_out is not None:
+        json_out = Path(json_out)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps({k: r.as_dict() for k, r in runs.items()}, indent=1))
+        tmp.replace(json_out)
