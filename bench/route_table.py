@@ -198,7 +198,7 @@ def main():
             emit({"budget": f"K/{div}", "method": name, "acc": acc})
             del m
         if plain:
-            for (d, name), r in results.items():
+            for (d, _), r in results.items():
                 if d == div:
                     r["ppl_recovered"] = recovery(plain["ppl"], r["ppl"], orig_ppl)
                     if "acc" in r and "acc" in plain and orig_acc:

@@ -388,3 +388,19 @@ def test_cli_route_writes_a_reloadable_checkpoint(tmp_path):
     bad = CliRunner().invoke(app, ["route", str(tmp_path / "src"), "--top-k", "2", "--per-layer", "x",
                                    "--out", str(tmp_path / "o2")])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_with_the_real_profile(family):
+    """The profiler's statistics drive compensation (mu = weighted_out / weight_sum) and super-expert keeping."""
+    from moekit.profile import ProfileConfig, profile
+
+    model, tokens, layers = setup(family, num_experts_per_tok=4)
+    stats = profile(model, tokens, ProfileConfig(progress=False))
+    report = route_(model, stats, RouteConfig(top_k=2, mitigations=("compensate", "super"), super_rule="first75"),
+                    tokens=tokens)
+    assert report["average_active_experts"] >= 2.0
+    for la in layers:
+        mu = stats.get("weighted_out", la.index).float() / stats.get("weight_sum", la.index).float().clamp_min(1e-12)[:, None]
+        torch.testing.assert_close(getattr(la.experts, MEAN_OUT), mu)
+    assert torch.isfinite(model(tokens).logits).all()
