@@ -362,7 +362,7 @@ def _run_merge(ctx: Context, cfg, sdir: Path) -> dict:
 def _run_route(ctx: Context, cfg, sdir: Path) -> dict:
     from .route import route_
 
-    return {"report": _as_dict(route_(ctx.model, ctx.current_stats(), cfg))}
+    return {"report": _as_dict(route_(ctx.model, ctx.current_stats(), cfg, tokens=ctx.calib_tokens()))}
 
 
 def _run_densify(ctx: Context, cfg, sdir: Path) -> dict:
