@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--speed-method", default="best", help="method timed against the original at K/2 ('' to skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--summarise", action="store_true", help="only rebuild the table from OUT/route_table.jsonl")
+    ap.add_argument("--skip-original", action="store_true", help="the original is already in the log")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +130,9 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "route_table.jsonl"
+    if args.summarise:
+        print(summarise(log))
+        return
 
     def emit(row):
         print(json.dumps(row), flush=True)
@@ -148,11 +153,13 @@ def main():
                "evaluator": evaluate is not None}
     emit({"setting": setting})
 
-    t0 = time.perf_counter()
-    orig_ppl, orig_k = ppl_and_k(model, toks, args.batch_size)
-    orig_acc = accuracy(evaluate, model, tok, tasks, args.limit) if tasks else {}
-    emit({"budget": "K", "method": "original", "ppl": orig_ppl, "avg_k": orig_k, "acc": orig_acc,
-          "seconds": time.perf_counter() - t0})
+    if not args.skip_original:
+        t0 = time.perf_counter()
+        orig_ppl, orig_k = ppl_and_k(model, toks, args.batch_size)
+        emit({"budget": "K", "method": "original", "ppl": orig_ppl, "avg_k": orig_k, "avg_k_calib": big_k,
+              "seconds": time.perf_counter() - t0})
+        if tasks:
+            emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
 
     results = {}
     for div in [int(d) for d in args.budgets.split(",")]:
@@ -184,7 +191,6 @@ def main():
             results[(div, name)] = row
             emit(row)
             del m
-        plain = results.get((div, "plain"))
         ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
         best = ranked[0]["method"] if ranked else None
         for name in args.acc_methods.split(","):
@@ -194,22 +200,14 @@ def main():
             m = copy.deepcopy(model)
             route_(m, stats, RouteConfig(top_k=k, **METHODS[name]), tokens=calib)
             acc = accuracy(evaluate, m, tok, tasks, args.limit)
-            results[(div, name)]["acc"] = acc
             emit({"budget": f"K/{div}", "method": name, "acc": acc})
             del m
-        if plain:
-            for (d, _), r in results.items():
-                if d == div:
-                    r["ppl_recovered"] = recovery(plain["ppl"], r["ppl"], orig_ppl)
-                    if "acc" in r and "acc" in plain and orig_acc:
-                        mean = lambda a: sum(a.values()) / len(a)  # noqa: E731
-                        r["acc_recovered"] = recovery(mean(plain["acc"]), mean(r["acc"]), mean(orig_acc), True)
         emit({"budget": f"K/{div}", "best": best})
 
     if args.speed_method:
         div = int(args.budgets.split(",")[0])
         ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
-        name = ranked[0]["method"] if args.speed_method == "best" else args.speed_method
+        name = (ranked[0]["method"] if ranked else "plain") if args.speed_method == "best" else args.speed_method
         models = {"original": model}
         for nm in dict.fromkeys(["plain", name]):
             m = copy.deepcopy(model)
@@ -221,24 +219,57 @@ def main():
             sp = speed(models, tok)
             emit({"speed": sp, "experts_implementation": impl, "threads": torch.get_num_threads()})
 
-    write_table(out, orig_ppl, orig_acc, results, setting)
+    print(summarise(log))
 
 
-def write_table(out: Path, orig_ppl, orig_acc, results, setting):
+def summarise(log: Path) -> str:
+    """Markdown table over every row in the log (later rows win), with the share of the loss each method recovers."""
+    rows, acc, setting, speeds = {}, {}, {}, []
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        if "setting" in r:
+            setting = r["setting"]
+        elif "speed" in r:
+            speeds.append(r)
+        elif "ppl" in r:
+            rows[(r["budget"], r["method"])] = r
+        elif "acc" in r:
+            acc[(r["budget"], r["method"])] = r["acc"]
+    for key, a in acc.items():
+        if key in rows:
+            rows[key]["acc"] = a
+
+    def mean(a):
+        return sum(a.values()) / len(a) if a else None
+
     def fmt(x, p=3):
-        return "—" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
+        return "—" if x is None else f"{x:.{p}f}"
 
+    orig = rows.get(("K", "original"))
     lines = [f"setting: {json.dumps(setting)}", "",
-             "| budget | method | avg k (measured) | ppl | ppl recovered | mean acc | acc recovered | form |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| K | original | {setting['K']} | {orig_ppl:.3f} | — | "
-             f"{fmt(sum(orig_acc.values()) / len(orig_acc)) if orig_acc else '—'} | — | standard |"]
-    for (div, name), r in sorted(results.items(), key=lambda kv: (kv[0][0], kv[1]["ppl"])):
-        acc = r.get("acc")
-        lines.append(f"| K/{div} | {name} | {r['avg_k']:.3f} | {r['ppl']:.3f} | {fmt(r.get('ppl_recovered'))} | "
-                     f"{fmt(sum(acc.values()) / len(acc)) if acc else '—'} | {fmt(r.get('acc_recovered'))} | {r['form']} |")
-    (out / "route_table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             "| budget | method | avg k measured (dev) | avg k (calib) | ppl | ppl recovered | arc_e | obqa | siqa | "
+             "mean acc | acc recovered | checkpoint |", "|" + "---|" * 12]
+    for (budget, name), r in sorted(rows.items(), key=lambda kv: (kv[0][0] != "K", kv[0][0], kv[1]["ppl"])):
+        plain = rows.get((budget, "plain"))
+        ppl_rec = acc_rec = None
+        if plain and orig and name not in ("plain", "original"):
+            ppl_rec = recovery(plain["ppl"], r["ppl"], orig["ppl"])
+            if r.get("acc") and plain.get("acc") and orig.get("acc"):
+                acc_rec = recovery(mean(plain["acc"]), mean(r["acc"]), mean(orig["acc"]), True)
+        a = r.get("acc") or {}
+        lines.append(f"| {budget} | {name} | {fmt(r['avg_k'])} | {fmt(r.get('avg_k_calib'))} | {r['ppl']:.3f} | "
+                     f"{fmt(ppl_rec, 2)} | {fmt(a.get('arc_easy'))} | {fmt(a.get('openbookqa'))} | "
+                     f"{fmt(a.get('social_iqa'))} | {fmt(mean(a))} | {fmt(acc_rec, 2)} | {r.get('form', 'standard')} |")
+    for sp in speeds:
+        lines += ["", f"speed ({sp['experts_implementation']} experts, {sp['threads']} threads), tokens/s:",
+                  "| model | prefill | decode |", "|---|---|---|"]
+        base = sp["speed"]["original"]
+        for name, v in sp["speed"].items():
+            lines.append(f"| {name} | {v['prefill']:.0f} ({v['prefill'] / base['prefill']:.2f}x) | "
+                         f"{v['decode']:.1f} ({v['decode'] / base['decode']:.2f}x) |")
+    text = "\n".join(lines) + "\n"
+    (log.parent / "route_table.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
