@@ -11,6 +11,7 @@ Peak memory: one layer, the embedding table during the first pass, and the hidde
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -42,33 +43,67 @@ def checkpoint_dir(name: str | Path) -> Path:
     return path
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class CheckpointReader:
-    """Reads tensors by name from a directory of safetensors files without loading the rest."""
+    """Reads named tensors -- or chosen rows of one -- from a directory of safetensors files.
+
+    It reads with plain file reads at the offsets the safetensors header gives, instead of ``safe_open``'s
+    memory map: every page of a mapped file that is touched counts in the process's resident memory, which
+    would put the whole embedding table (and more) into the peak this mode exists to bound.
+    """
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
-        self.where: dict[str, Path] = {}
+        self.where: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
         for f in sorted(self.path.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                for key in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    self.where[key] = f
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self.where[key] = (f, entry, 8 + n)
+
+    def _entry(self, key: str):
+        if key not in self.where:
+            raise MoekitError(f"tensor '{key}' is not in the checkpoint at {self.path}")
+        f, entry, start = self.where[key]
+        if entry["dtype"] not in _DTYPES:
+            raise MoekitError(f"tensor '{key}' has dtype {entry['dtype']}, which --stream cannot read; use the in-memory mode")
+        return f, _DTYPES[entry["dtype"]], list(entry["shape"]), start + entry["data_offsets"][0]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        f, dtype, shape, offset = self._entry(key)
+        out = torch.empty(shape, dtype=dtype)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
+
+    def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (sorted, unique) of a 2-D tensor, read one contiguous run at a time."""
+        f, dtype, shape, offset = self._entry(key)
+        out = torch.empty(len(index), shape[1], dtype=dtype)
+        row_bytes = out[0].numel() * out.element_size()
+        buf = out.view(torch.uint8).numpy()
+        idx = index.tolist()
+        with open(f, "rb") as fh:
+            i = 0
+            while i < len(idx):
+                j = i
+                while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+                    j += 1
+                fh.seek(offset + idx[i] * row_bytes)
+                fh.readinto(memoryview(buf[i : j + 1]))
+                i = j + 1
+        return out
 
     def read(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keys relative to it."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for key, f in self.where.items():
-            if key.startswith(prefix):
-                by_file.setdefault(f, []).append(key)
-        out = {}
-        for f, keys in by_file.items():
-            with safe_open(str(f), "pt") as st:
-                for key in keys:
-                    out[key[len(prefix):]] = st.get_tensor(key).clone()
-        return out
+        return {key[len(prefix):]: self.tensor(key) for key in self.where if key.startswith(prefix)}
 
 
 def skeleton(path: Path):
@@ -151,8 +186,12 @@ def profile_stream(name: str | Path, tokens: torch.Tensor, config: ProfileConfig
     n_seq, seq_len = tokens.shape
     batches = [(i, min(i + config.batch_size, n_seq)) for i in range(0, n_seq, config.batch_size)]
 
-    # pass 0: embeddings and what each layer is called with (per batch size)
-    materialise(body.embed_tokens, reader.read("model.embed_tokens."), dev, dt, "the embedding")
+    # pass 0: embeddings and what each layer is called with (per batch size). Only the embedding rows of the
+    # tokens that occur are read; the ids are renumbered to index them (the lookup is all the model does with ids).
+    used, compact_ids = torch.unique(tokens, return_inverse=True)
+    body.embed_tokens.weight = torch.nn.Parameter(reader.rows("model.embed_tokens.weight", used).to(dev, dt),
+                                                  requires_grad=False)
+    padding_idx, body.embed_tokens.padding_idx = body.embed_tokens.padding_idx, None  # only matters for gradients
     if hasattr(body, "rotary_emb"):  # real (non-persistent) buffers
         body.rotary_emb.to(dev)
     hidden = torch.empty(n_seq, seq_len, model.config.hidden_size, dtype=dt)
@@ -162,13 +201,14 @@ def profile_stream(name: str | Path, tokens: torch.Tensor, config: ProfileConfig
             calls: dict = {}
             with stubbed_layers(layers, calls):
                 try:
-                    body(input_ids=tokens[a:b].to(dev), use_cache=False)
+                    body(input_ids=compact_ids[a:b].to(dev), use_cache=False)
                 except _Stop:
                     pass
             hidden[a:b] = calls[0][0].to("cpu", dt)
             if b - a not in layer_calls:
                 layer_calls[b - a] = {j: (args, kwargs) for j, (_, args, kwargs) in calls.items()}
     body.embed_tokens.to("meta")
+    body.embed_tokens.padding_idx = padding_idx
 
     by_index = {layer.index: layer for layer in moe}
     accs: list[LayerAccumulator] = []

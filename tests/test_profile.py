@@ -221,3 +221,21 @@ def test_stream_refuses_a_non_checkpoint(tmp_path):
 
     with pytest.raises(MoekitError, match="checkpoint directory"):
         profile_stream(tmp_path, ids())
+
+
+def test_checkpoint_reader_matches_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from moekit.stream import CheckpointReader
+
+    tensors = {"a": torch.randn(7, 5), "b.c": torch.randn(3, 4).to(torch.bfloat16), "d": torch.arange(6)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    ref = load_file(str(tmp_path / "x.safetensors"))
+    for key in tensors:
+        assert torch.equal(reader.tensor(key), ref[key])
+    rows = torch.tensor([0, 2, 3, 4, 6])
+    assert torch.equal(reader.rows("a", rows), ref["a"][rows])
+    assert set(reader.read("b.")) == {"c"}
+    with pytest.raises(MoekitError, match="not in the checkpoint"):
+        reader.tensor("zz")

@@ -1,0 +1,243 @@
+"""Evaluation through lm-evaluation-harness in process: scores, the shared-context path, results, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.errors import MoekitError
+from tests.tiny import MOE_FAMILIES, tiny_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dev"
+CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\n-"
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (one token per character), built offline."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny(family: str = "llama", seed: int = 0):
+    return tiny_model(family, seed=seed, vocab_size=len(CHARS) + 4, max_position_embeddings=512)
+
+
+def arc_records(n: int = 8, correct_z: tuple[int, ...] = (0, 3, 5)) -> list[dict]:
+    """ARC-format items; the choice 'z' is the answer in items ``correct_z`` and a wrong choice elsewhere."""
+    out = []
+    for i in range(n):
+        texts = ["z", "ab", "c d", "efg"]
+        texts = texts[i % 4:] + texts[: i % 4]  # 'z' moves around
+        zpos = texts.index("z")
+        answer = zpos if i in correct_z else (zpos + 1) % 4
+        out.append({"id": f"t-{i}", "question": f"What is item {i}?" + " more" * (i % 3),
+                    "choices": {"text": texts, "label": list("ABCD")}, "answerKey": "ABCD"[answer]})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def arc_dir(tmp_path):
+    write_jsonl(tmp_path / "arc_easy.jsonl", arc_records())
+    return tmp_path
+
+
+def prefer_token(model, token_id: int, boost: float = 50.0):
+    """Make ``model`` always put (nearly) all probability on ``token_id``."""
+    def hook(_module, _inputs, output):
+        output[..., token_id] += boost
+        return output
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_model_preferring_one_answer_scores_its_share(arc_dir):
+    from moekit.evaluate import evaluate
+
+    tok = char_tokenizer()
+    model = tiny()
+    prefer_token(model, tok.convert_tokens_to_ids("z"))
+    r = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, batch_size=4)
+    t = r["tasks"]["arc_easy"]
+    assert t["n"] == 8
+    assert t["acc"] == pytest.approx(3 / 8, abs=0)
+    assert t["acc_norm"] == pytest.approx(3 / 8, abs=0)
+    assert t["summary"] == t["acc"] and t["summary_metric"] == "acc"
+    r2 = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, limit=4, batch_size=4)
+    assert r2["tasks"]["arc_easy"]["n"] == 4
+    assert r2["tasks"]["arc_easy"]["acc"] == pytest.approx(2 / 4, abs=0)  # items 0 and 3 of the first four
+
+
+def _requests(lm, records):
+    reqs = []
+    for r in records:
+        ctx = f"Question: {r['question']}\nAnswer:"
+        for c in r["choices"]["text"]:
+            ce, ke = lm._encode_pair(ctx, " " + c)
+            reqs.append(((ctx, " " + c), ce, ke))
+    return reqs
+
+
+@pytest.mark.parametrize("family", ["llama", *MOE_FAMILIES])
+def test_shared_context_path_equals_harness_path(family):
+    from moekit.harness_lm import ReuseContextLM
+
+    tok = char_tokenizer()
+    model = tiny(family, seed=1)
+    lm = ReuseContextLM(model, tok, batch_size=6)  # several contexts of different lengths per batch
+    reqs = _requests(lm, arc_records(6))
+    ours = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    lm.reuse_context = False
+    theirs = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert len(ours) == len(theirs) == 24
+    for (a, ga), (b, gb) in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, abs=1e-4, rel=1e-5)
+        assert ga == gb
+
+
+def test_shared_context_results_equal_plain_results(arc_dir):
+    from moekit.evaluate import evaluate
+
+    tok = char_tokenizer()
+    model = tiny("qwen3_moe", seed=2)
+    a = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, batch_size=8)
+    b = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, batch_size=8, reuse_context=False)
+    for m in ("acc", "acc_norm"):
+        assert a["tasks"]["arc_easy"][m] == b["tasks"]["arc_easy"][m]
+    assert a["settings"]["reuse_context"] and not b["settings"]["reuse_context"]
+
+
+def test_result_schema_and_files(arc_dir, tmp_path):
+    from moekit.evaluate import SCHEMA, evaluate, write_result
+    from moekit.models import fingerprint
+
+    tok = char_tokenizer()
+    model = tiny()
+    r = evaluate(model, tok, tasks="arc_easy", data_dir=arc_dir, limit=5, model_name="tiny-llama")
+    assert r["schema"] == SCHEMA
+    assert set(r) >= {"moekit_version", "harness_version", "created", "model", "tasks", "data", "settings", "costs",
+                      "perplexity", "seconds"}
+    assert r["model"]["fingerprint"] == fingerprint(model)
+    assert r["model"]["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert r["settings"]["limit"] == 5 and r["settings"]["num_fewshot"] == 0
+    d = r["data"]["arc_easy"]
+    assert d["source"] == "local" and d["records"] == 8 and len(d["sha256"]) == 64
+    assert Path(d["path"]) == (arc_dir / "arc_easy.jsonl").resolve()
+    out, md = write_result(r, tmp_path / "res" / "r.json")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    table = md.read_text()
+    assert "arc_easy (acc)" in table and "tiny-llama" in table and "(n=5)" in table
+    assert not list((tmp_path / "res").glob(".*tmp"))
+
+
+def test_task_to_file_mapping(tmp_path):
+    from moekit.evaluate import evaluate
+
+    f = write_jsonl(tmp_path / "my_arc.jsonl", arc_records(4, correct_z=(1,)))
+    tok = char_tokenizer()
+    model = tiny()
+    prefer_token(model, tok.convert_tokens_to_ids("z"))
+    r = evaluate(model, tok, tasks=["arc_easy"], data_files={"arc_easy": f})
+    assert r["tasks"]["arc_easy"]["acc"] == 0.25
+    assert r["data"]["arc_easy"]["path"] == str(f.resolve())
+
+
+def test_unknown_task_lists_known_ones(arc_dir):
+    from moekit.evaluate import check_tasks
+
+    with pytest.raises(MoekitError, match="unknown task 'arc_eazy'.*arc_easy, arc_challenge"):
+        check_tasks(["arc_eazy"], data_dir=arc_dir)
+
+
+def test_missing_local_file(tmp_path):
+    from moekit.evaluate import evaluate
+
+    with pytest.raises(MoekitError, match=r"openbookqa.*openbookqa\.jsonl' does not exist"):
+        evaluate(tiny(), char_tokenizer(), tasks=["openbookqa"], data_dir=tmp_path)
+
+
+def test_malformed_record_names_file_and_line(tmp_path):
+    from moekit.evaluate import evaluate
+
+    recs = [json.dumps(r) for r in arc_records(3)]
+    (tmp_path / "arc_easy.jsonl").write_text(recs[0] + "\n" + recs[1] + "\n{not json\n" + recs[2] + "\n")
+    with pytest.raises(MoekitError, match=r"arc_easy\.jsonl: line 3: not valid JSON"):
+        evaluate(tiny(), char_tokenizer(), tasks=["arc_easy"], data_dir=tmp_path)
+    bad = arc_records(2)
+    del bad[1]["answerKey"]
+    write_jsonl(tmp_path / "arc_easy.jsonl", bad)
+    with pytest.raises(MoekitError, match=r"arc_easy\.jsonl: line 2: record lacks field\(s\) answerKey"):
+        evaluate(tiny(), char_tokenizer(), tasks=["arc_easy"], data_dir=tmp_path)
+
+
+def test_model_without_tokenizer(arc_dir):
+    from moekit.evaluate import evaluate
+
+    with pytest.raises(MoekitError, match="no tokenizer"):
+        evaluate(tiny(), None, tasks=["arc_easy"], data_dir=arc_dir)
+
+
+def test_shipped_configs_reference_harness_tasks():
+    """Every offline config names harness tasks that exist, and changes only data and splits."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from moekit.evaluate import _task_index
+    from moekit.tasks import TASKS, TASKS_DIR
+
+    index = _task_index().task_index
+    allowed = {"task", "group", "custom_dataset", "dataset_kwargs", "training_split", "validation_split",
+               "test_split", "fewshot_split"}
+    for spec in TASKS.values():
+        cfg = load_yaml(TASKS_DIR / f"{spec.local_name}.yaml", resolve_func=False)
+        assert cfg["group"] in index
+        for member in cfg["task"]:
+            name = member.get("task") or member.get("group")
+            assert name in index, name
+            assert set(member) <= allowed
+            assert member["dataset_kwargs"]["task"] == spec.name
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_dev_files_match_harness_fields():
+    """The dev copies load through the harness's own prompt, choices and target for each dev task."""
+    from moekit.evaluate import task_manager
+    from moekit.tasks import DEV_TASKS, TASKS
+
+    loaded = task_manager({"moekit_data_dir": str(DATA)}).load([TASKS[t].local_name for t in DEV_TASKS])["tasks"]
+    expect = {"arc_easy": 2376, "openbookqa": 500, "social_iqa": 1954}
+    for name, n in expect.items():
+        task = loaded[name]
+        docs = task.eval_docs
+        assert len(docs) == n
+        doc = docs[0]
+        choices = task.doc_to_choice(doc)
+        assert 0 <= task.doc_to_target(doc) < len(choices)
+    siqa = loaded["social_iqa"]
+    assert siqa.doc_to_target(siqa.eval_docs[0]) == int(siqa.eval_docs[0]["label"]) - 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_smollm2_arc_easy_few_items():
+    from moekit.evaluate import evaluate
+    from moekit.models import load_model
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    model, tok = load_model("smollm2")
+    a = evaluate(model, tok, tasks=["arc_easy"], data_dir=DATA, limit=12, batch_size=16)
+    b = evaluate(model, tok, tasks=["arc_easy"], data_dir=DATA, limit=12, batch_size=16, reuse_context=False)
+    assert a["tasks"]["arc_easy"]["acc"] == b["tasks"]["arc_easy"]["acc"]
+    assert a["tasks"]["arc_easy"]["acc_norm"] == b["tasks"]["arc_easy"]["acc_norm"]
+    assert a["tasks"]["arc_easy"]["acc"] > 0.25  # well above chance on easy science questions
