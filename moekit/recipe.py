@@ -386,7 +386,11 @@ def _run_eval(ctx: Context, cfg: EvalStep, sdir: Path) -> dict:
     from .perplexity import perplexity, windows
 
     d = ctx.recipe.data
+    from .arch import moe_layers
+
     record: dict[str, Any] = {"model": describe(ctx.model)}
+    record["model"]["experts_by_layer"] = [layer.num_experts for layer in moe_layers(ctx.model)]
+    record["model"]["top_k_by_layer"] = [layer.top_k for layer in moe_layers(ctx.model)]
     if d.get("eval"):
         toks = windows(ctx.tokenizer, d["eval"], max_tokens=cfg.ppl_tokens, window=cfg.ppl_window, field=d.get("field", "text"))
         record["perplexity"] = {"value": perplexity(ctx.model, toks, progress=ctx.progress), "tokens": int(toks.numel()),
@@ -408,3 +412,24 @@ def _run_eval(ctx: Context, cfg: EvalStep, sdir: Path) -> dict:
 STEP_RUNNERS = {"carve": _run_carve, "heal": _run_heal, "profile": _run_profile, "prune": _run_prune,
                 "merge": _run_merge, "route": _run_route, "densify": _run_densify, "distill": _run_distill,
                 "eval": _run_eval}
+
+
+def demo_recipe(path: str | Path, data_dir: str | Path, limit: int | None) -> Recipe:
+    """The shipped embedded-default recipe, pointed at ``data_dir`` (calib/ and dev/) when it exists.
+
+    Without it (a fresh clone with no data beside it) calibration and perplexity use text the model samples
+    itself and task accuracy is skipped, so the demo still runs offline.
+    """
+    recipe = load_recipe(path)
+    data_dir = Path(data_dir)
+    calib, dev = data_dir / "calib" / "c4_train_head.jsonl", data_dir / "dev"
+    if calib.exists() and (dev / "c4_valid_dev.jsonl").exists():
+        recipe.data.update(calib=str(calib), eval=str(dev / "c4_valid_dev.jsonl"), tasks_dir=str(dev))
+    else:
+        recipe.data.update(calib="self", eval=None, tasks_dir=None)
+    for step in recipe.steps:
+        if step.name == "eval":
+            step.config.limit = limit
+            if recipe.data.get("tasks_dir") is None:
+                step.config.tasks = []
+    return recipe

@@ -18,8 +18,9 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-from . import basic  # noqa: E402,F401
+from . import basic, run  # noqa: E402,F401
 from . import profile  # noqa: E402,F401
+from . import prune  # noqa: E402,F401
 from . import route  # noqa: E402,F401
 
 

@@ -1,0 +1,122 @@
+"""`moekit prune` and `moekit uniform`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load
+
+STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
+OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
+CRITERION_HELP = (
+    "topk_prime (the challenge team's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, random; "
+    "default reap, or topk_prime with --top-k-prime alone"
+)
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from ..prune_report import report_markdown, write_report
+
+    paths = write_report(report, out)
+    print(report_markdown(report))
+    print(f"wrote {out} (report: {', '.join(p.name for p in paths)})")
+
+
+@app.command()
+def prune(
+    model: str = MODEL,
+    stats: Path = STATS,
+    out: Path = OUT,
+    criterion: str = typer.Option(None, "--criterion", help=CRITERION_HELP),
+    keep: int = typer.Option(None, "--keep", help="experts kept per layer (uniform) or per layer on average (global)"),
+    ratio: float = typer.Option(None, "--ratio", help="fraction of routed experts removed, e.g. 0.25"),
+    top_k_prime: int = typer.Option(
+        None,
+        "--top-k-prime",
+        help="k' of the top-k' rule; alone: keep experts selected within the top-k' at least --tau times",
+    ),
+    tau: float = typer.Option(1.0, "--tau", help="threshold rule: minimum top-k' selections to keep an expert"),
+    budget: str = typer.Option("uniform", "--budget", help="uniform (same count per layer) or global (one ranking)"),
+    allow_super_experts: bool = typer.Option(False, "--allow-super-experts", help="let super experts be pruned too"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random criterion"),
+    shardwise: bool = typer.Option(
+        False,
+        "--shardwise",
+        help="prune straight from the safetensors shards without loading the model (uniform results only)",
+    ),
+    overwrite: bool = OVERWRITE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+):
+    """Remove whole routed experts chosen from the statistics file; write the checkpoint and a report."""
+    from ..export import check_output_dir, save_model
+    from ..prune import PruneConfig, prune_
+    from ..stats import ExpertStats
+
+    cfg = PruneConfig(
+        criterion=criterion,
+        keep=keep,
+        ratio=ratio,
+        top_k_prime=top_k_prime,
+        tau=tau,
+        budget=budget,
+        allow_super_experts=allow_super_experts,
+        seed=seed,
+    )
+    cfg.validate()
+    check_output_dir(out, overwrite)
+    st = ExpertStats.load(stats)
+    if shardwise:
+        from ..prune_shards import prune_shards
+
+        report = prune_shards(_local_path(model), st, cfg, out, overwrite=overwrite)
+    else:
+        m, tok = load(model, dtype, device, trust_remote_code)
+        report = prune_(m, st, cfg)
+        save_model(m, tok, out, overwrite=overwrite)
+    _print_report(report, out)
+
+
+@app.command()
+def uniform(
+    model: str = MODEL,
+    stats: Path = STATS,
+    out: Path = OUT,
+    keep: int = typer.Option(None, "--keep", help="experts per layer (default: the smallest layer's count)"),
+    criterion: str = typer.Option("reap", "--criterion", help="which experts go first in the larger layers"),
+    allow_super_experts: bool = typer.Option(False, "--allow-super-experts", help="let super experts be pruned too"),
+    overwrite: bool = OVERWRITE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+):
+    """Turn a model with different expert counts per layer into a standard (uniform) checkpoint."""
+    from ..export import check_output_dir, save_model
+    from ..prune import make_uniform
+    from ..stats import ExpertStats
+
+    check_output_dir(out, overwrite)
+    st = ExpertStats.load(stats)
+    m, tok = load(model, dtype, device, trust_remote_code)
+    report = make_uniform(m, st, keep=keep, criterion=criterion, allow_super_experts=allow_super_experts)
+    save_model(m, tok, out, overwrite=overwrite)
+    _print_report(report, out)
+
+
+def _local_path(model: str) -> Path:
+    from ..errors import MoekitError
+
+    if model == "smollm2-moe":
+        from ..carve import embedded_moe_path
+
+        return Path(embedded_moe_path())
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        raise MoekitError(
+            f"--shardwise needs a local checkpoint directory, not '{model}'; download it first or drop --shardwise"
+        )
+    return p

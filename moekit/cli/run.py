@@ -1,0 +1,54 @@
+"""`moekit run RECIPE` and `moekit demo`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from . import app
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="YAML recipe (see moekit/recipes/ for examples)"),
+        out: Path = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>-<hash>)"),
+        report: bool = typer.Option(True, help="write report.md with figures into the run directory")):
+    """Run a recipe's steps in order; finished steps are skipped when the run is repeated."""
+    from ..recipe import load_recipe, run_recipe
+    from ..report import write_report
+
+    r = load_recipe(recipe if recipe.exists() or recipe.is_absolute() else RECIPES / recipe)
+    run_dir = out or Path("runs") / f"{r.name}-{r.fingerprint()}"
+    start = time.perf_counter()
+    results = run_recipe(r, run_dir)
+    if report:
+        path = write_report(results, run_dir, title=f"moekit run: {r.name}")
+        Console().print(f"report: {path}")
+    Console().print(f"run directory: {run_dir}  ({time.perf_counter() - start:.0f} s)")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
+         data_dir: Path = typer.Option(Path("../shared/data"), "--data-dir",
+                                       help="folder with calib/ and dev/ (offline copies); absent: the model's own text, no tasks"),
+         limit: int = typer.Option(200, help="items per task"),
+         fresh: bool = typer.Option(False, "--fresh", help="discard an earlier demo run in --out and start again")):
+    """The main job on the embedded default MoE: profile, prune, re-route, evaluate, report."""
+    import shutil
+
+    from ..recipe import demo_recipe, run_recipe
+    from ..report import write_report
+
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    recipe = demo_recipe(RECIPES / "smollm2-moe.yaml", data_dir, limit)
+    results = run_recipe(recipe, out)
+    path = write_report(results, out, title="moekit demo: the embedded default MoE (smollm2-moe)")
+    console = Console()
+    console.print(path.read_text().split("\n\n")[1])
+    console.print(f"\nreport: {path}   ({time.perf_counter() - start:.0f} s)")
