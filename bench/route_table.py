@@ -123,6 +123,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--summarise", action="store_true", help="only rebuild the table from OUT/route_table.jsonl")
     ap.add_argument("--skip-original", action="store_true", help="the original is already in the log")
+    ap.add_argument("--stage", default="all", choices=["all", "ppl", "acc", "speed"],
+                    help="run one stage only: ppl (table rows), acc (task accuracy of --acc-methods; 'best' read from "
+                         "the log), speed (original vs plain and --speed-method at the first budget)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +156,8 @@ def main():
                "evaluator": evaluate is not None}
     emit({"setting": setting})
 
+    if args.stage in ("acc", "speed"):
+        return later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit)
     if not args.skip_original:
         t0 = time.perf_counter()
         orig_ppl, orig_k = ppl_and_k(model, toks, args.batch_size)
@@ -219,6 +224,40 @@ def main():
             sp = speed(models, tok)
             emit({"speed": sp, "experts_implementation": impl, "threads": torch.get_num_threads()})
 
+    print(summarise(log))
+
+
+def best_in_log(log: Path, budget: str) -> str:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = [r for r in rows if r.get("budget") == budget and "ppl" in r]
+    return min(rows, key=lambda r: r["ppl"])["method"] if rows else "plain"
+
+
+def later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit):
+    divs = [int(d) for d in args.budgets.split(",")]
+    if args.stage == "acc":
+        if not args.skip_original:
+            emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
+        for div in divs:
+            names = [best_in_log(log, f"K/{div}") if n == "best" else n for n in args.acc_methods.split(",")]
+            for name in dict.fromkeys(names):
+                m = copy.deepcopy(model)
+                route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[name]), tokens=calib)
+                emit({"budget": f"K/{div}", "method": name, "acc": accuracy(evaluate, m, tok, tasks, args.limit),
+                      "limit": args.limit})
+                del m
+    else:
+        div = divs[0]
+        name = best_in_log(log, f"K/{div}") if args.speed_method == "best" else args.speed_method
+        models = {"original": model}
+        for nm in dict.fromkeys(["plain", name]):
+            m = copy.deepcopy(model)
+            route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
+            models[f"{nm}@K/{div}"] = m
+        for impl in ("grouped_mm", "eager"):
+            for m in models.values():
+                m.config._experts_implementation = impl
+            emit({"speed": speed(models, tok), "experts_implementation": impl, "threads": torch.get_num_threads()})
     print(summarise(log))
 
 
