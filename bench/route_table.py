@@ -78,7 +78,7 @@ def accuracy(evaluate, model, tok, tasks, limit):
 
 
 @torch.no_grad()
-def speed(models: dict, tok, prefill_len=512, decode_new=64, repeats=3):
+def speed(models: dict, tok, prefill_len=512, decode_new=32, repeats=2):
     """Prefill (one forward of prefill_len tokens) and greedy decode tokens/s, models interleaved per repeat."""
     text = (DATA / "dev" / "c4_valid_dev.jsonl").read_text().splitlines()
     ids = tok(json.loads(text[0])["text"] + json.loads(text[1])["text"], return_tensors="pt")["input_ids"]
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--budgets", default="2,4", help="divisors of K: 2 -> K/2, 4 -> K/4")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods-per-budget", default="", help="override --methods per budget: '2=a,b;4=c'")
     ap.add_argument("--acc-methods", default="plain,best", help="methods whose task accuracy is measured ('best' = "
                     "lowest perplexity at that budget); the original model always")
     ap.add_argument("--limit", type=int, default=300, help="items per dev task (0: no accuracy)")
@@ -169,7 +170,8 @@ def main():
     results = {}
     for div in [int(d) for d in args.budgets.split(",")]:
         k = big_k // div
-        for name in args.methods.split(","):
+        per_budget = dict(part.split("=", 1) for part in args.methods_per_budget.split(";") if part)
+        for name in per_budget.get(str(div), args.methods).split(","):
             cfg_kw = METHODS[name]
             mits = cfg_kw.get("mitigations", ())
             if stats is None and {"compensate", "super"} & set(mits):
