@@ -68,6 +68,7 @@ SUPPORTED = tuple(MOE_FAMILIES) + DENSE_FAMILIES
 # Config keys moekit adds for the opt-in non-uniform form (plain transformers ignores them).
 PER_LAYER_EXPERTS_KEY = "moekit_experts_per_layer"
 PER_LAYER_TOP_K_KEY = "moekit_top_k_per_layer"
+ROUTE_KEY = "moekit_route"  # per-layer routing rules of moekit.route (re-applied on load)
 
 
 def model_type(model_or_config) -> str:
@@ -168,6 +169,23 @@ class MoELayer:
     @property
     def shared_gate(self) -> nn.Module | None:
         return getattr(self.block, self.family.shared_gate_attr) if self.family.shared_gate_attr else None
+
+    @property
+    def skip_index(self) -> int | None:
+        """The index a dropped routing slot may carry (the expert count), or None where the experts' forward cannot
+        skip it. Only the eager forward of the non-GPT-OSS families skips it; GPT-OSS's one-hot has no extra class,
+        ``batched_mm`` gathers weights by index, and ``grouped_mm`` leaves the skipped rows unset (NaN * 0)."""
+        impl = getattr(self.model.config, "_experts_implementation", None) or "eager"
+        if self.family.layout == "gpt_oss" or impl != "eager":
+            return None
+        return self.num_experts
+
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, E] scores whose order is the router's choice order (DeepSeek-V3 adds its correction bias)."""
+        if self.family.scoring == "sigmoid":
+            cb = self.correction_bias
+            return logits.float().sigmoid() + (0 if cb is None else cb.float())
+        return logits.float()
 
     @property
     def act_fn(self):
@@ -419,7 +437,12 @@ def _drop(config, key: str) -> None:
 
 
 def is_uniform(model: nn.Module) -> bool:
-    return not (hasattr(model.config, PER_LAYER_EXPERTS_KEY) or hasattr(model.config, PER_LAYER_TOP_K_KEY))
+    return not any(hasattr(model.config, key) for key in (PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY))
+
+
+def moekit_tensors(model: nn.Module) -> list[str]:
+    """State-dict keys of moekit-only tensors (buffers named ``moekit_*``), which plain transformers cannot load."""
+    return [k for k in model.state_dict() if k.rpartition(".")[2].startswith("moekit_")]
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

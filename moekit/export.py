@@ -59,7 +59,7 @@ def _write(model, tokenizer, path: Path) -> None:
     from safetensors.torch import save_model as st_save_model
 
     arch.sync_config(model)
-    if arch.is_uniform(model) or not hasattr(model.config, arch.PER_LAYER_EXPERTS_KEY):
+    if not (hasattr(model.config, arch.PER_LAYER_EXPERTS_KEY) or arch.moekit_tensors(model)):
         model.save_pretrained(path, safe_serialization=True)
     else:
         model.config.save_pretrained(path)

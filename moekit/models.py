@@ -223,6 +223,10 @@ def _load_non_uniform(path: Path, config, dtype):
         if n != layer.num_experts:
             _resize_empty(layer, n)
     state = load_file(str(path / NON_UNIFORM_WEIGHTS))
+    for key, value in state.items():  # moekit-only buffers (e.g. moekit_mean_out) do not exist before loading
+        owner, _, leaf = key.rpartition(".")
+        if leaf.startswith("moekit_"):
+            model.get_submodule(owner).register_buffer(leaf, value)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
     missing = [k for k in missing if k not in tied]
@@ -260,6 +264,10 @@ def restore_moekit_state(model) -> None:
             layer.router.top_k = k
             if hasattr(layer.block, "top_k"):
                 layer.block.top_k = k
+    if getattr(model.config, arch.ROUTE_KEY, None):
+        from .route import restore
+
+        restore(model)
 
 
 def fingerprint(model, router_weights=None) -> str:

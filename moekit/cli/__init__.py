@@ -25,6 +25,7 @@ from . import evaluate  # noqa: E402,F401
 from . import merge  # noqa: E402,F401
 from . import profile  # noqa: E402,F401
 from . import prune  # noqa: E402,F401
+from . import route  # noqa: E402,F401
 from . import run  # noqa: E402,F401
 
 

@@ -1,0 +1,317 @@
+"""Fewer active experts per token on the embedded default MoE: plain top-k against each training-free mitigation.
+
+For k = K/2 and K/4: perplexity (first 16,384 tokens of ../shared/data/dev/c4_valid_dev.jsonl, 1024-token windows),
+the average routed experts measured on those windows, dev-task accuracy for the key configurations, and the share
+of the perplexity / accuracy lost by plain top-k that each method wins back. Then prefill and decode tokens/s of
+the original and the chosen default, measured side by side in one run.
+
+    PYTHONPATH=$PWD python bench/route_table.py --model smollm2-moe --out bench/results
+
+Results go to OUT/route_table.jsonl (one line per configuration, appended as they finish, so a partial run is
+usable) and OUT/route_table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moekit import arch
+from moekit.data import calibration_tokens
+from moekit.models import load_model
+from moekit.perplexity import perplexity, windows
+from moekit.route import ActiveCounter, RouteConfig, route_
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+# name -> RouteConfig keyword arguments (top_k is filled in per budget)
+METHODS = {
+    "plain": {},
+    "renorm": {"mitigations": ("renorm",)},
+    "rescale-norm": {"mitigations": ("rescale",), "rescale_mode": "norm"},
+    "rescale-lsq": {"mitigations": ("rescale",), "rescale_mode": "lsq"},
+    "compensate": {"mitigations": ("compensate",)},
+    "allocate": {"mitigations": ("allocate",)},
+    "adaptive-cumprob": {"mitigations": ("adaptive",), "adaptive_rule": "cumprob"},
+    "adaptive-beta": {"mitigations": ("adaptive",), "adaptive_rule": "beta"},
+    "super": {"mitigations": ("super",)},
+    "compensate+allocate": {"mitigations": ("compensate", "allocate")},
+    "compensate+adaptive": {"mitigations": ("compensate", "adaptive")},
+    "compensate+rescale-lsq": {"mitigations": ("compensate", "rescale"), "rescale_mode": "lsq"},
+    "allocate+rescale-lsq": {"mitigations": ("allocate", "rescale"), "rescale_mode": "lsq"},
+}
+
+
+def get_stats(model, calib):
+    """The profile (issue 5) when it is installed; the bench cannot run compensate/super without it."""
+    try:
+        from moekit.profile import ProfileConfig, profile
+    except ImportError:
+        return None
+    return profile(model, calib, ProfileConfig(progress=False))
+
+
+def get_evaluate():
+    try:
+        from moekit.evaluate import DEV_TASKS, evaluate
+    except ImportError:
+        return None, ()
+    return evaluate, DEV_TASKS
+
+
+@torch.no_grad()
+def ppl_and_k(model, toks, batch_size):
+    with ActiveCounter(model) as counter:
+        value = perplexity(model, toks, batch_size=batch_size, progress=False)
+    return value, counter.result()["average"]
+
+
+def accuracy(evaluate, model, tok, tasks, limit):
+    res = evaluate(model, tok, tasks=list(tasks), data_dir=str(DATA / "dev"), limit=limit, batch_size=16)
+    return {t: res["tasks"][t].get("acc") for t in tasks}
+
+
+@torch.no_grad()
+def speed(models: dict, tok, prefill_len=512, decode_new=32, repeats=2):
+    """Prefill (one forward of prefill_len tokens) and greedy decode tokens/s, models interleaved per repeat."""
+    text = (DATA / "dev" / "c4_valid_dev.jsonl").read_text().splitlines()
+    ids = tok(json.loads(text[0])["text"] + json.loads(text[1])["text"], return_tensors="pt")["input_ids"]
+    prompt = ids[:, :prefill_len]
+    short = ids[:, :32]
+    best = {name: {"prefill": 0.0, "decode": 0.0} for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m(prompt, use_cache=False)
+            best[name]["prefill"] = max(best[name]["prefill"], prompt.numel() / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            out = m.generate(short, max_new_tokens=decode_new, min_new_tokens=decode_new, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            n_new = out.shape[1] - short.shape[1]
+            best[name]["decode"] = max(best[name]["decode"], n_new / (time.perf_counter() - t0))
+    return best
+
+
+def recovery(plain, method, orig, higher_is_better=False):
+    lost = (orig - plain) if higher_is_better else (plain - orig)
+    won = (method - plain) if higher_is_better else (plain - method)
+    return won / lost if lost > 0 else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-moe")
+    ap.add_argument("--calib", default=str(DATA / "calib" / "c4_train_head.jsonl"))
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--budgets", default="2,4", help="divisors of K: 2 -> K/2, 4 -> K/4")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods-per-budget", default="", help="override --methods per budget: '2=a,b;4=c'")
+    ap.add_argument("--acc-methods", default="plain,best", help="methods whose task accuracy is measured ('best' = "
+                    "lowest perplexity at that budget); the original model always")
+    ap.add_argument("--limit", type=int, default=300, help="items per dev task (0: no accuracy)")
+    ap.add_argument("--speed-method", default="best", help="method timed against the original at K/2 ('' to skip)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--summarise", action="store_true", help="only rebuild the table from OUT/route_table.jsonl")
+    ap.add_argument("--skip-original", action="store_true", help="the original is already in the log")
+    ap.add_argument("--stage", default="all", choices=["all", "ppl", "acc", "speed"],
+                    help="run one stage only: ppl (table rows), acc (task accuracy of --acc-methods; 'best' read from "
+                         "the log), speed (original vs plain and --speed-method at the first budget)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "route_table.jsonl"
+    if args.summarise:
+        print(summarise(log))
+        return
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
+    layers = arch.moe_layers(model)
+    big_k = layers[0].top_k
+    calib = calibration_tokens(args.calib, tok, n_seq=args.calib_seqs, seq_len=args.calib_len, seed=0)
+    toks = windows(tok, str(DATA / "dev" / "c4_valid_dev.jsonl"), max_tokens=args.ppl_tokens, window=args.window)
+    stats = get_stats(model, calib)
+    evaluate, tasks = get_evaluate()
+    tasks = tasks if args.limit > 0 else ()
+    setting = {"model": args.model, "K": big_k, "experts": layers[0].num_experts, "moe_layers": len(layers),
+               "calib_tokens": int(calib.numel()), "ppl_tokens": int(toks.numel()), "window": args.window,
+               "limit": args.limit, "threads": torch.get_num_threads(), "profile": stats is not None,
+               "evaluator": evaluate is not None}
+    emit({"setting": setting})
+
+    if args.stage in ("acc", "speed"):
+        return later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit)
+    if not args.skip_original:
+        t0 = time.perf_counter()
+        orig_ppl, orig_k = ppl_and_k(model, toks, args.batch_size)
+        emit({"budget": "K", "method": "original", "ppl": orig_ppl, "avg_k": orig_k, "avg_k_calib": big_k,
+              "seconds": time.perf_counter() - t0})
+        if tasks:
+            emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
+
+    results = {}
+    for div in [int(d) for d in args.budgets.split(",")]:
+        k = big_k // div
+        per_budget = dict(part.split("=", 1) for part in args.methods_per_budget.split(";") if part)
+        for name in per_budget.get(str(div), args.methods).split(","):
+            cfg_kw = METHODS[name]
+            mits = cfg_kw.get("mitigations", ())
+            if stats is None and {"compensate", "super"} & set(mits):
+                emit({"budget": f"K/{div}", "method": name, "skipped": "no profile (moekit.profile not installed)"})
+                continue
+            if name == "renorm" and layers[0].norm_topk_prob:
+                emit({"budget": f"K/{div}", "method": name, "skipped": "identical to plain: the router renormalises"})
+                continue
+            t0 = time.perf_counter()
+            m = copy.deepcopy(model)
+            try:
+                rep = route_(m, stats, RouteConfig(top_k=k, **cfg_kw), tokens=calib)
+            except Exception as e:  # noqa: BLE001 - a method that cannot apply is reported, the table goes on
+                emit({"budget": f"K/{div}", "method": name, "skipped": f"{type(e).__name__}: {e}"})
+                continue
+            if name == "super" and not rep["super_experts"]:
+                emit({"budget": f"K/{div}", "method": name, "skipped": "no super expert detected (same as plain)"})
+                continue
+            value, avg_k = ppl_and_k(m, toks, args.batch_size)
+            row = {"budget": f"K/{div}", "k": k, "method": name, "ppl": value, "avg_k": avg_k,
+                   "avg_k_calib": rep["average_active_experts"], "compute_saved": 1 - avg_k / big_k,
+                   "form": rep["form"], "top_k_per_layer": rep["top_k_per_layer"], "threshold": rep["threshold"],
+                   "scales": rep["scales"], "super": rep["super_experts"], "seconds": time.perf_counter() - t0}
+            results[(div, name)] = row
+            emit(row)
+            del m
+        ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
+        best = ranked[0]["method"] if ranked else None
+        for name in args.acc_methods.split(","):
+            name = best if name == "best" else name
+            if not tasks or (div, name) not in results:
+                continue
+            m = copy.deepcopy(model)
+            route_(m, stats, RouteConfig(top_k=k, **METHODS[name]), tokens=calib)
+            acc = accuracy(evaluate, m, tok, tasks, args.limit)
+            emit({"budget": f"K/{div}", "method": name, "acc": acc})
+            del m
+        emit({"budget": f"K/{div}", "best": best})
+
+    if args.speed_method:
+        div = int(args.budgets.split(",")[0])
+        ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
+        name = (ranked[0]["method"] if ranked else "plain") if args.speed_method == "best" else args.speed_method
+        models = {"original": model}
+        for nm in dict.fromkeys(["plain", name]):
+            m = copy.deepcopy(model)
+            route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
+            models[f"{nm}@K/{div}"] = m
+        for impl in ("grouped_mm", "eager"):
+            for m in models.values():
+                m.config._experts_implementation = impl
+            sp = speed(models, tok)
+            emit({"speed": sp, "experts_implementation": impl, "threads": torch.get_num_threads()})
+
+    print(summarise(log))
+
+
+def best_in_log(log: Path, budget: str) -> str:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = [r for r in rows if r.get("budget") == budget and "ppl" in r]
+    return min(rows, key=lambda r: r["ppl"])["method"] if rows else "plain"
+
+
+def later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit):
+    divs = [int(d) for d in args.budgets.split(",")]
+    if args.stage == "acc":
+        if not args.skip_original:
+            emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
+        for div in divs:
+            names = [best_in_log(log, f"K/{div}") if n == "best" else n for n in args.acc_methods.split(",")]
+            for name in dict.fromkeys(names):
+                m = copy.deepcopy(model)
+                route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[name]), tokens=calib)
+                emit({"budget": f"K/{div}", "method": name, "acc": accuracy(evaluate, m, tok, tasks, args.limit),
+                      "limit": args.limit})
+                del m
+    else:
+        div = divs[0]
+        name = best_in_log(log, f"K/{div}") if args.speed_method == "best" else args.speed_method
+        models = {"original": model}
+        for nm in dict.fromkeys(["plain", name]):
+            m = copy.deepcopy(model)
+            route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
+            models[f"{nm}@K/{div}"] = m
+        for impl in ("grouped_mm", "eager"):
+            for m in models.values():
+                m.config._experts_implementation = impl
+            emit({"speed": speed(models, tok), "experts_implementation": impl, "threads": torch.get_num_threads()})
+    print(summarise(log))
+
+
+def summarise(log: Path) -> str:
+    """Markdown table over every row in the log (later rows win), with the share of the loss each method recovers."""
+    rows, acc, setting, speeds = {}, {}, {}, []
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        if "setting" in r:
+            setting = r["setting"]
+        elif "speed" in r:
+            speeds.append(r)
+        elif "ppl" in r:
+            rows[(r["budget"], r["method"])] = r
+        elif "acc" in r:
+            acc[(r["budget"], r["method"])] = r["acc"]
+    for key, a in acc.items():
+        if key in rows:
+            rows[key]["acc"] = a
+
+    def mean(a):
+        return sum(a.values()) / len(a) if a else None
+
+    def fmt(x, p=3):
+        return "—" if x is None else f"{x:.{p}f}"
+
+    orig = rows.get(("K", "original"))
+    lines = [f"setting: {json.dumps(setting)}", "",
+             "| budget | method | avg k measured (dev) | avg k (calib) | ppl | ppl recovered | arc_e | obqa | siqa | "
+             "mean acc | acc recovered | checkpoint |", "|" + "---|" * 12]
+    for (budget, name), r in sorted(rows.items(), key=lambda kv: (kv[0][0] != "K", kv[0][0], kv[1]["ppl"])):
+        plain = rows.get((budget, "plain"))
+        ppl_rec = acc_rec = None
+        if plain and orig and name not in ("plain", "original"):
+            ppl_rec = recovery(plain["ppl"], r["ppl"], orig["ppl"])
+            if r.get("acc") and plain.get("acc") and orig.get("acc"):
+                acc_rec = recovery(mean(plain["acc"]), mean(r["acc"]), mean(orig["acc"]), True)
+        a = r.get("acc") or {}
+        lines.append(f"| {budget} | {name} | {fmt(r['avg_k'])} | {fmt(r.get('avg_k_calib'))} | {r['ppl']:.3f} | "
+                     f"{fmt(ppl_rec, 2)} | {fmt(a.get('arc_easy'))} | {fmt(a.get('openbookqa'))} | "
+                     f"{fmt(a.get('social_iqa'))} | {fmt(mean(a))} | {fmt(acc_rec, 2)} | {r.get('form', 'standard')} |")
+    for sp in speeds:
+        lines += ["", f"speed ({sp['experts_implementation']} experts, {sp['threads']} threads), tokens/s:",
+                  "| model | prefill | decode |", "|---|---|---|"]
+        base = sp["speed"]["original"]
+        for name, v in sp["speed"].items():
+            lines.append(f"| {name} | {v['prefill']:.0f} ({v['prefill'] / base['prefill']:.2f}x) | "
+                         f"{v['decode']:.1f} ({v['decode'] / base['decode']:.2f}x) |")
+    text = "\n".join(lines) + "\n"
+    (log.parent / "route_table.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

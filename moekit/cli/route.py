@@ -1,0 +1,64 @@
+"""`moekit route`: fewer routed experts per token, with training-free mitigations."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from . import app
+from .common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+
+PER_LAYER = typer.Option(None, "--per-layer", help="explicit k per decoder layer, e.g. '3:4,4:2' (others keep top-k)")
+MITIGATION = typer.Option(
+    [], "--mitigation", "-m",
+    help="renorm, rescale, compensate, allocate, adaptive or super; repeat to combine (see moekit.route)",
+)
+
+
+def parse_per_layer(text: str | None) -> dict[int, int] | None:
+    from ..errors import MoekitError
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        layer, sep, k = part.partition(":")
+        if not sep or not layer.strip().isdigit() or not k.strip().isdigit():
+            raise MoekitError(f"--per-layer '{text}' is not LAYER:K[,LAYER:K...] (e.g. '3:4,4:2')")
+        out[int(layer)] = int(k)
+    return out
+
+
+@app.command()
+def route(model: str = MODEL,
+          top_k: float = typer.Option(None, "--top-k", help="routed experts per token (the average, for allocate/adaptive)"),
+          per_layer: str = PER_LAYER, mitigation: list[str] = MITIGATION,
+          stats: str = typer.Option(None, "--stats", help="statistics file from `moekit profile` (compensate, super)"),
+          data: str = typer.Option(None, "--data", help="calibration text (rescale, allocate, adaptive; measures k)"),
+          field: str = FIELD, n_seq: int = typer.Option(16, help="calibration sequences"),
+          seq_len: int = typer.Option(256, help="calibration sequence length"),
+          adaptive_rule: str = typer.Option("cumprob", help="adaptive: 'cumprob' (cumulative weight) or 'beta' (NAEE)"),
+          threshold: float = typer.Option(None, help="adaptive threshold; default: calibrated to the --top-k budget"),
+          rescale_mode: str = typer.Option("norm", help="rescale: 'norm' (match RMS) or 'lsq' (least squares)"),
+          super_rule: str = typer.Option("paper", help="super experts: 'paper' or 'first75'"),
+          out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
+          dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """Lower the experts each token activates (globally, per layer or per token) and save the model."""
+    from ..data import calibration_tokens
+    from ..export import check_output_dir, save_model
+    from ..route import RouteConfig, route_
+    from ..stats import ExpertStats
+
+    check_output_dir(out, overwrite)
+    m, tok = load(model, dtype, device, trust_remote_code)
+    st = ExpertStats.load(stats) if stats else None
+    tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
+    cfg = RouteConfig(top_k=top_k, top_k_per_layer=parse_per_layer(per_layer), mitigations=tuple(mitigation),
+                      adaptive_rule=adaptive_rule, threshold=threshold, rescale_mode=rescale_mode, super_rule=super_rule)
+    report = route_(m, st, cfg, tokens=tokens)
+    save_model(m, tok, out, overwrite=overwrite)
+    keys = ("top_k_original", "mitigations", "top_k_per_layer", "threshold", "super_experts", "average_active_experts",
+            "routed_expert_compute_saved", "active_params_before", "active_params_after", "form")
+    print(json.dumps({k: report[k] for k in keys}, indent=2, default=str))
+    print(f"saved to {out} ({'plain transformers loads it' if report['form'] == 'standard' else 'load it with moekit'})")
