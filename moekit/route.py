@@ -65,7 +65,7 @@ class RouteConfig:
     top_k: float | None = None
     top_k_per_layer: dict[int, int] | None = None  # explicit k per decoder layer (overrides top_k)
     mitigations: tuple[str, ...] = ()
-    rescale_mode: str = "norm"  # "norm" | "lsq"
+    rescale_mode: str = "lsq"  # "lsq" (measured best) | "norm"
     adaptive_rule: str = "cumprob"  # "cumprob" | "beta"
     threshold: float | None = None  # adaptive threshold; None -> calibrated so the average k equals top_k
     min_k: int = 1  # adaptive and allocate never go below this

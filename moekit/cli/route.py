@@ -40,7 +40,7 @@ def route(model: str = MODEL,
           seq_len: int = typer.Option(256, help="calibration sequence length"),
           adaptive_rule: str = typer.Option("cumprob", help="adaptive: 'cumprob' (cumulative weight) or 'beta' (NAEE)"),
           threshold: float = typer.Option(None, help="adaptive threshold; default: calibrated to the --top-k budget"),
-          rescale_mode: str = typer.Option("norm", help="rescale: 'norm' (match RMS) or 'lsq' (least squares)"),
+          rescale_mode: str = typer.Option("lsq", help="rescale: 'lsq' (least squares, measured best) or 'norm' (match RMS)"),
           super_rule: str = typer.Option("paper", help="super experts: 'paper' or 'first75'"),
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
