@@ -405,6 +405,7 @@ def _run_eval(ctx: Context, cfg: EvalStep, sdir: Path) -> dict:
                           batch_size=cfg.batch_size, num_fewshot=cfg.num_fewshot)
         write_result(result, sdir / "eval.json")
         record["tasks"] = {t: m["summary"] for t, m in result["tasks"].items()}
+        record["limit"] = cfg.limit
     if cfg.speed:
         from .costs import speed
 

@@ -57,8 +57,8 @@ def _span(values) -> str:
 
 
 def accuracy_vs_params(rows: list[dict], path: Path) -> Path | None:
-    pts = [(r["model"]["params_active"] / 1e6, _mean_acc(r), (r.get("perplexity") or {}).get("value"), r["label"])
-           for r in rows if r.get("model")]
+    pts = [(r["model"]["params_total"] / 1e6, _mean_acc(r), (r.get("perplexity") or {}).get("value"), _short(r["label"]),
+            r["model"]["params_active"] / 1e6) for r in rows if r.get("model")]
     if not pts:
         return None
     plt = _pyplot()
@@ -69,12 +69,18 @@ def accuracy_vs_params(rows: list[dict], path: Path) -> Path | None:
         ax.plot(xs, ys, "o-")
         for p in pts:
             if p[idx] is not None:
-                ax.annotate(p[3][:28], (p[0], p[idx]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("active parameters per token (M)")
+                ax.annotate(f"{p[3]} ({p[4]:.0f}M active)", (p[0], p[idx]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlabel("total parameters (M)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     fig.suptitle("What each step costs and what it saves")
     return _save(fig, path)
+
+
+def _short(label: str) -> str:
+    """'prune(...) + route(...)' -> '+route': the step that produced this row."""
+    return label if label == "original" else "+" + label.split(" + ")[-1].split("(")[0]
 
 
 def _mean_acc(row: dict) -> float | None:
@@ -110,7 +116,7 @@ def write_report(results: list[dict], run_dir: str | Path, *, title: str = "moek
             break
     acc = accuracy_vs_params(rows, run_dir / "accuracy_vs_params.png")
     if acc:
-        figures.append(("accuracy and perplexity against active parameters", acc))
+        figures.append(("accuracy and perplexity against total parameters", acc))
     kept = experts_per_layer_plot(rows, run_dir / "experts_per_layer.png")
     if kept:
         figures.append(("experts kept per layer", kept))
@@ -121,7 +127,9 @@ def write_report(results: list[dict], run_dir: str | Path, *, title: str = "moek
         ppl = (first.get("perplexity") or {})
         if ppl:
             lines.append(f"Perplexity: first {ppl.get('tokens', 0):,} tokens of `{ppl.get('data')}` in 1024-token windows.")
-        lines.append("Task accuracy: lm-evaluation-harness, zero-shot (acc_norm for hellaswag/click, acc otherwise).")
+        limit = first.get("limit")
+        items = f"first {limit} items of each task (standard error about ±{0.5 / limit ** 0.5:.2f})" if limit else "all items"
+        lines.append(f"Task accuracy: lm-evaluation-harness, zero-shot, {items}; acc_norm for hellaswag/click, acc otherwise.")
         lines.append("")
     if supers is not None:
         lines += [f"Super experts found (layer, expert): {supers or 'none'} — never pruned, merged or dropped.", ""]
