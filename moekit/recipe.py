@@ -433,7 +433,8 @@ def demo_recipe(path: str | Path, data_dir: str | Path, limit: int | None) -> Re
         recipe.data.update(calib="self", eval=None, tasks_dir=None)
     for step in recipe.steps:
         if step.name == "eval":
-            step.config.limit = limit
+            if limit is not None:
+                step.config.limit = limit
             if recipe.data.get("tasks_dir") is None:
                 step.config.tasks = []
     return recipe

@@ -35,7 +35,7 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe (see moekit/recipes
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
          data_dir: Path = typer.Option(Path("../shared/data"), "--data-dir",
                                        help="folder with calib/ and dev/ (offline copies); absent: the model's own text, no tasks"),
-         limit: int = typer.Option(50, help="items per task (the first N of each dev file)"),
+         limit: int = typer.Option(None, help="items per task (default: the recipe's, 50)"),
          fresh: bool = typer.Option(False, "--fresh", help="discard an earlier demo run in --out and start again")):
     """The main job on the embedded default MoE: profile, prune, re-route, evaluate, report."""
     import shutil
