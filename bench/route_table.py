@@ -215,18 +215,22 @@ def main():
         div = int(args.budgets.split(",")[0])
         ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
         name = (ranked[0]["method"] if ranked else "plain") if args.speed_method == "best" else args.speed_method
-        models = {"original": model}
-        for nm in dict.fromkeys(["plain", name]):
-            m = copy.deepcopy(model)
-            route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
-            models[f"{nm}@K/{div}"] = m
-        for impl in ("grouped_mm", "eager"):
-            for m in models.values():
-                m.config._experts_implementation = impl
-            sp = speed(models, tok)
-            emit({"speed": sp, "experts_implementation": impl, "threads": torch.get_num_threads()})
+        speed_stage(model, tok, calib, stats, big_k, div, name, emit)
 
     print(summarise(log))
+
+
+def speed_stage(model, tok, calib, stats, big_k, div, name, emit) -> None:
+    """Prefill/decode speed of the original, plain top-(K/div) and ``name`` at K/div, measured in one run."""
+    models = {"original": model}
+    for nm in dict.fromkeys(["plain", name]):
+        m = copy.deepcopy(model)
+        route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
+        models[f"{nm}@K/{div}"] = m
+    for impl in ("grouped_mm", "eager"):
+        for m in models.values():
+            m.config._experts_implementation = impl
+        emit({"speed": speed(models, tok), "experts_implementation": impl, "threads": torch.get_num_threads()})
 
 
 def best_in_log(log: Path, budget: str) -> str:
@@ -251,15 +255,7 @@ def later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emi
     else:
         div = divs[0]
         name = best_in_log(log, f"K/{div}") if args.speed_method == "best" else args.speed_method
-        models = {"original": model}
-        for nm in dict.fromkeys(["plain", name]):
-            m = copy.deepcopy(model)
-            route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
-            models[f"{nm}@K/{div}"] = m
-        for impl in ("grouped_mm", "eager"):
-            for m in models.values():
-                m.config._experts_implementation = impl
-            emit({"speed": speed(models, tok), "experts_implementation": impl, "threads": torch.get_num_threads()})
+        speed_stage(model, tok, calib, stats, big_k, div, name, emit)
     print(summarise(log))
 
 
