@@ -8,6 +8,7 @@ perplexity measured after each:
     +router   router refitted in closed form (ridge on per-expert log output energy)
     +lstsq    + least-squares refit of the down projections
     +local    + layer-wise local reconstruction (``--local-epochs``)
+    +distill  + end-to-end forward-KL distillation from the dense model (``--distill-steps`` x 4 calibration sequences)
 
 Also: carving time (marker pass + partition, no loading or healing), the one-iteration vs converged
 clustering at share 0.5, and the embedded default's recipe. Prints a table; writes JSON to --out.
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--shared", type=int, default=1)
     ap.add_argument("--shares", default="0.5,0.25,0.75,0.125", help="most informative first: rows are saved as they finish")
     ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--distill-steps", type=int, default=20, help="at the --local-shares shares; 0 = skip")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--skip-converged", action="store_true", help="skip the converged-clustering row")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "carve_sweep.json"))
     args = ap.parse_args()
@@ -98,8 +101,11 @@ def main() -> None:
             continue
         steps = [("+router", HealConfig(router=True, lstsq=False, local_epochs=0)),
                  ("+lstsq", HealConfig(router=False, lstsq=True, local_epochs=0)),
-                 ("+local", HealConfig(router=False, lstsq=False, local_epochs=args.local_epochs))]
-        if args.local_epochs <= 0 or row["share"] not in {float(s) for s in args.local_shares.split(",")}:
+                 ("+local", HealConfig(router=False, lstsq=False, local_epochs=args.local_epochs)),
+                 ("+distill", HealConfig(router=False, lstsq=False, local_epochs=0, distill_steps=args.distill_steps,
+                                         distill_lr=args.distill_lr, batch_size=4))]
+        steps = [s for s in steps if (s[0] != "+local" or args.local_epochs > 0) and (s[0] != "+distill" or args.distill_steps > 0)]
+        if row["share"] not in {float(s) for s in args.local_shares.split(",")}:
             steps = steps[:2]
         for name, hcfg in steps:
             t = time.perf_counter()
@@ -110,7 +116,7 @@ def main() -> None:
             save()
 
     d = result["dense_ppl"]
-    cols = ["carved", "+router", "+lstsq", "+local"]
+    cols = ["carved", "+router", "+lstsq", "+local", "+distill"]
     print(f"\nperplexity / dense ({d}) on {result['dev_tokens']} tokens of {Path(args.dev).name}, "
           f"{result['calib_tokens']} calibration tokens, {args.experts} experts ({args.shared} shared)")
     print("share  N_k  iters  carve_s  " + "  ".join(f"{c:>8}" for c in cols))

@@ -45,6 +45,8 @@ METHODS = {
     "compensate+adaptive": {"mitigations": ("compensate", "adaptive")},
     "compensate+rescale-lsq": {"mitigations": ("compensate", "rescale"), "rescale_mode": "lsq"},
     "allocate+rescale-lsq": {"mitigations": ("allocate", "rescale"), "rescale_mode": "lsq"},
+    "adaptive-cumprob+rescale-lsq": {"mitigations": ("adaptive", "rescale"), "adaptive_rule": "cumprob", "rescale_mode": "lsq"},
+    "allocate+rescale-lsq+super": {"mitigations": ("allocate", "rescale", "super"), "rescale_mode": "lsq"},
 }
 
 
@@ -116,7 +118,7 @@ def main():
     ap.add_argument("--budgets", default="2,4", help="divisors of K: 2 -> K/2, 4 -> K/4")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--methods-per-budget", default="", help="override --methods per budget: '2=a,b;4=c'")
-    ap.add_argument("--acc-methods", default="plain,best", help="methods whose task accuracy is measured ('best' = "
+    ap.add_argument("--acc-methods", default="plain,best", help="methods whose task accuracy is measured ('best' or 'topN' by perplexity; "
                     "lowest perplexity at that budget); the original model always")
     ap.add_argument("--limit", type=int, default=300, help="items per dev task (0: no accuracy)")
     ap.add_argument("--speed-method", default="best", help="method timed against the original at K/2 ('' to skip)")
@@ -200,8 +202,7 @@ def main():
             del m
         ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
         best = ranked[0]["method"] if ranked else None
-        for name in args.acc_methods.split(","):
-            name = best if name == "best" else name
+        for name in expand_acc_methods(args.acc_methods, [r["method"] for r in ranked]):
             if not tasks or (div, name) not in results:
                 continue
             m = copy.deepcopy(model)
@@ -233,10 +234,27 @@ def speed_stage(model, tok, calib, stats, big_k, div, name, emit) -> None:
         emit({"speed": speed(models, tok), "experts_implementation": impl, "threads": torch.get_num_threads()})
 
 
-def best_in_log(log: Path, budget: str) -> str:
+def expand_acc_methods(spec: str, ranked: list[str]) -> list[str]:
+    """'plain,best' or 'plain,top3' -> method names; ``ranked`` is the budget's methods, lowest perplexity first."""
+    names = []
+    for n in spec.split(","):
+        if n == "best":
+            names += ranked[:1]
+        elif n.startswith("top") and n[3:].isdigit():
+            names += ranked[: int(n[3:])]
+        elif n:
+            names.append(n)
+    return list(dict.fromkeys(names))
+
+
+def ranked_in_log(log: Path, budget: str) -> list[str]:
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     rows = [r for r in rows if r.get("budget") == budget and "ppl" in r]
-    return min(rows, key=lambda r: r["ppl"])["method"] if rows else "plain"
+    return [r["method"] for r in sorted(rows, key=lambda r: r["ppl"])]
+
+
+def best_in_log(log: Path, budget: str) -> str:
+    return (ranked_in_log(log, budget) or ["plain"])[0]
 
 
 def later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit):
@@ -245,8 +263,7 @@ def later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emi
         if not args.skip_original:
             emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
         for div in divs:
-            names = [best_in_log(log, f"K/{div}") if n == "best" else n for n in args.acc_methods.split(",")]
-            for name in dict.fromkeys(names):
+            for name in expand_acc_methods(args.acc_methods, ranked_in_log(log, f"K/{div}")):
                 m = copy.deepcopy(model)
                 route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[name]), tokens=calib)
                 emit({"budget": f"K/{div}", "method": name, "acc": accuracy(evaluate, m, tok, tasks, args.limit),

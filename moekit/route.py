@@ -22,9 +22,11 @@ Mitigations (training-free, combinable):
                 (``"beta"``, NAEE's dynamic skipping); the threshold is set so the average k is the budget.
 ``super``       a super expert (from the statistics file) that the original top-K selected is never dropped.
 
-Measured on smollm2-moe (K=8 of 24, 30 layers; first 4,096 tokens of the C4 dev file, 2,048 calibration tokens;
-bench/route_table.py): original 84.3, plain top-4 231.3, ``compensate`` 176.3 (37% of the loss back), ``allocate``
-8708 (its residual-normalised sensitivity sent mid layers to k=1: do not use it as is). Default: ``compensate``.
+Measured on smollm2-moe (K=8 of 24, 30 layers; first 8,192 tokens of the C4 dev file, 4,096 calibration tokens;
+bench/route_table.py): original 87.7, plain top-4 231.9; ``rescale`` (lsq) 138.4 (65% of the loss back, standard
+checkpoint), ``compensate`` 166.4 (45%), ``allocate`` alone 253.3, ``allocate`` + ``rescale`` 116.6 (80%, the best;
+needs moekit's loader). ``adaptive`` with the ``beta`` rule breaks this model (4321): its router renormalises,
+so a token left with one expert gives it all the weight.
 
 How it runs: the router keeps its own maths. ``renorm``/``adaptive``/``super`` replace the router's ``forward``
 on the instance by :class:`Rerouter`, which calls the class's forward at the original K and post-processes the
@@ -241,12 +243,12 @@ def restore(model) -> None:
 
 # ---------------------------------------------------------------------------------------------- calibration
 class BlockInputs:
-    """Capture, per MoE layer, the tokens entering the block [T, H] and the residual stream's squared norm."""
+    """Capture, per MoE layer, the tokens entering the block [T, H] and each token's residual-stream squared norm [T]."""
 
     def __init__(self, model, layers: list[arch.MoELayer]):
         self.model, self.layers = model, layers
         self.x: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in layers}
-        self.resid: dict[int, float] = {layer.index: 0.0 for layer in layers}
+        self.resid: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in layers}
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, batch_size: int = 4) -> BlockInputs:
@@ -273,11 +275,14 @@ class BlockInputs:
     def _resid_hook(self, idx):
         def hook(_module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            self.resid[idx] += float(h.float().pow(2).sum())
+            self.resid[idx].append(h.float().pow(2).sum(-1).reshape(-1).detach())
         return hook
 
     def get(self, idx: int) -> torch.Tensor:
         return torch.cat(self.x[idx])
+
+    def resid_norms(self, idx: int) -> torch.Tensor:
+        return torch.cat(self.resid[idx])
 
 
 def routed_output(layer: arch.MoELayer, x: torch.Tensor, plan: LayerPlan | None, full=None) -> torch.Tensor:
@@ -464,18 +469,23 @@ def _mean_out(stats: ExpertStats, layer) -> torch.Tensor:
 
 
 def _sensitivity(layers, plans, inputs: BlockInputs) -> dict[int, list[float]]:
-    """errors[l][k] = sum ||y_K - y_k||^2 / sum ||residual||^2 on the calibration tokens, under the other mitigations."""
+    """errors[l][k] = mean over calibration tokens of ||y_K - y_k||^2 / ||residual||^2, under the other mitigations.
+
+    Per token, not pooled: a few attention-sink tokens carry massive activations (norms in the thousands) from
+    the super experts' layer on, and a pooled ratio let them swamp every later layer's error, which sent those
+    layers to k = 1 (perplexity 84 -> 8708 on smollm2-moe)."""
     out = {}
     for layer in tqdm(layers, desc="sensitivity", leave=False):
         x = inputs.get(layer.index)
         plan = plans[layer.index]
         full = full_routing(layer, x, plan.K)
         ref = layer.combine(x, *full).float()
+        resid = inputs.resid_norms(layer.index).to(ref.device).clamp_min(1e-12)
         errs = [math.inf]
         for k in range(1, plan.K + 1):
             trial = LayerPlan(**{**asdict(plan), "k": k})
             y = routed_output(layer, x, trial, full).float()
-            errs.append(float((y - ref).pow(2).sum()) / max(inputs.resid[layer.index], 1e-12))
+            errs.append(float(((y - ref).pow(2).sum(-1) / resid).mean()))
         out[layer.index] = errs
     return out
 

@@ -246,7 +246,8 @@ def test_allocate_spends_the_budget_by_measured_sensitivity(family):
 
     def hook(idx):
         def grab(_module, args, kwargs):
-            resid[idx] = (args[0] if args else kwargs["hidden_states"]).pow(2).sum()
+            h = args[0] if args else kwargs["hidden_states"]
+            resid[idx] = h.pow(2).sum(-1).reshape(-1)
         return grab
 
     hooks = [arch.decoder_layers(model)[la.index].register_forward_pre_hook(hook(la.index), with_kwargs=True)
@@ -259,7 +260,7 @@ def test_allocate_spends_the_budget_by_measured_sensitivity(family):
     for la in layers:
         x = xs[la.index]
         full = hand_routed(la, x, *hand_topk(la, x, 4))
-        errors[la.index] = [(hand_routed(la, x, *hand_topk(la, x, k)) - full).pow(2).sum() / resid[la.index]
+        errors[la.index] = [((hand_routed(la, x, *hand_topk(la, x, k)) - full).pow(2).sum(-1) / resid[la.index]).mean()
                             for k in range(1, 5)]
     report = route_(model, None, RouteConfig(top_k=2.5, mitigations=("allocate",)), tokens=tokens)
     ks = report["top_k_per_layer"]
