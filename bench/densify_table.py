@@ -106,7 +106,7 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
 
         t0 = time.perf_counter()
         res = evaluate(model, tok, tasks=DEV_TASKS, data_dir=DATA / "dev", limit=args.task_limit, batch_size=16)
-        row["tasks"] = {t: res["tasks"][t].get("acc") for t in DEV_TASKS}
+        row["tasks"] = {t: res["tasks"][t]["summary"] for t in DEV_TASKS}  # acc_norm for ARC and OpenBookQA
         row["acc_mean"] = sum(row["tasks"].values()) / len(row["tasks"])
         row["task_limit"] = args.task_limit
         row["task_seconds"] = round(time.perf_counter() - t0, 1)

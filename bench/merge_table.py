@@ -95,15 +95,15 @@ def measure(model, ppl_tokens, targets) -> dict:
 
 
 def measure_tasks(model, tok, args) -> dict:
-    """Dev-task accuracy (acc_norm where the task has it, else acc) on the first ``--limit`` items of each task."""
+    """Dev-task accuracy (each task's summary metric: acc_norm for ARC/OpenBookQA, acc for social_iqa) on the first
+    ``--limit`` items of each task."""
     from moekit.evaluate import evaluate
 
     t0 = time.perf_counter()
     res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
     row = {}
     for t in args.tasks:
-        m = res["tasks"][t]
-        row[t] = m["acc_norm"] if m.get("acc_norm") is not None else m["acc"]
+        row[t] = res["tasks"][t]["summary"]
     row["task_mean"] = sum(row[t] for t in args.tasks) / len(args.tasks)
     row["tasks_s"] = round(time.perf_counter() - t0, 1)
     return row

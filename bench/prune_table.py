@@ -218,6 +218,13 @@ def _append(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+def summary(metrics: dict, task: str) -> float | None:
+    """The task's summary metric (acc_norm for ARC and OpenBookQA, acc otherwise) from a stored record."""
+    from moekit.tasks import summary_metric
+
+    return metrics.get(summary_metric(task), metrics.get("acc"))
+
+
 def _write_markdown(table: Path, out: Path, tasks: list[str], note: str = "") -> None:
     recs = {}
     for line in table.read_text().splitlines():
@@ -230,7 +237,7 @@ def _write_markdown(table: Path, out: Path, tasks: list[str], note: str = "") ->
         if "error" in r:
             lines.append(f"| {r['name']} | - | - | - | {r['error']} |" + " |" * (len(tasks) + 1))
             continue
-        accs = [r.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
+        accs = [summary(r.get("tasks", {}).get(t, {}), t) for t in tasks]
         cells = [f"{a:.3f}" if a is not None else "" for a in accs]
         mean = f"{sum(accs) / len(accs):.3f}" if accs and all(a is not None for a in accs) else ""
         p = r["params"]

@@ -16,7 +16,8 @@ Markdown table::
      "costs": {...} | None, "perplexity": {...} | None, "seconds": float}
 
 ``acc`` / ``acc_norm`` are the harness's own numbers (``None`` where a task defines no such metric);
-``summary`` is the one metric a table shows: ``acc_norm`` for hellaswag and click, ``acc`` otherwise.
+``summary`` is the one metric a table shows: ``acc_norm`` for hellaswag, click, ARC and OpenBookQA, ``acc``
+otherwise.
 """
 
 from __future__ import annotations
@@ -335,7 +336,9 @@ def markdown_table(results: list[dict]) -> str:
         row = [m.get("name") or m["fingerprint"], _millions(m["params"]["total"]), _millions(m["params"]["active"])]
         for t in tasks:
             v = r["tasks"].get(t)
-            row.append("-" if v is None or v["summary"] is None else f"{v['summary']:.4f} (n={v['n']})")
+            # the column's metric, not the file's summary: files written under another summary choice still line up
+            x = None if v is None else v.get(summary_metric(t), v["summary"])
+            row.append("-" if x is None else f"{x:.4f} (n={v['n']})")
         if has_ppl:
             p = r.get("perplexity")
             row.append(f"{p['value']:.2f}" if p else "-")

@@ -129,7 +129,7 @@ def write_report(results: list[dict], run_dir: str | Path, *, title: str = "moek
             lines.append(f"Perplexity: first {ppl.get('tokens', 0):,} tokens of `{ppl.get('data')}` in 1024-token windows.")
         limit = first.get("limit")
         items = f"first {limit} items of each task (standard error about ±{0.5 / limit ** 0.5:.2f})" if limit else "all items"
-        lines.append(f"Task accuracy: lm-evaluation-harness, zero-shot, {items}; acc_norm for hellaswag/click, acc otherwise.")
+        lines.append(f"Task accuracy: lm-evaluation-harness, zero-shot, {items}; acc_norm for hellaswag/click/ARC/OpenBookQA, acc otherwise.")
         lines.append("")
     if supers is not None:
         lines += [f"Super experts found (layer, expert): {supers or 'none'} — never pruned, merged or dropped.", ""]

@@ -42,7 +42,7 @@ def test_eval_writes_result_and_table_then_compare(saved, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["tasks"]["arc_easy"]["n"] == 6 and r["settings"]["limit"] == 6
     assert r["costs"]["models"][0]["checkpoint_bytes"] > 0
-    assert "arc_easy (acc)" in out.with_suffix(".md").read_text() and "prefill_tokens_per_s" in stdout
+    assert "arc_easy (acc_norm)" in out.with_suffix(".md").read_text() and "prefill_tokens_per_s" in stdout
     code, _, err = run(["eval", str(saved / "model"), "--tasks", "arc_easy", "--data-dir", str(saved), "--out", str(out)],
                        capsys)
     assert code == 2 and "exists" in err and "--overwrite" in err

@@ -72,7 +72,7 @@ def test_model_preferring_one_answer_scores_its_share(arc_dir):
     assert t["n"] == 8
     assert t["acc"] == pytest.approx(3 / 8, abs=0)
     assert t["acc_norm"] == pytest.approx(3 / 8, abs=0)
-    assert t["summary"] == t["acc"] and t["summary_metric"] == "acc"
+    assert t["summary"] == t["acc_norm"] and t["summary_metric"] == "acc_norm"
     r2 = evaluate(model, tok, tasks=["arc_easy"], data_dir=arc_dir, limit=4, batch_size=4)
     assert r2["tasks"]["arc_easy"]["n"] == 4
     assert r2["tasks"]["arc_easy"]["acc"] == pytest.approx(2 / 4, abs=0)  # items 0 and 3 of the first four
@@ -136,7 +136,7 @@ def test_result_schema_and_files(arc_dir, tmp_path):
     out, md = write_result(r, tmp_path / "res" / "r.json")
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     table = md.read_text()
-    assert "arc_easy (acc)" in table and "tiny-llama" in table and "(n=5)" in table
+    assert "arc_easy (acc_norm)" in table and "tiny-llama" in table and "(n=5)" in table
     assert not list((tmp_path / "res").glob(".*tmp"))
 
 
@@ -249,7 +249,8 @@ def test_every_dev_task_and_mmlu_run_offline():
     assert t["mmlu"]["n"] == 2 * 57  # the limit applies to each of the 57 subjects
     assert t["social_iqa"]["acc_norm"] is None  # the harness defines only acc for social_iqa
     for k in (*DEV_TASKS, "mmlu"):
-        assert 0.0 <= t[k]["summary"] <= 1.0 and t[k]["summary_metric"] == "acc"
+        want = "acc" if k in ("social_iqa", "mmlu") else "acc_norm"
+        assert 0.0 <= t[k]["summary"] <= 1.0 and t[k]["summary_metric"] == want
     assert r["data"]["mmlu"]["records"] == 285
 
 

@@ -28,7 +28,8 @@ class TaskSpec:
     file: str  # default local file name inside a data directory
     split: str  # the split the harness scores (test or validation)
     required: tuple[str, ...]  # record fields the harness prompt reads
-    summary: str = "acc"  # the challenge team's practice: acc_norm for hellaswag and click, acc otherwise
+    summary: str = "acc"  # acc_norm for hellaswag, click, ARC and OpenBookQA (length-normalised, as the harness
+    # leaderboards report them; OpenBookQA's unnormalised acc sits below chance for small models), acc otherwise
     leaves: tuple[str, ...] = ()  # harness tasks referenced by the local group (default: the task itself)
     subject_field: str | None = None  # per-subject tasks: record field filtered by the subject
     group: bool = False  # the harness name is a group (its metric is the group's aggregate)
@@ -42,9 +43,12 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("arc_easy", "arc_easy.jsonl", "test", ("question", "choices", "answerKey"), harness_dir="arc"),
-        TaskSpec("arc_challenge", "arc_challenge.jsonl", "test", ("question", "choices", "answerKey"), harness_dir="arc"),
-        TaskSpec("openbookqa", "openbookqa.jsonl", "test", ("question_stem", "choices", "answerKey"), harness_dir="openbookqa"),
+        TaskSpec("arc_easy", "arc_easy.jsonl", "test", ("question", "choices", "answerKey"),
+                 summary="acc_norm", harness_dir="arc"),
+        TaskSpec("arc_challenge", "arc_challenge.jsonl", "test", ("question", "choices", "answerKey"),
+                 summary="acc_norm", harness_dir="arc"),
+        TaskSpec("openbookqa", "openbookqa.jsonl", "test", ("question_stem", "choices", "answerKey"),
+                 summary="acc_norm", harness_dir="openbookqa"),
         TaskSpec("social_iqa", "social_iqa.jsonl", "validation",
                  ("context", "question", "answerA", "answerB", "answerC", "label"), harness_dir="siqa"),
         TaskSpec("piqa", "piqa.jsonl", "validation", ("goal", "sol1", "sol2", "label"), harness_dir="piqa"),
