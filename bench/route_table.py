@@ -47,6 +47,14 @@ METHODS = {
     "allocate+rescale-lsq": {"mitigations": ("allocate", "rescale"), "rescale_mode": "lsq"},
     "adaptive-cumprob+rescale-lsq": {"mitigations": ("adaptive", "rescale"), "adaptive_rule": "cumprob", "rescale_mode": "lsq"},
     "allocate+rescale-lsq+super": {"mitigations": ("allocate", "rescale", "super"), "rescale_mode": "lsq"},
+    # keep_weights: the kept experts keep their original top-K weights (the router does not renormalise them)
+    "keep": {"keep_weights": True},
+    "keep+rescale-lsq": {"mitigations": ("rescale",), "rescale_mode": "lsq", "keep_weights": True},
+    "adaptive-cumprob+keep": {"mitigations": ("adaptive",), "adaptive_rule": "cumprob", "keep_weights": True},
+    "adaptive-beta+keep": {"mitigations": ("adaptive",), "adaptive_rule": "beta", "keep_weights": True},
+    "adaptive-beta+keep+rescale-lsq": {"mitigations": ("adaptive", "rescale"), "adaptive_rule": "beta",
+                                       "rescale_mode": "lsq", "keep_weights": True},
+    "allocate+keep+rescale-lsq": {"mitigations": ("allocate", "rescale"), "rescale_mode": "lsq", "keep_weights": True},
 }
 
 
@@ -248,9 +256,17 @@ def expand_acc_methods(spec: str, ranked: list[str]) -> list[str]:
 
 
 def ranked_in_log(log: Path, budget: str) -> list[str]:
+    """The budget's methods by perplexity, lowest first; a method whose perplexity equals a better-ranked one's (the
+    same model built another way, e.g. ``+super`` where no super expert is ever dropped) is left out."""
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    rows = [r for r in rows if r.get("budget") == budget and "ppl" in r]
-    return [r["method"] for r in sorted(rows, key=lambda r: r["ppl"])]
+    rows = sorted((r for r in rows if r.get("budget") == budget and "ppl" in r), key=lambda r: r["ppl"])
+    out, seen = [], []
+    for r in rows:
+        if r["method"] in out or any(abs(r["ppl"] - p) <= 1e-6 * p for p in seen):
+            continue
+        out.append(r["method"])
+        seen.append(r["ppl"])
+    return out
 
 
 def best_in_log(log: Path, budget: str) -> str:

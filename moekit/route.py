@@ -22,6 +22,10 @@ Mitigations (training-free, combinable):
                 (``"beta"``, NAEE's dynamic skipping); the threshold is set so the average k is the budget.
 ``super``       a super expert (from the statistics file) that the original top-K selected is never dropped.
 
+``keep_weights=True`` (CLI ``--keep-weights``) stops a router that renormalises its own top-k (``norm_topk_prob``,
+Mixtral, GPT-OSS) from renormalising over the kept experts: they keep the weights they had among the original
+top-K, so a token left with one expert does not hand it the whole weight (needs moekit's loader).
+
 Measured on smollm2-moe (K=8 of 24, 30 layers; first 8,192 tokens of the C4 dev file, 4,096 calibration tokens;
 bench/route_table.py): original 87.7, plain top-4 231.9; ``rescale`` (lsq) 138.4 (65% of the loss back, standard
 checkpoint), ``compensate`` 166.4 (45%), ``allocate`` alone 253.3, ``allocate`` + ``rescale`` 116.6 (80%, the best;
@@ -74,6 +78,7 @@ class RouteConfig:
     super_rule: str = "paper"  # rule of moekit.stats.super_experts
     super_list: list[tuple[int, int]] | None = None  # explicit (layer, expert) super experts
     calibration_rounds: int = 2  # adaptive: re-measure on the re-routed model and re-calibrate
+    keep_weights: bool = False  # kept experts keep their original top-K weights even where the router renormalises
 
 
 @dataclass
@@ -97,7 +102,7 @@ class LayerPlan:
     @property
     def rerouted(self) -> bool:
         """Whether the router's output is post-processed (else the router's own top-k at ``k`` runs as is)."""
-        return bool((self.renorm and not self.native_renorm) or self.rule or self.keep or self.compensate)
+        return bool(self.renorm != self.native_renorm or self.rule or self.keep or self.compensate)
 
 
 # ---------------------------------------------------------------------------------------------- routing maths
@@ -437,6 +442,8 @@ def _check(cfg: RouteConfig, layers, stats, tokens) -> set[str]:
         raise MoekitError(f"unknown rescale_mode '{cfg.rescale_mode}': use 'norm' or 'lsq'")
     if cfg.adaptive_rule not in ("cumprob", "beta"):
         raise MoekitError(f"unknown adaptive_rule '{cfg.adaptive_rule}': use 'cumprob' or 'beta'")
+    if cfg.keep_weights and "renorm" in mits:
+        raise MoekitError("keep_weights keeps the original top-K weights and 'renorm' rescales them: choose one")
     return mits
 
 
@@ -451,10 +458,11 @@ def _base_plan(layer, cfg: RouteConfig, mits: set[str], stats) -> LayerPlan:
         pairs = cfg.super_list if cfg.super_list is not None else super_experts(stats, rule=cfg.super_rule)
         keep = sorted({int(e) for lay, e in pairs if int(lay) == layer.index})
     # a router that renormalises its own top-k keeps doing so for the kept experts, unless compensation takes the
-    # dropped weight (then kept experts keep their original top-K weights)
+    # dropped weight or keep_weights is set (then kept experts keep their original top-K weights)
     native = layer.norm_topk_prob
+    renorm = "renorm" in mits or (native and "compensate" not in mits and not cfg.keep_weights)
     return LayerPlan(
-        K=big_k, k=k, renorm="renorm" in mits or (native and "compensate" not in mits), native_renorm=native, rule=cfg.adaptive_rule if "adaptive" in mits else None,
+        K=big_k, k=k, renorm=renorm, native_renorm=native, rule=cfg.adaptive_rule if "adaptive" in mits else None,
         threshold=float(cfg.threshold or 0.0), min_k=max(1, cfg.min_k), keep=keep, compensate="compensate" in mits,
     )
 

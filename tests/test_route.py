@@ -197,6 +197,25 @@ def test_adaptive_threshold_matches_hand_rule(family, rule):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("mode", ["fixed", "beta"])
+def test_keep_weights_leaves_the_kept_weights_unnormalised(family, mode):
+    model, tokens, layers = setup(family, num_experts_per_tok=4)
+    xs = block_inputs(model, tokens)
+    extra = {"mitigations": ("adaptive",), "adaptive_rule": "beta", "threshold": 0.5} if mode == "beta" else {}
+    report = route_(model, None, RouteConfig(top_k=2, keep_weights=True, **extra), tokens=tokens)
+    # a renormalising router needs the re-router to stop renormalising: moekit's form, not a standard checkpoint
+    assert report["form"] == ("standard" if mode == "fixed" and not NORMALISED[family] else "moekit")
+    for la in layers:
+        x = xs[la.index]
+        w, i = hand_topk(la, x, 4)
+        q = w / w.sum(-1, keepdim=True)
+        n = (q >= 0.5 * q[:, :1]).sum(-1) if mode == "beta" else torch.full((x.shape[0],), 2)
+        keep = torch.arange(4)[None, :] < n.clamp(min=1)[:, None]
+        ref = hand_routed(la, x, w * keep, i) + shared(la, x)  # the original top-4 weights, never rescaled
+        torch.testing.assert_close(block_out(la, x), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_super_expert_selected_by_top_k_is_never_dropped(family):
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     xs = block_inputs(model, tokens)
@@ -314,6 +333,7 @@ CASES = [
     ("olmoe", RouteConfig(top_k=1, mitigations=("compensate", "rescale")), "moekit"),
     ("deepseek_v3", RouteConfig(top_k=2, mitigations=("adaptive", "compensate")), "moekit"),
     ("gpt_oss", RouteConfig(top_k=1.5, mitigations=("adaptive",), adaptive_rule="beta"), "moekit"),
+    ("qwen3_moe", RouteConfig(top_k=2, keep_weights=True), "moekit"),
 ]
 
 
@@ -344,6 +364,8 @@ def test_bad_input_raises_one_line_errors():
     model, _, _ = setup("qwen3_moe", num_experts_per_tok=4)
     with pytest.raises(MoekitError, match="between 1"):
         route_(model, None, RouteConfig(top_k=5))
+    with pytest.raises(MoekitError, match="choose one"):
+        route_(model, None, RouteConfig(top_k=2, mitigations=("renorm",), keep_weights=True))
     with pytest.raises(MoekitError, match="unknown mitigation"):
         route_(model, None, RouteConfig(top_k=2, mitigations=("magic",)))
     with pytest.raises(MoekitError, match="statistics"):

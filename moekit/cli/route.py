@@ -42,6 +42,8 @@ def route(model: str = MODEL,
           threshold: float = typer.Option(None, help="adaptive threshold; default: calibrated to the --top-k budget"),
           rescale_mode: str = typer.Option("lsq", help="rescale: 'lsq' (least squares, measured best) or 'norm' (match RMS)"),
           super_rule: str = typer.Option("paper", help="super experts: 'paper' or 'first75'"),
+          keep_weights: bool = typer.Option(False, "--keep-weights",
+                                            help="kept experts keep their original top-K weights (no renormalisation)"),
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Lower the experts each token activates (globally, per layer or per token) and save the model."""
@@ -55,7 +57,8 @@ def route(model: str = MODEL,
     st = ExpertStats.load(stats) if stats else None
     tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
     cfg = RouteConfig(top_k=top_k, top_k_per_layer=parse_per_layer(per_layer), mitigations=tuple(mitigation),
-                      adaptive_rule=adaptive_rule, threshold=threshold, rescale_mode=rescale_mode, super_rule=super_rule)
+                      adaptive_rule=adaptive_rule, threshold=threshold, rescale_mode=rescale_mode, super_rule=super_rule,
+                      keep_weights=keep_weights)
     report = route_(m, st, cfg, tokens=tokens)
     save_model(m, tok, out, overwrite=overwrite)
     keys = ("top_k_original", "mitigations", "top_k_per_layer", "threshold", "super_experts", "average_active_experts",
