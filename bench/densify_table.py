@@ -47,6 +47,9 @@ def parse():
     p.add_argument("--distill-ks", type=int, nargs="*", default=None, help="distil only at these K (default: all)")
     p.add_argument("--control-only", action="store_true", help="only the dense baseline and the control rows")
     p.add_argument("--control-widths", type=int, nargs="*", default=[], help="FFN widths of the control, one per K")
+    p.add_argument("--variants", action="store_true",
+                   help="also the grouping and down-scaling variants (merge grouping, score-proportional down_proj) "
+                        "of the best score at each K, before distillation")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args()
 
@@ -189,8 +192,8 @@ def main() -> None:
     stats = _stats(out, args, teacher, tok, calib)
     evaluate_row(table, f"MoE teacher ({args.model})", lambda: teacher, tok, ppl_tokens, args)
 
-    def build_dense(k, score):
-        return densify(teacher, stats, DensifyConfig(keep=k, score=score))
+    def build_dense(k, score, **variant):
+        return densify(teacher, stats, DensifyConfig(keep=k, score=score, **variant))
 
     for k in args.ks:
         # 1. every score before distillation
@@ -199,6 +202,11 @@ def main() -> None:
             evaluate_row(table, f"K={k} {score}", lambda k=k, s=score: build_dense(k, s), tok, ppl_tokens, args,
                          extra={"k": k, "score": score, "stage": "before"})
             table.row(f"K={k} {score}").setdefault("densify_seconds", round(time.perf_counter() - t0, 1))
+        if args.variants:  # the paper's other axes, on the best score by perplexity
+            best = min((s for s in args.scores if s != "random"), key=lambda s: table.row(f"K={k} {s}")["ppl"])
+            for label, variant in (("grouping=merge", {"grouping": "merge"}), ("down=score", {"down_scaling": "score"})):
+                evaluate_row(table, f"K={k} {best} {label}", lambda k=k, s=best, v=variant: build_dense(k, s, **v), tok,
+                             ppl_tokens, args, extra={"k": k, "score": best, "stage": "before", **variant})
         # 2. the control at the same FFN width
         width = table.row(f"K={k} {args.scores[0]}")["ffn_width"]
         evaluate_row(table, f"K={k} control: {args.dense} pruned", lambda w=width: build_control(w), tok,
