@@ -3,7 +3,7 @@
 For each size (routed experts kept per layer) the rows are
 
 * ``prune``            REAP pruning to the size (``moekit.prune.prune_``, its default criterion);
-* ``merge``            HC-SMoE grouping + frequency-weighted average, router row chosen by measurement;
+* ``merge``            ``--grouping`` (default REAM) + ``--rule`` (default select), router row chosen by measurement;
 * ``merge+learn``      the same with learned coefficients;
 * ``prune+merge``      prune halfway, then merge (learned) down to the size (the challenge team's pipeline);
 
@@ -146,7 +146,7 @@ def build(kind: str, base, stats, size: int, calib, args, inputs=None, targets=N
     """A compressed copy of ``base`` with ``size`` routed experts per layer."""
     model = copy.deepcopy(base)
     info: dict = {}
-    learn = kind in ("merge+learn", "prune+merge")
+    learn = kind in ("merge+learn", "prune+merge") and args.steps > 0  # --steps 0: prune+merge without learning
     merge_cfg = dict(grouping=args.grouping, rule=args.rule, router=args.router, learn=learn, steps=args.steps,
                      lr=args.lr, super_rule=args.super_rule, seed=0)
     if kind == "prune":
@@ -262,7 +262,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["prune", "merge", "merge+learn", "prune+merge"])
     p.add_argument("--tasks", nargs="*", default=["arc_easy", "openbookqa", "social_iqa"])
     p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--grouping", default="hc")
+    p.add_argument("--grouping", default="ream")
     p.add_argument("--rule", default="select")
     p.add_argument("--compare-rules", nargs="*", default=[], help="prune+merge: block error of these rules too")
     p.add_argument("--router", default="auto")

@@ -46,8 +46,8 @@ PRUNE_RECORD = "moekit_kept_experts"  # moekit.prune's config record of survivin
 
 @dataclass
 class MergeConfig:
-    grouping: str = "hc"  # hc | mcsmoe | ream
-    rule: str = "avg"  # avg | svd | select
+    grouping: str = "ream"  # ream | hc | mcsmoe (ream measured best, bench/merge_table.py)
+    rule: str = "select"  # select | avg | svd (select measured best)
     align: bool = False  # permute neurons onto the dominant member before merging
     rank: int | None = None  # svd rule: singular values kept per projection (None: all)
     target: int | None = None  # experts per layer after merging
