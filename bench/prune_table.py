@@ -208,7 +208,8 @@ def main() -> None:
     note = (
         f"model {args.model}; perplexity on the first {ppl_tokens.numel():,} tokens of {Path(args.ppl_data).name} "
         f"({ppl_tokens.shape[0]} windows of {args.window}); statistics from {args.calib_seqs} x {args.calib_len} "
-        f"tokens of {Path(args.calib).name}; accuracy: zero-shot acc, first {args.limit} items per task"
+        f"tokens of {Path(args.calib).name}; accuracy: zero-shot, first {args.limit} items per task, each "
+        "task's summary metric (acc_norm for ARC and OpenBookQA, acc for social_iqa)"
     )
     _write_markdown(table, args.out / f"prune_table.{tag}.md", tasks, note)
 
