@@ -50,6 +50,9 @@ def parse():
     p.add_argument("--variants", action="store_true",
                    help="also the grouping and down-scaling variants (merge grouping, score-proportional down_proj) "
                         "of the best score at each K, before distillation")
+    p.add_argument("--control-moe-teacher", action="store_true",
+                   help="also distil the control from the MoE teacher (the densified students' teacher), so that only "
+                        "the starting point differs")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args()
 
@@ -228,6 +231,10 @@ def main() -> None:
         name = f"K={k} control + distill"
         evaluate_row(table, name, distilled(name, lambda w=width: build_control(w), args.dense), tok, ppl_tokens,
                      args, extra={"k": k, "stage": "after"})
+        if args.control_moe_teacher:
+            name = f"K={k} control + distill from the MoE"
+            evaluate_row(table, name, distilled(name, lambda w=width: build_control(w), args.model), tok, ppl_tokens,
+                         args, extra={"k": k, "stage": "after", "teacher": args.model})
     report(table)
 
 
