@@ -208,9 +208,9 @@ def main():
             results[(div, name)] = row
             emit(row)
             del m
-        ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
-        best = ranked[0]["method"] if ranked else None
-        for name in expand_acc_methods(args.acc_methods, [r["method"] for r in ranked]):
+        ranked = rank_by_ppl(r for (d, _), r in results.items() if d == div)
+        best = ranked[0] if ranked else None
+        for name in expand_acc_methods(args.acc_methods, ranked):
             if not tasks or (div, name) not in results:
                 continue
             m = copy.deepcopy(model)
@@ -222,8 +222,8 @@ def main():
 
     if args.speed_method:
         div = int(args.budgets.split(",")[0])
-        ranked = sorted((r for (d, _), r in results.items() if d == div), key=lambda r: r["ppl"])
-        name = (ranked[0]["method"] if ranked else "plain") if args.speed_method == "best" else args.speed_method
+        ranked = rank_by_ppl(r for (d, _), r in results.items() if d == div)
+        name = (ranked[0] if ranked else "plain") if args.speed_method == "best" else args.speed_method
         speed_stage(model, tok, calib, stats, big_k, div, name, emit)
 
     print(summarise(log))
@@ -255,18 +255,21 @@ def expand_acc_methods(spec: str, ranked: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def ranked_in_log(log: Path, budget: str) -> list[str]:
-    """The budget's methods by perplexity, lowest first; a method whose perplexity equals a better-ranked one's (the
+def rank_by_ppl(rows) -> list[str]:
+    """Methods of ``rows`` by perplexity, lowest first; a method whose perplexity equals a better-ranked one's (the
     same model built another way, e.g. ``+super`` where no super expert is ever dropped) is left out."""
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    rows = sorted((r for r in rows if r.get("budget") == budget and "ppl" in r), key=lambda r: r["ppl"])
     out, seen = [], []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["ppl"]):
         if r["method"] in out or any(abs(r["ppl"] - p) <= 1e-6 * p for p in seen):
             continue
         out.append(r["method"])
         seen.append(r["ppl"])
     return out
+
+
+def ranked_in_log(log: Path, budget: str) -> list[str]:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return rank_by_ppl(r for r in rows if r.get("budget") == budget and "ppl" in r)
 
 
 def best_in_log(log: Path, budget: str) -> str:
