@@ -48,11 +48,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "carve_sweep.json"))
     args = ap.parse_args()
 
-    from moekit.carve import CarveConfig, carve
+    from moekit.carve.carve import CarveConfig, carve
     from moekit.data import calibration_tokens
-    from moekit.heal import HealConfig, heal_
-    from moekit.models import load_model
-    from moekit.perplexity import perplexity, windows
+    from moekit.carve.heal import HealConfig, heal_
+    from moekit.checkpoint.load import load_model
+    from moekit.eval.perplexity import perplexity, windows
 
     torch.manual_seed(0)
     dense, tok = load_model(args.model, dtype=torch.float32, device="cpu")

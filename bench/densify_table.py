@@ -86,7 +86,7 @@ class Table:
 
 def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=None) -> None:
     """Fill the missing metrics of row ``name``; ``build()`` makes the model only when something is missing."""
-    from moekit.perplexity import perplexity
+    from moekit.eval.perplexity import perplexity
 
     row = table.row(name)
     row.update(extra or {})
@@ -97,7 +97,7 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
         return
     model = build()
     row.setdefault("params", sum(p.numel() for p in model.parameters()))
-    from moekit.arch import is_moe
+    from moekit.core.arch import is_moe
 
     row.setdefault("ffn_width", None if is_moe(model) else model.config.intermediate_size)
     if "ppl" not in row:
@@ -108,7 +108,7 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
         table.save()
         print(f"{name:34s} ppl {row['ppl']:8.2f}  ({row['ppl_seconds']}s)", flush=True)
     if want_tasks:
-        from moekit.evaluate import DEV_TASKS, evaluate
+        from moekit.eval.harness import DEV_TASKS, evaluate
 
         t0 = time.perf_counter()
         res = evaluate(model, tok, tasks=DEV_TASKS, data_dir=DATA / "dev", limit=args.task_limit, batch_size=16)
@@ -125,12 +125,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from moekit.data import calibration_tokens
-    from moekit.densify import DensifyConfig, densify
-    from moekit.distill import DistillConfig, distill
-    from moekit.export import save_model
-    from moekit.models import load_model
-    from moekit.neuron_prune import NeuronPruneConfig, prune_neurons_
-    from moekit.perplexity import windows
+    from moekit.densify.densify import DensifyConfig, densify
+    from moekit.train.distill import DistillConfig, distill
+    from moekit.checkpoint.save import save_model
+    from moekit.checkpoint.load import load_model
+    from moekit.densify.neuron_prune import NeuronPruneConfig, prune_neurons_
+    from moekit.eval.perplexity import windows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,8 +240,8 @@ def main() -> None:
 
 def _stats(out: Path, args, teacher, tok, calib: str):
     from moekit.data import calibration_tokens
-    from moekit.profile import ProfileConfig, profile
-    from moekit.stats import ExpertStats
+    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.profile.stats import ExpertStats
 
     path = out / f"{Path(args.model).name}.densify-stats.safetensors"
     if path.exists():

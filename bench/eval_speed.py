@@ -27,8 +27,8 @@ def main() -> None:
 
     import torch
 
-    from moekit.evaluate import evaluate
-    from moekit.models import load_model
+    from moekit.eval.harness import evaluate
+    from moekit.checkpoint.load import load_model
 
     model, tok = load_model(args.model, dtype="float32", device="cpu")
     evaluate(model, tok, tasks=[args.task], data_dir=args.data_dir, limit=2)  # warm-up: task index, allocator

@@ -35,8 +35,9 @@ def main() -> None:
 
     import torch
 
-    from moekit.evaluate import evaluate, write_result
-    from moekit.models import load_model, smollm2_path
+    from moekit.eval.harness import evaluate, write_result
+    from moekit.checkpoint.load import load_model
+    from moekit.checkpoint.smollm2 import smollm2_path
 
     rows = []
     if args.only != "harness":

@@ -33,13 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-from moekit import arch  # noqa: E402
-from moekit.data import calibration_tokens  # noqa: E402
-from moekit.merge import MergeConfig, merge_  # noqa: E402
-from moekit.merge_fit import capture_inputs, split_holdout  # noqa: E402
-from moekit.models import fingerprint, load_model  # noqa: E402
-from moekit.perplexity import perplexity, windows  # noqa: E402
-from moekit.stats import ExpertStats  # noqa: E402
+from moekit.core import arch
+from moekit.data import calibration_tokens
+from moekit.merge.merge import MergeConfig, merge_
+from moekit.merge.fit import capture_inputs, split_holdout
+from moekit.profile.stats import fingerprint
+from moekit.checkpoint.load import load_model
+from moekit.eval.perplexity import perplexity, windows
+from moekit.profile.stats import ExpertStats
 
 
 def write_json(path: Path, obj) -> None:
@@ -55,7 +56,7 @@ def get_stats(model, tokens, path: Path | None, out: Path) -> ExpertStats:
         if stats.meta.get("fingerprint") == fingerprint(model):
             return stats
         print(f"{path} is for another model; profiling again")
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     stats = profile(model, tokens, ProfileConfig(batch_size=4))
     stats.save(out / "stats.safetensors")
@@ -97,7 +98,7 @@ def measure(model, ppl_tokens, targets) -> dict:
 def measure_tasks(model, tok, args) -> dict:
     """Dev-task accuracy (each task's summary metric: acc_norm for ARC/OpenBookQA, acc for social_iqa) on the first
     ``--limit`` items of each task."""
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     t0 = time.perf_counter()
     res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
@@ -114,7 +115,7 @@ def prune(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
     (keep the ``keep`` highest mean g*||E(x)|| experts, super experts always kept); returns the statistics
     re-indexed to the surviving experts."""
     try:
-        from moekit.prune import PruneConfig, prune_, stats_for_model
+        from moekit.prune.prune import PruneConfig, prune_, stats_for_model
     except ImportError:
         return _prune_reap_local(model, stats, keep, args)
     none = args.super_rule == "none"
@@ -124,8 +125,8 @@ def prune(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
 
 
 def _prune_reap_local(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
-    from moekit.merge import expert_saliency
-    from moekit.stats import super_experts
+    from moekit.merge.merge import expert_saliency
+    from moekit.profile.stats import super_experts
 
     supers = set(super_experts(stats, rule=args.super_rule)) if args.super_rule != "none" else set()
     out = ExpertStats(meta=dict(stats.meta), tensors=dict(stats.tensors))

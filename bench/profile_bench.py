@@ -85,7 +85,7 @@ def resolve_model(name: str, tmp: Path) -> str:
         return name
     tok_dir = None
     try:
-        from moekit.models import smollm2_path
+        from moekit.checkpoint.smollm2 import smollm2_path
 
         tok_dir = str(smollm2_path())
     except Exception as e:  # noqa: BLE001 (a tokenizer is optional here)
@@ -97,10 +97,10 @@ def calibration(name: str, n_seq: int, seq_len: int, vocab: int) -> torch.Tensor
     from transformers import AutoTokenizer
 
     from moekit.data import calibration_tokens
-    from moekit.stream import checkpoint_dir
+    from moekit.checkpoint.load import local_checkpoint
 
     try:
-        tok = AutoTokenizer.from_pretrained(checkpoint_dir(name))
+        tok = AutoTokenizer.from_pretrained(local_checkpoint(name, purpose="--stream"))
     except (OSError, ValueError, TypeError):
         tok = None
     if tok is None or not CALIB.exists():
@@ -131,7 +131,7 @@ class AllExpertsObserver:
 
 @contextmanager
 def all_experts_observer(model):
-    from moekit.arch import moe_layers
+    from moekit.core.arch import moe_layers
 
     obs = [AllExpertsObserver(layer) for layer in moe_layers(model)]
     for o in obs:
@@ -157,7 +157,7 @@ def timed(fn) -> float:
 
 
 def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     body = model.model
     cfg = ProfileConfig(batch_size=batch_size, progress=False)
@@ -190,27 +190,27 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
 def memory_child(mode: str, name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
     from transformers import AutoConfig
 
-    import moekit.profile  # noqa: F401 (everything imported before the baseline)
-    import moekit.stream  # noqa: F401
-    from moekit.stream import checkpoint_dir
+    import moekit.profile.profile
+    import moekit.profile.stream
+    from moekit.checkpoint.load import local_checkpoint
 
-    config = AutoConfig.from_pretrained(checkpoint_dir(name))
+    config = AutoConfig.from_pretrained(local_checkpoint(name, purpose="--stream"))
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # import the model's code before the baseline too
     tokens = calibration(name, n_seq, seq_len, config.vocab_size)
     reset_peak()
     base = rss_mb()
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     cfg = ProfileConfig(batch_size=batch_size, progress=False)
     t0 = time.perf_counter()
     if mode == "stream":
-        from moekit.stream import profile_stream
+        from moekit.profile.stream import profile_stream
 
         profile_stream(name, tokens, cfg, device="cpu", dtype="float32")
     else:
-        from moekit.models import load_model
+        from moekit.checkpoint.load import load_model
 
         model, _ = load_model(name, dtype="float32", device="cpu", with_tokenizer=False)
         profile(model, tokens, cfg)
@@ -231,8 +231,8 @@ def memory_ratio(name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ super experts
 def super_expert_report(model, stats, ppl_tokens, batch_size: int, n_random: int) -> dict:
-    from moekit.ablate import ablate, measure, random_experts
-    from moekit.stats import massive_layers, super_expert_threshold, super_experts, super_shared_experts
+    from moekit.profile.ablate import ablate, measure, random_experts
+    from moekit.profile.stats import massive_layers, super_expert_threshold, super_experts, super_shared_experts
 
     found = {rule: super_experts(stats, rule=rule) for rule in ("paper", "first75")}
     flat = sorted(((stats.get("down_max", li)[e].item(), li, e) for li in stats.layers
@@ -269,7 +269,7 @@ def planted_report(batch_size: int) -> dict:
     from test_super_experts import PLANTED, planted_model
     from tiny import ids
 
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     model = planted_model()
     stats = profile(model, ids(batch=8, length=32), ProfileConfig(progress=False))
@@ -298,9 +298,9 @@ def main() -> None:
         print(json.dumps(memory_child(args.child, args.model, args.n_seq, args.seq_len, args.batch_size)))
         return
 
-    from moekit.models import load_model
-    from moekit.perplexity import windows
-    from moekit.profile import ProfileConfig, profile
+    from moekit.checkpoint.load import load_model
+    from moekit.eval.perplexity import windows
+    from moekit.profile.profile import ProfileConfig, profile
 
     results: dict = {"machine": f"CPU, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores, load average "
                                 f"{os.getloadavg()[0]:.1f} at start, torch {torch.__version__}"}
@@ -319,10 +319,10 @@ def main() -> None:
             stats = profile(model, tokens, ProfileConfig(batch_size=args.batch_size, progress=False))
             from transformers import AutoTokenizer
 
-            from moekit.stream import checkpoint_dir
+            from moekit.checkpoint.load import local_checkpoint
 
             try:
-                tok = AutoTokenizer.from_pretrained(checkpoint_dir(name))
+                tok = AutoTokenizer.from_pretrained(local_checkpoint(name, purpose="--stream"))
                 ppl_tokens = windows(tok, str(DEV), max_tokens=args.ppl_tokens, window=512)
             except (OSError, ValueError, TypeError):
                 ppl_tokens = torch.randint(3, model.config.vocab_size, (args.ppl_tokens // 512, 512))

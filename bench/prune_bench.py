@@ -43,10 +43,10 @@ def synthetic_checkpoint(path: Path, layers: int, experts: int, hidden: int, exp
 
 
 def random_stats(src: Path):
-    from moekit import arch
-    from moekit.models import fingerprint
-    from moekit.prune_shards import load_meta
-    from moekit.stats import ExpertStats
+    from moekit.core import arch
+    from moekit.profile.stats import fingerprint
+    from moekit.prune.shards import load_meta
+    from moekit.profile.stats import ExpertStats
 
     model, _, _ = load_meta(src)
     layers = arch.moe_layers(model)
@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
-    from moekit.prune import PruneConfig
-    from moekit.prune_shards import prune_shards
+    from moekit.prune.prune import PruneConfig
+    from moekit.prune.shards import prune_shards
 
     work = Path(tempfile.mkdtemp(prefix="prune-bench-"))
     try:

@@ -81,12 +81,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
-    from moekit import arch
+    from moekit.core import arch
     from moekit.data import calibration_tokens
-    from moekit.models import load_model
-    from moekit.perplexity import perplexity, windows
-    from moekit.prune import PruneConfig, prune_
-    from moekit.stats import ExpertStats
+    from moekit.checkpoint.load import load_model
+    from moekit.eval.perplexity import perplexity, windows
+    from moekit.prune.prune import PruneConfig, prune_
+    from moekit.profile.stats import ExpertStats
 
     args.out.mkdir(parents=True, exist_ok=True)
     tag = Path(args.model).name
@@ -95,7 +95,7 @@ def main() -> None:
     if stats_path.exists():
         stats = ExpertStats.load(stats_path)
     else:
-        from moekit.profile import ProfileConfig, profile
+        from moekit.profile.profile import ProfileConfig, profile
 
         calib = calibration_tokens(args.calib, tok, n_seq=args.calib_seqs, seq_len=args.calib_len, seed=0)
         t = time.perf_counter()
@@ -187,7 +187,7 @@ def main() -> None:
             continue
         if out_of_time():
             break
-        from moekit.evaluate import dev_data_dir, evaluate
+        from moekit.eval.harness import dev_data_dir, evaluate
 
         m, _ = pruned(spec)
         t = time.perf_counter()
@@ -221,7 +221,7 @@ def _append(path: Path, rec: dict) -> None:
 
 def summary(metrics: dict, task: str) -> float | None:
     """The task's summary metric (acc_norm for ARC and OpenBookQA, acc otherwise) from a stored record."""
-    from moekit.tasks import summary_metric
+    from moekit.eval.tasks import summary_metric
 
     return metrics.get(summary_metric(task), metrics.get("acc"))
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from moekit import arch
+from moekit.core import arch
 from moekit.data import calibration_tokens
-from moekit.models import load_model
-from moekit.perplexity import perplexity, windows
-from moekit.route import ActiveCounter, RouteConfig, route_
+from moekit.checkpoint.load import load_model
+from moekit.eval.perplexity import perplexity, windows
+from moekit.route.route import ActiveCounter, RouteConfig, route_
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -61,7 +61,7 @@ METHODS = {
 def get_stats(model, calib):
     """The profile (issue 5) when it is installed; the bench cannot run compensate/super without it."""
     try:
-        from moekit.profile import ProfileConfig, profile
+        from moekit.profile.profile import ProfileConfig, profile
     except ImportError:
         return None
     return profile(model, calib, ProfileConfig(progress=False))
@@ -69,7 +69,7 @@ def get_stats(model, calib):
 
 def get_evaluate():
     try:
-        from moekit.evaluate import DEV_TASKS, evaluate
+        from moekit.eval.harness import DEV_TASKS, evaluate
     except ImportError:
         return None, ()
     return evaluate, DEV_TASKS

@@ -9,11 +9,11 @@ The Python API reads top-down:
 Each compression method is one module with a config object and one in-place verb.
 """
 
-__version__ = "0.1.0"
+from moekit.version import __version__  # noqa: E402
 
-from .arch import MoELayer, describe, moe_layers, param_counts  # noqa: E402
-from .errors import MoekitError  # noqa: E402
-from .export import save_model  # noqa: E402
-from .models import load_model  # noqa: E402
+from moekit.core.arch import MoELayer, describe, moe_layers, param_counts
+from moekit.errors import MoekitError
+from moekit.checkpoint.save import save_model
+from moekit.checkpoint.load import load_model
 
 __all__ = ["MoELayer", "MoekitError", "describe", "load_model", "moe_layers", "param_counts", "save_model", "__version__"]

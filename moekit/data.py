@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoekitError
+from moekit.errors import MoekitError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 HUB_ALIASES = {"c4": ("allenai/c4", "en", "train"), "c4-validation": ("allenai/c4", "en", "validation")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # `import tiny`
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+if DATA.exists():  # the package never looks for data itself: MOEKIT_DATA tells it (the embedded build, dev tasks)
+    os.environ.setdefault("MOEKIT_DATA", str(DATA))
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data folder {DATA} is absent (only on the dev/CI machines)")
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from moekit.profile import ProfileConfig, profile
-from moekit.stats import ExpertStats
+from moekit.profile.profile import ProfileConfig, profile
+from moekit.profile.stats import ExpertStats
 
 
 def tiny_stats(model, tokens) -> ExpertStats:

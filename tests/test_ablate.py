@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.ablate import ablate, ablated, measure, parse_experts, random_experts
-from moekit.arch import moe_layers
+from moekit.profile.ablate import ablate, ablated, measure, parse_experts, random_experts
+from moekit.core.arch import moe_layers
 from moekit.errors import MoekitError
 from tiny import MOE_FAMILIES, ids, tiny_model
 

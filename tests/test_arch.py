@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny import MOE_FAMILIES, ids, tiny_config, tiny_model
 
 import moekit
-from moekit.arch import describe, is_uniform, moe_layers, param_counts
+from moekit.core.arch import describe, is_uniform, moe_layers, param_counts
 from moekit.errors import MoekitError
 
 

@@ -10,9 +10,8 @@ import torch
 from conftest import DATA, needs_data, needs_smollm2
 from tiny import ids, tiny_model
 
-from moekit import arch
-from moekit.carve import (CarveConfig, balanced_assignment, carve, check_config, l1_to_centroids, marker_matrix,
-                          partition)
+from moekit.core import arch
+from moekit.carve.carve import CarveConfig, balanced_assignment, carve, check_config, l1_to_centroids, marker_matrix, partition
 from moekit.errors import MoekitError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -243,7 +242,7 @@ def test_cli_carve_refuses_an_moe(tmp_path, text_file, char_tokenizer, capsys):
 @needs_data
 def test_embedded_moe_loads_and_meets_the_target(smollm2):
     from moekit import load_model
-    from moekit.perplexity import perplexity, windows
+    from moekit.eval.perplexity import perplexity, windows
 
     dense, tok = smollm2
     moe, _ = load_model("smollm2-moe", dtype="float32", device="cpu")

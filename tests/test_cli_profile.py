@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_model
 
 from moekit.cli import main
-from moekit.stats import ExpertStats
+from moekit.profile.stats import ExpertStats
 
 TEXT = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(40))
 
@@ -41,7 +41,7 @@ def saved(tmp_path_factory, char_tokenizer):
 
 
 def test_profile_writes_stats_and_plots(saved, capsys, tmp_path):
-    from moekit.models import load_model
+    from moekit.checkpoint.load import load_model
 
     out = tmp_path / "stats.safetensors"
     args = ["profile", str(saved / "moe"), "--data", str(saved / "data.txt"), "--out", str(out), "--n-seq", "4",

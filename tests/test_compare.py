@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from moekit.compare import compare_table, load_results, plot
+from moekit.eval.compare import compare_table, load_results, plot
 from moekit.errors import MoekitError
-from moekit.evaluate import SCHEMA
+from moekit.eval.harness import SCHEMA
 
 
 def result(name, total, acc, ppl=None, costs=None):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from moekit.arch import moe_layers, param_counts
-from moekit.costs import CostConfig, checkpoint_bytes, compare_costs, costs_table, measure_costs, speed, weights_bytes
+from moekit.core.arch import moe_layers, param_counts
+from moekit.eval.costs import CostConfig, checkpoint_bytes, compare_costs, costs_table, measure_costs, speed, weights_bytes
 
 FAST = CostConfig(prompt_tokens=24, decode_tokens=3, repeats=1)
 
@@ -62,7 +62,7 @@ def test_compare_costs_ratios_are_to_the_first_model():
 
 def test_peak_forward_memory_grows_with_the_batch():
     model = tiny_model("llama", hidden_size=64, intermediate_size=256, vocab_size=4096, max_position_embeddings=1024)
-    from moekit.costs import peak_forward_bytes, prompt_ids
+    from moekit.eval.costs import peak_forward_bytes, prompt_ids
 
     small = peak_forward_bytes(model, prompt_ids(model, CostConfig(prompt_tokens=16, batch_size=1)))["peak_forward_bytes"]
     large = peak_forward_bytes(model, prompt_ids(model, CostConfig(prompt_tokens=512, batch_size=8)))["peak_forward_bytes"]

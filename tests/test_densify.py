@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit import arch
-from moekit.densify import DensifyConfig, densify
-from moekit.densify_scores import SCORES, diversity_kernel, greedy_logdet, select_experts
+from moekit.core import arch
+from moekit.densify.densify import DensifyConfig, densify
+from moekit.densify.scores import SCORES, diversity_kernel, greedy_logdet, select_experts
 from moekit.errors import MoekitError
-from moekit.models import fingerprint
-from moekit.stats import ExpertStats
+from moekit.profile.stats import fingerprint
+from moekit.profile.stats import ExpertStats
 from tests.tiny import ids, tiny_model
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
@@ -19,7 +19,7 @@ DENSE_OF = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral", "d
 
 def local_stats(model, tokens) -> ExpertStats:
     """The profiler's statistics, with the Gram matrix over every token."""
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     return profile(model, tokens, ProfileConfig(gram_tokens=tokens.numel(), progress=False))
 
@@ -124,7 +124,7 @@ def test_qwen2_moe_without_biases_becomes_llama():
 def test_every_score_and_grouping_gives_a_dense_model_that_reloads(tmp_path, score, grouping):
     from transformers import AutoModelForCausalLM
 
-    from moekit.export import save_model
+    from moekit.checkpoint.save import save_model
 
     model = tiny_model("qwen3_moe")
     stats = local_stats(model, ids())
@@ -147,7 +147,7 @@ def test_merge_folds_aligned_duplicate_experts_exactly():
     perm = torch.randperm(la.expert_size, generator=torch.Generator().manual_seed(1))
     w["gate"][1], w["up"][1], w["down"][1] = w["gate"][0][perm], w["up"][0][perm], w["down"][0][:, perm]
     la.replace_experts(w["gate"], w["up"], w["down"], la.router_weight.detach().clone())
-    from moekit.densify_group import group_and_merge
+    from moekit.densify.group import group_and_merge
 
     counts = torch.ones(la.num_experts)
     gate, _up, down, members = group_and_merge(w, [0, 2, 3, 4, 5, 6, 7], counts)
@@ -187,7 +187,7 @@ def test_scores_from_statistics():
     st.set("sq_norm_sum", torch.tensor([16.0, 0.0, 8.0]), 4)
     st.set("reap_sum", torch.tensor([4.0, 0.0, 1.0]), 4)
     st.set("norm_sum", torch.tensor([1.0, 0.0, 7.0]), 4)
-    from moekit.densify_scores import expert_scores
+    from moekit.densify.scores import expert_scores
 
     def sc(name):
         return expert_scores(st, 4, name, num_experts=3).tolist()
@@ -224,7 +224,7 @@ def test_cli_densify_then_distill_and_resume(tmp_path, char_tokenizer, capsys):
     import json
 
     from moekit.cli import main
-    from moekit.export import save_model
+    from moekit.checkpoint.save import save_model
 
     teacher = tiny_model("qwen3_moe", vocab_size=100)
     save_model(teacher, char_tokenizer, tmp_path / "moe", verify=False)

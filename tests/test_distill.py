@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.densify import DensifyConfig, densify
-from moekit.distill import DistillConfig, distill, forward_kl, latest_checkpoint
+from moekit.densify.densify import DensifyConfig, densify
+from moekit.train.distill import DistillConfig, distill, forward_kl, latest_checkpoint
 from moekit.errors import MoekitError
 from tests.test_densify import local_stats
 from tests.tiny import ids, tiny_model
@@ -91,8 +91,8 @@ def test_recipe_profile_densify_distill(tmp_path, char_tokenizer):
     """The recipe runner drives densify and distill through their config dataclasses."""
     import json
 
-    from moekit.export import save_model
-    from moekit.recipe import load_recipe, run_recipe
+    from moekit.checkpoint.save import save_model
+    from moekit.pipeline.recipe import load_recipe, run_recipe
 
     save_model(tiny_model("qwen3_moe", vocab_size=100, max_position_embeddings=1024), char_tokenizer,
                tmp_path / "moe", verify=False)

@@ -62,7 +62,7 @@ def prefer_token(model, token_id: int, boost: float = 50.0):
 
 
 def test_model_preferring_one_answer_scores_its_share(arc_dir):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     tok = letters_tokenizer()
     model = tiny()
@@ -90,7 +90,7 @@ def _requests(lm, records):
 
 @pytest.mark.parametrize("family", ["llama", *MOE_FAMILIES])
 def test_shared_context_path_equals_harness_path(family):
-    from moekit.harness_lm import ReuseContextLM
+    from moekit.eval.harness_lm import ReuseContextLM
 
     tok = letters_tokenizer()
     model = tiny(family, seed=1)
@@ -106,7 +106,7 @@ def test_shared_context_path_equals_harness_path(family):
 
 
 def test_shared_context_results_equal_plain_results(arc_dir):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     tok = letters_tokenizer()
     model = tiny("qwen3_moe", seed=2)
@@ -118,8 +118,8 @@ def test_shared_context_results_equal_plain_results(arc_dir):
 
 
 def test_result_schema_and_files(arc_dir, tmp_path):
-    from moekit.evaluate import SCHEMA, evaluate, write_result
-    from moekit.models import fingerprint
+    from moekit.eval.harness import SCHEMA, evaluate, write_result
+    from moekit.profile.stats import fingerprint
 
     tok = letters_tokenizer()
     model = tiny()
@@ -141,7 +141,7 @@ def test_result_schema_and_files(arc_dir, tmp_path):
 
 
 def test_task_to_file_mapping(tmp_path):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     f = write_jsonl(tmp_path / "my_arc.jsonl", arc_records(4, correct_z=(1,)))
     tok = letters_tokenizer()
@@ -153,21 +153,21 @@ def test_task_to_file_mapping(tmp_path):
 
 
 def test_unknown_task_lists_known_ones(arc_dir):
-    from moekit.evaluate import check_tasks
+    from moekit.eval.harness import check_tasks
 
     with pytest.raises(MoekitError, match="unknown task 'arc_eazy'.*arc_easy, arc_challenge"):
         check_tasks(["arc_eazy"], data_dir=arc_dir)
 
 
 def test_missing_local_file(tmp_path):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     with pytest.raises(MoekitError, match=r"openbookqa.*openbookqa\.jsonl' does not exist"):
         evaluate(tiny(), letters_tokenizer(), tasks=["openbookqa"], data_dir=tmp_path)
 
 
 def test_malformed_record_names_file_and_line(tmp_path):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     recs = [json.dumps(r) for r in arc_records(3)]
     (tmp_path / "arc_easy.jsonl").write_text(recs[0] + "\n" + recs[1] + "\n{not json\n" + recs[2] + "\n")
@@ -181,7 +181,7 @@ def test_malformed_record_names_file_and_line(tmp_path):
 
 
 def test_model_without_tokenizer(arc_dir):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     with pytest.raises(MoekitError, match="no tokenizer"):
         evaluate(tiny(), None, tasks=["arc_easy"], data_dir=arc_dir)
@@ -191,8 +191,8 @@ def test_shipped_configs_reference_harness_tasks():
     """Every offline config names harness tasks that exist, and changes only data and splits."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from moekit.evaluate import _task_index
-    from moekit.tasks import TASKS, TASKS_DIR
+    from moekit.eval.harness import _task_index
+    from moekit.eval.tasks import TASKS, TASKS_DIR
 
     index = _task_index().task_index
     allowed = {"task", "group", "custom_dataset", "dataset_kwargs", "training_split", "validation_split",
@@ -210,8 +210,8 @@ def test_shipped_configs_reference_harness_tasks():
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
 def test_dev_files_match_harness_fields():
     """The dev copies load through the harness's own prompt, choices and target for each dev task."""
-    from moekit.evaluate import task_manager
-    from moekit.tasks import DEV_TASKS, TASKS
+    from moekit.eval.harness import task_manager
+    from moekit.eval.tasks import DEV_TASKS, TASKS
 
     loaded = task_manager({"moekit_data_dir": str(DATA)}).load([TASKS[t].local_name for t in DEV_TASKS])["tasks"]
     expect = {"arc_easy": 2376, "openbookqa": 500, "social_iqa": 1954}
@@ -229,7 +229,7 @@ def test_dev_files_match_harness_fields():
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
 def test_smollm2_arc_easy_few_items(smollm2):
-    from moekit.evaluate import evaluate
+    from moekit.eval.harness import evaluate
 
     model, tok = smollm2
     a = evaluate(model, tok, tasks=["arc_easy"], data_dir=DATA, limit=12, batch_size=16)
@@ -241,7 +241,7 @@ def test_smollm2_arc_easy_few_items(smollm2):
 
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
 def test_every_dev_task_and_mmlu_run_offline():
-    from moekit.evaluate import DEV_TASKS, evaluate
+    from moekit.eval.harness import DEV_TASKS, evaluate
 
     r = evaluate(tiny(), letters_tokenizer(), tasks=[*DEV_TASKS, "mmlu"], data_dir=DATA, limit=2, batch_size=32)
     t = r["tasks"]
@@ -255,7 +255,7 @@ def test_every_dev_task_and_mmlu_run_offline():
 
 
 def test_fewshot_examples_come_from_the_local_file_without_the_item_itself(arc_dir):
-    from moekit.evaluate import task_manager
+    from moekit.eval.harness import task_manager
 
     task = task_manager({"moekit_data_dir": str(arc_dir)}).load(["arc_easy_local"])["tasks"]["arc_easy"]
     task.set_fewshot_seed(1234)
@@ -265,10 +265,23 @@ def test_fewshot_examples_come_from_the_local_file_without_the_item_itself(arc_d
     assert all(f"What is item {i}?" in ctx for i in range(1, 8))
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
-def test_dev_data_dir_finds_the_shared_dev_folder():
-    from moekit.evaluate import DEV_TASKS, dev_data_dir
-    from moekit.tasks import TASKS
+def test_dev_data_dir_follows_moekit_data(tmp_path, monkeypatch):
+    from moekit.errors import MoekitError
+    from moekit.eval.harness import dev_data_dir
 
-    assert dev_data_dir() == DATA
+    monkeypatch.delenv("MOEKIT_DATA", raising=False)
+    assert dev_data_dir() is None  # nothing inside the package points at data
+    (tmp_path / "dev").mkdir()
+    monkeypatch.setenv("MOEKIT_DATA", str(tmp_path))
+    assert dev_data_dir() == tmp_path / "dev"
+    monkeypatch.setenv("MOEKIT_DATA", str(tmp_path / "absent"))
+    with pytest.raises(MoekitError, match="MOEKIT_DATA"):
+        dev_data_dir()
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/dev is absent (offline dev data)")
+def test_the_shared_dev_folder_holds_every_dev_task():
+    from moekit.eval.harness import DEV_TASKS
+    from moekit.eval.tasks import TASKS
+
     assert all((DATA / TASKS[t].file).is_file() for t in (*DEV_TASKS, "mmlu"))

@@ -7,7 +7,7 @@ import torch
 from tiny import ids, tiny_model
 
 import moekit
-from moekit import export
+from moekit.checkpoint import save as export
 from moekit.errors import MoekitError
 
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from tiny import ids, tiny_model
 
-from moekit import arch
-from moekit.carve import CarveConfig, carve
+from moekit.core import arch
+from moekit.carve.carve import CarveConfig, carve
 from moekit.errors import MoekitError
-from moekit.heal import (HealConfig, LoadBalancer, fit_down, fit_router, heal_, moe_ffn, read_layer, relative_error,
-                         write_layer)
+from moekit.carve.heal import HealConfig, LoadBalancer, fit_down, fit_router, heal_, moe_ffn, read_layer, relative_error, write_layer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_fitted_router_picks_high_energy_experts_better_than_chance(carved):
     t = read_layer(arch.moe_layers(copy.deepcopy(moe))[1])
     x, _ = _layer_data(dense, moe, 1, n=2048)
     fit_router(t, x)
-    from moekit.heal import expert_hidden, routing
+    from moekit.carve.heal import expert_hidden, routing
 
     with torch.no_grad():
         energy = torch.einsum("tei,ehi->teh", expert_hidden(t, x), t.down).pow(2).sum(-1)
@@ -107,7 +106,7 @@ def test_heal_lowers_every_layer_error_and_stays_standard(carved, tmp_path):
 
 
 def test_local_reconstruction_lowers_training_error(carved):
-    from moekit.heal import fit_local
+    from moekit.carve.heal import fit_local
 
     dense, moe, _ = carved
     t = read_layer(arch.moe_layers(copy.deepcopy(moe))[0])

@@ -14,11 +14,11 @@ from merge_helpers import tiny_stats
 from scipy.cluster.hierarchy import cut_tree, linkage
 from tiny import MOE_FAMILIES, ids, tiny_model
 
-from moekit import arch
+from moekit.core import arch
 from moekit.errors import MoekitError
-from moekit.grouping import centre_groups, hc_groups
-from moekit.merge import MergeConfig, _fit_row, build_clusters, merge_, plan_groups
-from moekit.merge_rules import assemble, svd_bases
+from moekit.merge.grouping import centre_groups, hc_groups
+from moekit.merge.merge import MergeConfig, _fit_row, build_clusters, merge_, plan_groups
+from moekit.merge.rules import assemble, svd_bases
 
 CALIB = {"batch": 8, "length": 24}
 
@@ -78,8 +78,8 @@ def test_svd_merge_of_one_member_is_the_member_and_full_rank_equals_average():
 
 
 def test_merged_model_is_smaller_and_reloads_with_identical_logits(tmp_path):
-    from moekit.export import save_model
-    from moekit.models import load_model
+    from moekit.checkpoint.save import save_model
+    from moekit.checkpoint.load import load_model
 
     model, stats, toks = _model_and_stats("qwen2_moe")
     before = arch.param_counts(model)
@@ -97,8 +97,8 @@ def test_merged_model_is_smaller_and_reloads_with_identical_logits(tmp_path):
 
 
 def test_non_uniform_merge_reloads(tmp_path):
-    from moekit.export import save_model
-    from moekit.models import load_model
+    from moekit.checkpoint.save import save_model
+    from moekit.checkpoint.load import load_model
 
     model, stats, _toks = _model_and_stats("mixtral")
     merge_(model, stats, MergeConfig(target_total=11, super_rule="none", router="average"))
@@ -128,7 +128,7 @@ def test_learned_model_matches_reported_error():
     model, stats, toks = _model_and_stats("qwen3_moe", seed=4)
     ref = tiny_model("qwen3_moe", seed=4)
     report = merge_(model, stats, MergeConfig(target=5, learn=True, steps=10, super_rule="none"), toks)
-    from moekit.merge_fit import capture_inputs, split_holdout
+    from moekit.merge.fit import capture_inputs, split_holdout
 
     layer0 = arch.moe_layers(ref)[0]
     x = capture_inputs(ref, [layer0], toks)[0]
@@ -248,8 +248,8 @@ def test_cli_merge_writes_smaller_model_and_report(tmp_path, char_tokenizer, cap
     import json
 
     from moekit.cli import main
-    from moekit.export import save_model
-    from moekit.models import load_model
+    from moekit.checkpoint.save import save_model
+    from moekit.checkpoint.load import load_model
 
     save_model(tiny_model("qwen3_moe", vocab_size=len(char_tokenizer)), char_tokenizer, tmp_path / "m", verify=False)
     model, _ = load_model(str(tmp_path / "m"), device="cpu")
@@ -301,8 +301,8 @@ def test_select_rule_merges_every_layout(family):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_fast_fit_path_equals_the_whole_block(family):
     """With routing fixed, recomputing only the merged clusters' slots gives the whole block's output."""
-    from moekit.merge import expert_frequency
-    from moekit.merge_fit import BlockFit
+    from moekit.merge.merge import expert_frequency
+    from moekit.merge.fit import BlockFit
 
     model, stats, _ = _model_and_stats(family)
     layer = arch.moe_layers(model)[0]

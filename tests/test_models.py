@@ -9,7 +9,7 @@ from tiny import tiny_model
 
 from moekit import describe, load_model, save_model
 from moekit.errors import MoekitError
-from moekit.models import fingerprint
+from moekit.profile.stats import fingerprint
 
 
 def test_load_local_directory_round_trip(tmp_path, char_tokenizer):
@@ -73,7 +73,7 @@ def test_smollm2_loads_offline_as_plain_llama(smollm2):
 @needs_data
 def test_smollm2_perplexity_is_that_of_a_135m_model(smollm2):
     """Reference (../shared/data/README.md): about 27 over the first 16,384 tokens, 1024-token windows."""
-    from moekit.perplexity import perplexity, windows
+    from moekit.eval.perplexity import perplexity, windows
 
     model, tok = smollm2
     toks = windows(tok, str(DATA / "dev" / "c4_valid_dev.jsonl"), max_tokens=16384, window=1024)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit import arch
+from moekit.core import arch
 from moekit.errors import MoekitError
-from moekit.neuron_prune import NeuronPruneConfig, neuron_importance, prune_neurons_
+from moekit.densify.neuron_prune import NeuronPruneConfig, neuron_importance, prune_neurons_
 from tests.tiny import ids, tiny_model
 
 
 def test_prune_keeps_the_active_neurons_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from moekit.export import save_model
+    from moekit.checkpoint.save import save_model
 
     model = tiny_model("llama")
     with torch.no_grad():  # neurons 0..31 of every layer are dead: they must be the ones removed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moekit.plots import selection_frequency, write_plots
-from moekit.profile import ProfileConfig, profile
+from moekit.profile.plots import selection_frequency, write_plots
+from moekit.profile.profile import ProfileConfig, profile
 from tiny import ids, tiny_model
 
 

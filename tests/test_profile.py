@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.arch import decoder_layers, moe_layers
+from moekit.core.arch import decoder_layers, moe_layers
 from moekit.errors import MoekitError
-from moekit.profile import ProfileConfig, profile
-from moekit.stats import ExpertStats
+from moekit.profile.profile import ProfileConfig, profile
+from moekit.profile.stats import ExpertStats
 from tiny import DENSE_FAMILIES, MOE_FAMILIES, ids, tiny_model
 
 
@@ -115,7 +115,7 @@ def test_profile_leaves_the_model_unchanged(family):
 def test_instrumented_forward_gives_the_same_logits():
     from contextlib import ExitStack
 
-    from moekit.observe import LayerAccumulator, observe_layer
+    from moekit.profile.observe import LayerAccumulator, observe_layer
 
     model = tiny_model("qwen3_moe")
     tokens = ids(batch=2, length=8)
@@ -130,7 +130,7 @@ def test_instrumented_forward_gives_the_same_logits():
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_gram_matrix_on_sampled_tokens(family):
-    from moekit.profile import gram_sample
+    from moekit.profile.profile import gram_sample
 
     model = tiny_model(family)
     tokens = ids(batch=3, length=8)
@@ -185,7 +185,7 @@ def test_bad_tokens_are_refused():
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_stream_equals_in_memory(family, tmp_path):
-    from moekit.stream import profile_stream
+    from moekit.profile.stream import profile_stream
 
     model = tiny_model(family)
     model.save_pretrained(tmp_path)
@@ -201,8 +201,8 @@ def test_stream_equals_in_memory(family, tmp_path):
 
 
 def test_stream_reads_the_non_uniform_form(tmp_path):
-    from moekit.export import save_model
-    from moekit.stream import profile_stream
+    from moekit.checkpoint.save import save_model
+    from moekit.profile.stream import profile_stream
 
     model = tiny_model("qwen3_moe")
     moe_layers(model)[0].keep_experts([0, 2, 3, 5, 6])
@@ -217,7 +217,7 @@ def test_stream_reads_the_non_uniform_form(tmp_path):
 
 
 def test_stream_refuses_a_non_checkpoint(tmp_path):
-    from moekit.stream import profile_stream
+    from moekit.profile.stream import profile_stream
 
     with pytest.raises(MoekitError, match="checkpoint directory"):
         profile_stream(tmp_path, ids())
@@ -226,7 +226,7 @@ def test_stream_refuses_a_non_checkpoint(tmp_path):
 def test_checkpoint_reader_matches_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from moekit.stream import CheckpointReader
+    from moekit.profile.stream import CheckpointReader
 
     tensors = {"a": torch.randn(7, 5), "b.c": torch.randn(3, 4).to(torch.bfloat16), "d": torch.arange(6)}
     save_file(tensors, str(tmp_path / "x.safetensors"))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.arch import moe_layers
+from moekit.core.arch import moe_layers
 
 pytestmark = pytest.mark.slow
 
 
 def _built_embedded():
     try:
-        from moekit.embedded import _ready, embedded_name
-        from moekit.models import cache_dir
+        from moekit.carve.embedded import _ready, embedded_name
+        from moekit.checkpoint.paths import cache_dir
     except ImportError:
         return None
     path = cache_dir("models") / embedded_name()
@@ -25,15 +25,15 @@ def embedded():
     path = _built_embedded()
     if path is None:
         pytest.skip("smollm2-moe has not been built yet (the carve step builds it on first use)")
-    from moekit.models import load_model
+    from moekit.checkpoint.load import load_model
 
     model, tok = load_model(str(path), dtype="float32", device="cpu")
     return path, model, tok
 
 
 def test_profile_and_stream_agree_on_the_embedded_moe(embedded):
-    from moekit.profile import ProfileConfig, profile
-    from moekit.stream import profile_stream
+    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.profile.stream import profile_stream
 
     path, model, _ = embedded
     tokens = torch.randint(3, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -10,11 +10,12 @@ from unittest import mock
 import pytest
 import torch
 
-from moekit import arch
+from moekit.core import arch
 from moekit.errors import MoekitError
-from moekit.models import fingerprint, load_model
-from moekit.prune import CRITERIA, PruneConfig, expert_scores, make_uniform, plan, prune_
-from moekit.stats import ExpertStats
+from moekit.profile.stats import fingerprint
+from moekit.checkpoint.load import load_model
+from moekit.prune.prune import CRITERIA, PruneConfig, expert_scores, make_uniform, plan, prune_
+from moekit.profile.stats import ExpertStats
 from tiny import MOE_FAMILIES, ids, tiny_model
 
 
@@ -97,7 +98,7 @@ def _pruned_sets(model, keep):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("criterion", ["reap", "topk_prime"])
 def test_prune_reload_equals_masked_router(family, criterion, tmp_path):
-    from moekit.export import save_model
+    from moekit.checkpoint.save import save_model
 
     model = tiny_model(family)
     reference = copy.deepcopy(model)
@@ -121,7 +122,7 @@ def test_prune_reload_equals_masked_router(family, criterion, tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "gpt_oss"])
 def test_global_budget_non_uniform_equals_masked_router(family, tmp_path):
-    from moekit.export import save_model
+    from moekit.checkpoint.save import save_model
 
     model = tiny_model(family)
     reference = copy.deepcopy(model)
@@ -305,7 +306,7 @@ def test_make_uniform_and_stats_follow_the_pruned_model():
 
 
 def test_report_table_and_plot(tmp_path):
-    from moekit.prune_report import report_markdown, write_report
+    from moekit.prune.report import report_markdown, write_report
 
     model = tiny_model("qwen2_moe")
     report = prune_(model, fake_stats(model), PruneConfig(criterion="frequency", keep=6))
@@ -328,8 +329,8 @@ def test_report_table_and_plot(tmp_path):
 def test_shardwise_equals_in_memory(family, over, tmp_path):
     from safetensors.torch import load_file
 
-    from moekit.export import save_model
-    from moekit.prune_shards import prune_shards
+    from moekit.checkpoint.save import save_model
+    from moekit.prune.shards import prune_shards
 
     src = tmp_path / "src"
     model = tiny_model(family, **over)
@@ -370,7 +371,7 @@ def test_shardwise_equals_in_memory(family, over, tmp_path):
 
 
 def test_shardwise_refuses_non_uniform_and_existing_output(tmp_path):
-    from moekit.prune_shards import prune_shards
+    from moekit.prune.shards import prune_shards
 
     src = tmp_path / "src"
     model = tiny_model("qwen3_moe")
@@ -406,7 +407,7 @@ def _run(argv, capsys):
 
 
 def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
-    from moekit.export import save_model
+    from moekit.checkpoint.save import save_model
 
     model = tiny_model("qwen3_moe")
     save_model(model, char_tokenizer, tmp_path / "m", verify=False)
@@ -459,7 +460,7 @@ def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 def test_prune_from_real_profile(family):
     """Statistics from moekit.profile: the never-selected experts go first under frequency."""
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     model = tiny_model(family)
     stats = profile(model, ids(batch=4, length=16, seed=3), ProfileConfig(progress=False))

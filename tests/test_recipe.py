@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moekit.errors import MoekitError
-from moekit.recipe import load_recipe
+from moekit.pipeline.recipe import load_recipe
 
 GOOD = """\
 model: smollm2-moe
@@ -77,8 +77,8 @@ steps:
 
 
 def test_run_writes_every_step_and_a_report(tiny_setup):
-    from moekit.recipe import run_recipe
-    from moekit.report import write_report
+    from moekit.pipeline.recipe import run_recipe
+    from moekit.pipeline.report import write_report
 
     tmp_path, recipe = tiny_setup
     results = run_recipe(load_recipe(recipe), tmp_path / "run", progress=False)
@@ -92,8 +92,8 @@ def test_run_writes_every_step_and_a_report(tiny_setup):
 
 
 def test_second_run_reuses_the_cached_profile(tiny_setup, monkeypatch):
-    import moekit.profile
-    from moekit.recipe import run_recipe
+    import moekit.profile.profile
+    from moekit.pipeline.recipe import run_recipe
 
     tmp_path, recipe = tiny_setup
     run_recipe(load_recipe(recipe), tmp_path / "run1", progress=False)
@@ -105,7 +105,7 @@ def test_second_run_reuses_the_cached_profile(tiny_setup, monkeypatch):
 
 
 def test_interrupted_run_leaves_no_half_checkpoint_and_resumes(tiny_setup, monkeypatch):
-    import moekit.recipe as recipe_mod
+    import moekit.pipeline.recipe as recipe_mod
 
     tmp_path, recipe = tiny_setup
     real_eval = recipe_mod.STEP_RUNNERS["eval"]

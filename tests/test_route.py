@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 
-from moekit import arch
+from moekit.core import arch
 from moekit.errors import MoekitError
-from moekit.export import save_model
-from moekit.models import fingerprint, load_model
-from moekit.route import MEAN_OUT, RouteConfig, route_
-from moekit.stats import ExpertStats
+from moekit.checkpoint.save import save_model
+from moekit.profile.stats import fingerprint
+from moekit.checkpoint.load import load_model
+from moekit.route.route import MEAN_OUT, RouteConfig, route_
+from moekit.profile.stats import ExpertStats
 from tests.tiny import MOE_FAMILIES, ids, tiny_model
 
 NORMALISED = {"qwen2_moe": False, "qwen3_moe": True, "mixtral": True, "olmoe": False, "deepseek_v3": True, "gpt_oss": True}
@@ -416,7 +417,7 @@ def test_cli_route_writes_a_reloadable_checkpoint(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_with_the_real_profile(family):
     """The profiler's statistics drive compensation (mu = weighted_out / weight_sum) and super-expert keeping."""
-    from moekit.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig, profile
 
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     stats = profile(model, tokens, ProfileConfig(progress=False))

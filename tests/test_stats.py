@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.errors import MoekitError
-from moekit.stats import ExpertStats
+from moekit.profile.stats import ExpertStats
 
 
 def test_missing_statistic_is_named(tmp_path):

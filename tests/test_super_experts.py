@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.ablate import ablate
-from moekit.arch import moe_layers
-from moekit.profile import ProfileConfig, profile
-from moekit.stats import ExpertStats, massive_layers, super_expert_threshold, super_experts
+from moekit.profile.ablate import ablate
+from moekit.core.arch import moe_layers
+from moekit.profile.profile import ProfileConfig, profile
+from moekit.profile.stats import ExpertStats, massive_layers, super_expert_threshold, super_experts
 from tiny import ids, tiny_model
 
 PLANTED = (1, 5)
@@ -50,7 +50,7 @@ def test_massive_layers_follow_formation_not_persistence():
 
 
 def test_ablating_the_planted_expert_hurts_more_than_a_random_one():
-    from moekit.ablate import measure, random_experts
+    from moekit.profile.ablate import measure, random_experts
 
     model = planted_model()
     tokens = ids(batch=4, length=16, seed=1)
@@ -61,7 +61,7 @@ def test_ablating_the_planted_expert_hurts_more_than_a_random_one():
 
 
 def test_shared_expert_carrying_the_massive_activation_is_reported():
-    from moekit.stats import super_shared_experts
+    from moekit.profile.stats import super_shared_experts
 
     stats = ExpertStats(meta={"layers": [0, 1, 2, 3], "num_layers": 4})
     stats.set("hidden_max", torch.tensor([3.0, 400.0, 410.0, 405.0]))

@@ -18,19 +18,19 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-from . import basic  # noqa: E402,F401
-from . import carve  # noqa: E402,F401
-from . import densify  # noqa: E402,F401
-from . import evaluate  # noqa: E402,F401
-from . import merge  # noqa: E402,F401
-from . import profile  # noqa: E402,F401
-from . import prune  # noqa: E402,F401
-from . import route  # noqa: E402,F401
-from . import run  # noqa: E402,F401
+from moekit.cli import basic
+from moekit.cli import carve
+from moekit.cli import densify
+from moekit.cli import evaluate
+from moekit.cli import merge
+from moekit.cli import profile
+from moekit.cli import prune
+from moekit.cli import route
+from moekit.cli import run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..errors import MoekitError
+    from moekit.errors import MoekitError
 
     try:
         app(args=argv, standalone_mode=True)

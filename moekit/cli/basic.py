@@ -8,15 +8,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import app
-from .common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
 
 
 @app.command()
 def info(model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
     """Architecture, layers, experts per layer, top-k, shared experts and parameter counts."""
-    from ..arch import describe
+    from moekit.core.arch import describe
 
     m, _ = load(model, dtype, device, trust_remote_code)
     d = describe(m)
@@ -36,7 +36,7 @@ def ppl(model: str = MODEL, data: str = typer.Option(..., "--data", help="text s
         batch_size: int = typer.Option(4, help="windows per forward pass"),
         dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Perplexity over fixed non-overlapping windows."""
-    from ..perplexity import perplexity, windows
+    from moekit.eval.perplexity import perplexity, windows
 
     m, tok = load(model, dtype, device, trust_remote_code)
     toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)

@@ -6,8 +6,8 @@ import json
 
 import typer
 
-from . import app
-from .common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
 
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 N_SEQ = typer.Option(16, "--n-seq", help="calibration sequences")
@@ -18,7 +18,7 @@ HEAL_EPOCHS = typer.Option(2, "--local-epochs", help="layer-wise local reconstru
 
 def _heal_config(router: bool, lstsq: bool, local_epochs: int, distill_steps: int, finetune: str, finetune_steps: int,
                  seed: int):
-    from ..heal import HealConfig
+    from moekit.carve.heal import HealConfig
 
     return HealConfig(router=router, lstsq=lstsq, local_epochs=local_epochs, distill_steps=distill_steps,
                       finetune=finetune, finetune_steps=finetune_steps, seed=seed)
@@ -47,10 +47,10 @@ def carve_cmd(
     trust_remote_code: bool = TRUST,
 ):
     """Carve a dense Llama/Mistral/Qwen2/Qwen3 model into a standard MoE checkpoint (CMoE), optionally healed."""
-    from ..carve import CarveConfig, carve, check_config
-    from ..data import calibration_tokens
-    from ..export import check_output_dir, save_model
-    from ..heal import heal_
+    from moekit.carve.carve import CarveConfig, carve, check_config
+    from moekit.data import calibration_tokens
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.carve.heal import heal_
 
     target = check_output_dir(out, overwrite)
     cfg = CarveConfig(experts=experts, shared=shared, active=active, k_a=k_a, iterations=iterations)
@@ -83,9 +83,9 @@ def heal_cmd(
     trust_remote_code: bool = TRUST,
 ):
     """Heal an MoE (carved, pruned or merged) toward a teacher, layer by layer, and save it."""
-    from ..data import calibration_tokens
-    from ..export import check_output_dir, save_model
-    from ..heal import heal_
+    from moekit.data import calibration_tokens
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.carve.heal import heal_
 
     target = check_output_dir(out, overwrite)
     moe, tok = load(model, dtype, device, trust_remote_code)

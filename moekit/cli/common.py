@@ -14,6 +14,6 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-emp
 
 
 def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    from ..models import load_model
+    from moekit.checkpoint.load import load_model
 
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from . import app
-from .common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
 
 
 @app.command()
@@ -26,12 +26,12 @@ def densify(model: str = MODEL,
             out: Path = typer.Option(..., "--out", help="output directory for the dense checkpoint"),
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Score experts from the profile, keep K per layer and concatenate them into one standard dense model."""
-    from ..arch import param_counts
-    from ..data import calibration_tokens
-    from ..densify import DensifyConfig
-    from ..densify import densify as run_densify
-    from ..export import check_output_dir, save_model
-    from ..stats import ExpertStats
+    from moekit.core.arch import param_counts
+    from moekit.data import calibration_tokens
+    from moekit.densify.densify import DensifyConfig
+    from moekit.densify.densify import densify as run_densify
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.profile.stats import ExpertStats
 
     cfg = DensifyConfig(keep=keep, score=score, grouping=grouping, down_scaling=down_scaling, seed=seed,
                         shared_gate=shared_gate)
@@ -64,10 +64,10 @@ def distill(student: str = MODEL,
             seed: int = typer.Option(0, "--seed", help="data order seed"),
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Forward-KL distillation (T = 1) of the whole student from the teacher, with checkpoints and resume."""
-    from ..distill import DistillConfig
-    from ..distill import distill as run_distill
-    from ..errors import MoekitError
-    from ..export import save_model
+    from moekit.train.distill import DistillConfig
+    from moekit.train.distill import distill as run_distill
+    from moekit.errors import MoekitError
+    from moekit.checkpoint.save import save_model
 
     out = Path(out)
     final = out / "final"

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import typer
 
-from . import app
-from .common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
 
 TASKS_HELP = "comma-separated tasks: arc_easy, arc_challenge, piqa, openbookqa, social_iqa, hellaswag, winogrande, mmlu, kmmlu, click"
 
 
 def _data_files(items: list[str] | None) -> dict | None:
-    from ..errors import MoekitError
+    from moekit.errors import MoekitError
 
     if not items:
         return None
@@ -28,10 +28,10 @@ def _data_files(items: list[str] | None) -> dict | None:
 
 def _checkpoint_of(model: str) -> Path | None:
     """The directory a named model was loaded from, for its bytes on disk (never builds anything)."""
-    from ..models import cache_dir
+    from moekit.checkpoint.paths import cache_dir
 
     if model == "smollm2":
-        from ..models import smollm2_path
+        from moekit.checkpoint.smollm2 import smollm2_path
 
         return smollm2_path()
     if model == "smollm2-moe":
@@ -61,8 +61,8 @@ def eval_cmd(
     field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
 ):
     """Score MODEL with lm-evaluation-harness's own tasks; write a JSON result and a Markdown table."""
-    from ..errors import MoekitError
-    from ..evaluate import check_tasks, markdown_table, write_result
+    from moekit.errors import MoekitError
+    from moekit.eval.harness import check_tasks, markdown_table, write_result
 
     files = _data_files(data_file)
     task_list = check_tasks(tasks, data_dir, files)  # bad names and missing files fail before any loading
@@ -74,26 +74,26 @@ def eval_cmd(
     if backend not in ("hf", "vllm"):
         raise MoekitError(f"unknown backend '{backend}': use hf (in process) or vllm (saved checkpoints, GPU)")
     if backend == "vllm":
-        from ..evaluate import evaluate_checkpoint
+        from moekit.eval.harness import evaluate_checkpoint
 
         if costs or ppl_data:
             raise MoekitError("--costs and --ppl-data need the model in process: use --backend hf for them")
         result = evaluate_checkpoint(model, task_list, data_dir, limit, num_fewshot=num_fewshot, data_files=files,
                                      dtype=dtype, trust_remote_code=trust_remote_code)
     else:
-        from ..evaluate import evaluate
+        from moekit.eval.harness import evaluate
 
         m, tok = load(model, dtype, device, trust_remote_code)
         result = evaluate(m, tok, task_list, data_dir, limit, batch_size, num_fewshot, data_files=files,
                           model_name=model)
         if ppl_data:
-            from ..perplexity import perplexity, windows
+            from moekit.eval.perplexity import perplexity, windows
 
             toks = windows(tok, ppl_data, max_tokens=ppl_tokens, window=ppl_window, field=field)
             result["perplexity"] = {"value": perplexity(m, toks), "data": ppl_data, "tokens": int(toks.numel()),
                                     "window": ppl_window}
         if costs or baseline:
-            from ..costs import compare_costs
+            from moekit.eval.costs import compare_costs
 
             models, cks, names = [m], [_checkpoint_of(model)], [model]
             if baseline:
@@ -105,7 +105,7 @@ def eval_cmd(
     json_path, md_path = write_result(result, out)
     print(markdown_table([result]), end="")
     if result.get("costs"):
-        from ..costs import costs_table
+        from moekit.eval.costs import costs_table
 
         print(costs_table(result["costs"]), end="")
     if result.get("perplexity"):
@@ -118,8 +118,8 @@ def compare(results: list[Path] = typer.Argument(..., help="result JSON files wr
             plot: Path = typer.Option(Path("compare.png"), "--plot", help="PNG of accuracy (and perplexity) vs parameters"),
             params: str = typer.Option("total", "--params", help="x axis: total or active parameters")):
     """Side-by-side table of several results and a plot of accuracy against parameters."""
-    from ..compare import compare_table, load_results
-    from ..compare import plot as draw
+    from moekit.eval.compare import compare_table, load_results
+    from moekit.eval.compare import plot as draw
 
     loaded = load_results(results)
     print(compare_table(loaded), end="")

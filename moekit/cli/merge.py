@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from . import app
-from .common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
 
 
 @app.command()
@@ -39,10 +39,10 @@ def merge(model: str = MODEL,
           field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
           overwrite: bool = OVERWRITE):
     """Merge experts (one expert and one router row per cluster) and save the smaller model."""
-    from ..data import calibration_tokens
-    from ..export import check_output_dir, save_model
-    from ..merge import MergeConfig, merge_
-    from ..stats import ExpertStats
+    from moekit.data import calibration_tokens
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.merge.merge import MergeConfig, merge_
+    from moekit.profile.stats import ExpertStats
 
     cfg = MergeConfig(grouping=grouping, rule=rule, align=align, rank=rank, target=target, target_total=target_total,
                       merges_per_layer=merges_per_layer, max_cluster=max_cluster, router=router, learn=learn,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import typer
 
-from . import app
-from .common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
-    from ..errors import MoekitError
+    from moekit.errors import MoekitError
 
     out = Path(out)
     if out.is_dir():
@@ -26,9 +26,9 @@ def _check_out(out: Path, overwrite: bool) -> Path:
 def _tokenizer(model: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from ..stream import checkpoint_dir
+    from moekit.checkpoint.load import local_checkpoint
 
-    return AutoTokenizer.from_pretrained(checkpoint_dir(model), trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(local_checkpoint(model, purpose="--stream"), trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -45,23 +45,23 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing statistics file"),
             dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """One forward pass over calibration data; every expert statistic compression needs, saved to --out."""
-    from ..data import calibration_tokens, describe_source
-    from ..errors import MoekitError
-    from ..profile import ProfileConfig
-    from ..profile import profile as run_profile
-    from ..stats import massive_layers, super_experts, super_shared_experts
+    from moekit.data import calibration_tokens, describe_source
+    from moekit.errors import MoekitError
+    from moekit.profile.profile import ProfileConfig
+    from moekit.profile.profile import profile as run_profile
+    from moekit.profile.stats import massive_layers, super_experts, super_shared_experts
 
     out = _check_out(out, overwrite)
     if stream and data == "self":
         raise MoekitError("--stream cannot sample 'self' text (that needs the whole model in memory): give a data file")
     if stream:
-        from ..stream import profile_stream
+        from moekit.profile.stream import profile_stream
 
         tok = _tokenizer(model, trust_remote_code)
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed)
     else:
         m, tok = load(model, dtype, device, trust_remote_code)
-        from ..arch import require_moe
+        from moekit.core.arch import require_moe
 
         require_moe(m)  # a dense model fails here, before the data is read
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
@@ -78,7 +78,7 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
           f"{super_experts(stats, rule=rule)}; shared experts above the threshold in layers "
           f"{super_shared_experts(stats, rule=rule)}")
     if plots is not None:
-        from ..plots import write_plots
+        from moekit.profile.plots import write_plots
 
         for p in write_plots(stats, plots, rule=rule):
             print(f"plot: {p}")
@@ -100,12 +100,12 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
            json_out: Path = typer.Option(None, "--json", help="also write the results to this JSON file"),
            dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Skip experts where routed (no renormalisation); perplexity and attention-sink decay D_sink per layer."""
-    from ..ablate import ablate as run_ablate
-    from ..ablate import measure, parse_experts, random_experts
-    from ..arch import require_moe
-    from ..errors import MoekitError
-    from ..perplexity import windows
-    from ..stats import ExpertStats, super_experts
+    from moekit.profile.ablate import ablate as run_ablate
+    from moekit.profile.ablate import measure, parse_experts, random_experts
+    from moekit.core.arch import require_moe
+    from moekit.errors import MoekitError
+    from moekit.eval.perplexity import windows
+    from moekit.profile.stats import ExpertStats, super_experts
 
     if sum([experts is not None, super_experts_, random_n is not None]) != 1:
         raise MoekitError("choose exactly one of --experts 'L,E;...', --super-experts or --random N")
@@ -121,7 +121,7 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
             st = ExpertStats.load(stats_file)
             st.check_model(m)
         else:
-            from ..profile import ProfileConfig, profile
+            from moekit.profile.profile import ProfileConfig, profile
 
             st = profile(m, toks, ProfileConfig(batch_size=batch_size))
         chosen = super_experts(st, rule=rule)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from . import app
-from .common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load
 
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
@@ -18,7 +18,7 @@ CRITERION_HELP = (
 
 
 def _print_report(report: dict, out: Path) -> None:
-    from ..prune_report import report_markdown, write_report
+    from moekit.prune.report import report_markdown, write_report
 
     paths = write_report(report, out)
     print(report_markdown(report))
@@ -56,9 +56,9 @@ def prune(
     trust_remote_code: bool = TRUST,
 ):
     """Remove whole routed experts chosen from the statistics file; write the checkpoint and a report."""
-    from ..export import check_output_dir, save_model
-    from ..prune import PruneConfig, prune_
-    from ..stats import ExpertStats
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.prune.prune import PruneConfig, prune_
+    from moekit.profile.stats import ExpertStats
 
     cfg = PruneConfig(
         criterion=criterion,
@@ -75,9 +75,10 @@ def prune(
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
     if shardwise:
-        from ..prune_shards import prune_shards
+        from moekit.checkpoint.load import local_checkpoint
+        from moekit.prune.shards import prune_shards
 
-        report = prune_shards(_local_path(model), st, cfg, out, overwrite=overwrite)
+        report = prune_shards(local_checkpoint(model, purpose="--shardwise"), st, cfg, out, overwrite=overwrite)
     else:
         m, tok = load(model, dtype, device, trust_remote_code)
         report = prune_(m, st, cfg)
@@ -99,9 +100,9 @@ def uniform(
     trust_remote_code: bool = TRUST,
 ):
     """Turn a model with different expert counts per layer into a standard (uniform) checkpoint."""
-    from ..export import check_output_dir, save_model
-    from ..prune import make_uniform
-    from ..stats import ExpertStats
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.prune.prune import make_uniform
+    from moekit.profile.stats import ExpertStats
 
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
@@ -109,18 +110,3 @@ def uniform(
     report = make_uniform(m, st, keep=keep, criterion=criterion, allow_super_experts=allow_super_experts)
     save_model(m, tok, out, overwrite=overwrite)
     _print_report(report, out)
-
-
-def _local_path(model: str) -> Path:
-    from ..errors import MoekitError
-
-    if model == "smollm2-moe":
-        from ..carve import embedded_moe_path
-
-        return Path(embedded_moe_path())
-    p = Path(model).expanduser()
-    if not p.is_dir():
-        raise MoekitError(
-            f"--shardwise needs a local checkpoint directory, not '{model}'; download it first or drop --shardwise"
-        )
-    return p

@@ -6,8 +6,8 @@ import json
 
 import typer
 
-from . import app
-from .common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli import app
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
 
 PER_LAYER = typer.Option(None, "--per-layer", help="explicit k per decoder layer, e.g. '3:4,4:2' (others keep top-k)")
 MITIGATION = typer.Option(
@@ -17,7 +17,7 @@ MITIGATION = typer.Option(
 
 
 def parse_per_layer(text: str | None) -> dict[int, int] | None:
-    from ..errors import MoekitError
+    from moekit.errors import MoekitError
 
     if not text:
         return None
@@ -47,10 +47,10 @@ def route(model: str = MODEL,
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Lower the experts each token activates (globally, per layer or per token) and save the model."""
-    from ..data import calibration_tokens
-    from ..export import check_output_dir, save_model
-    from ..route import RouteConfig, route_
-    from ..stats import ExpertStats
+    from moekit.data import calibration_tokens
+    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.route.route import RouteConfig, route_
+    from moekit.profile.stats import ExpertStats
 
     check_output_dir(out, overwrite)
     m, tok = load(model, dtype, device, trust_remote_code)

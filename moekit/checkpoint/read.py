@@ -1,0 +1,177 @@
+"""Reading checkpoints: a local safetensors directory, a hub id, a GGUF file, and moekit's non-uniform form.
+
+Each reader returns ``(model, tokenizer or None)``; :func:`moekit.checkpoint.load.load_model` picks one.
+Pickle weights are refused; remote code runs only with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekit.core import arch
+from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY
+from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS, PICKLE_SUFFIXES
+from moekit.errors import MoekitError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def read_tokenizer(source, **kw):
+    """The tokenizer at ``source``, or None. transformers 5 builds an empty one-token tokenizer for a directory
+    with no tokenizer files, so a local directory must hold one of them."""
+    from transformers import AutoTokenizer
+
+    if Path(source).is_dir() and "gguf_file" not in kw and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError, TypeError):
+        return None
+    return tok if len(tok) > 1 else None
+
+
+def read_dir(path: Path, dtype, trust_remote_code: bool, device_map):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path.is_file():
+        raise MoekitError(f"'{path}' is a file: pass the checkpoint directory (or a .gguf file)")
+    files = list(path.iterdir())
+    if not files:
+        raise MoekitError(f"model directory '{path}' is empty: point at a directory holding config.json and *.safetensors")
+    if not (path / "config.json").exists():
+        raise MoekitError(f"'{path}' has no config.json: it is not a transformers checkpoint directory")
+    has_st = any(f.name.endswith(".safetensors") for f in files)
+    if not has_st:
+        if any(f.name.endswith(PICKLE_SUFFIXES) for f in files):
+            raise MoekitError(
+                f"'{path}' holds only pickle weights, which can run arbitrary code when loaded; moekit reads safetensors "
+                "only: convert it with transformers' save_pretrained(safe_serialization=True) in a trusted environment"
+            )
+        raise MoekitError(f"'{path}' has no *.safetensors weights")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    arch.check_supported(config)
+    tok = read_tokenizer(path, trust_remote_code=trust_remote_code)
+    if (path / NON_UNIFORM_WEIGHTS).exists():
+        model = read_non_uniform(path, config, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map
+        )
+    restore_moekit_state(model)
+    return model, tok
+
+
+def read_hub(name: str, dtype, trust_remote_code: bool, device_map):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise MoekitError(f"cannot reach '{name}' on the hub ({type(e).__name__}); check the id and the network, or pass a local directory") from None
+    arch.check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map
+    )
+    restore_moekit_state(model)
+    return model, read_tokenizer(name, trust_remote_code=trust_remote_code)
+
+
+def read_gguf(file: Path, dtype):
+    """Read a GGUF file with transformers and rebuild it as a plain (unquantized) model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not file.exists():
+        raise MoekitError(f"GGUF file '{file}' does not exist")
+    gguf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    config_dict = gguf.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf.state_dict(), strict=True)
+    plain.tie_weights()
+    plain.to(dtype)
+    tok = read_tokenizer(file.parent, gguf_file=file.name)
+    return plain, tok
+
+
+def read_non_uniform(path: Path, config, dtype):
+    """Rebuild a model whose layers hold different expert counts (moekit's opt-in form)."""
+    from safetensors.torch import load_file
+
+    model = empty_model(config)
+    state = load_file(str(path / NON_UNIFORM_WEIGHTS))
+    for key, value in state.items():  # moekit-only buffers (e.g. moekit_mean_out) do not exist before loading
+        owner, _, leaf = key.rpartition(".")
+        if leaf.startswith("moekit_"):
+            model.get_submodule(owner).register_buffer(leaf, value)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise MoekitError(f"'{path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    # non-persistent buffers (rotary frequencies) were never on meta; anything left on meta is a bug
+    for n_, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise MoekitError(f"'{path}': tensor {n_} was not found in the checkpoint")
+    return model.to(dtype)
+
+
+def resize_empty(layer: arch.MoELayer, n: int) -> None:
+    ex, r = layer.experts, layer.router
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        t = getattr(ex, name, None)
+        if t is not None:
+            setattr(ex, name, torch.nn.Parameter(torch.empty((n, *t.shape[1:]), device="meta", dtype=t.dtype)))
+    ex.num_experts = n
+    r.weight = torch.nn.Parameter(torch.empty((n, r.weight.shape[1]), device="meta", dtype=r.weight.dtype))
+    if getattr(r, "bias", None) is not None:
+        r.bias = torch.nn.Parameter(torch.empty(n, device="meta", dtype=r.bias.dtype))
+    if hasattr(r, "e_score_correction_bias"):
+        r.e_score_correction_bias = torch.empty(n, device="meta")
+    r.num_experts = n
+
+
+def restore_moekit_state(model) -> None:
+    """Apply what moekit recorded in the config that plain transformers does not read."""
+    per_k = getattr(model.config, PER_LAYER_TOP_K_KEY, None)
+    if per_k:
+        for layer in arch.moe_layers(model):
+            k = int(per_k.get(str(layer.index), layer.top_k))
+            layer.router.top_k = k
+            if hasattr(layer.block, "top_k"):
+                layer.block.top_k = k
+    if getattr(model.config, ROUTE_KEY, None):
+        from moekit.route.route import restore
+
+        restore(model)
+
+
+def empty_model(config):
+    """The model of ``config`` on the meta device, each MoE layer at the expert count the config records."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    counts = getattr(config, PER_LAYER_EXPERTS_KEY, None) or {}
+    for layer in arch.moe_layers(model):
+        n = int(counts.get(str(layer.index), layer.num_experts))
+        if n != layer.num_experts:
+            resize_empty(layer, n)
+    return model
+
+
+def skeleton(path: Path, config=None):
+    """The model of ``path`` on the meta device, at its per-layer expert counts, with moekit's routing state
+    restored (non-persistent buffers such as rotary frequencies are real)."""
+    from transformers import AutoConfig
+
+    config = config or AutoConfig.from_pretrained(path)
+    arch.check_supported(config)
+    model = empty_model(config)
+    restore_moekit_state(model)
+    return model.eval()

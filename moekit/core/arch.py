@@ -1,0 +1,516 @@
+"""Architecture adapters: one view of every MoE layer, written over transformers' own modules.
+
+Every architecture quirk moekit knows lives in this file. The rest of the package sees an MoE layer
+only through :class:`MoELayer`, whose expert weights always come in one canonical orientation:
+
+    gate [E, I, H], up [E, I, H], down [E, H, I]   (y = down @ (act(gate @ x) * (up @ x)))
+
+transformers 5 stores experts fused (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``; GPT-OSS
+transposed and interleaved, with biases). The view reads and writes those tensors in place, keeps the
+module attributes (``num_experts``, ``top_k``) and the model config consistent, and never re-implements
+a model: routing and expert maths are the modules' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY
+from moekit.errors import MoekitError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between MoE architectures, in one record."""
+
+    name: str
+    router_attr: str = "gate"  # attribute of the MoE block holding the router
+    num_experts_key: str = "num_experts"  # config key for routed experts per layer
+    expert_size_key: str = "moe_intermediate_size"  # config key for one expert's intermediate size
+    layout: str = "concat"  # "concat": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": [E,H,2I] interleaved, [E,I,H]
+    scoring: str = "softmax"  # "softmax" over all experts, "sigmoid" (DeepSeek-V3), "topk_softmax" (GPT-OSS)
+    shared_attr: str | None = None  # shared expert module on the block
+    shared_gate_attr: str | None = None  # sigmoid gate of the shared expert (Qwen2-MoE)
+    dense_model_type: str | None = None  # the dense family an MoE of this kind densifies into
+    dense_model_type_unbiased: str | None = None  # ... when its attention biases are absent or all zero
+    norm_topk_default: bool = True
+
+
+MOE_FAMILIES: dict[str, Family] = {
+    "qwen2_moe": Family(
+        "qwen2_moe", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate", dense_model_type="qwen2",
+        dense_model_type_unbiased="llama",
+    ),
+    "qwen3_moe": Family("qwen3_moe", dense_model_type="qwen3"),
+    "mixtral": Family(
+        "mixtral", num_experts_key="num_local_experts", expert_size_key="intermediate_size", dense_model_type="mistral"
+    ),
+    # OLMoE (pre-norm, full-width q/k norms) has no dense twin in transformers (OLMo2 is post-norm): no dense type.
+    "olmoe": Family("olmoe", expert_size_key="intermediate_size", norm_topk_default=False),
+    "deepseek_v3": Family(
+        "deepseek_v3", num_experts_key="n_routed_experts", scoring="sigmoid", shared_attr="shared_experts",
+        dense_model_type="deepseek_v3",
+    ),
+    "gpt_oss": Family(
+        "gpt_oss", router_attr="router", num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+        layout="gpt_oss", scoring="topk_softmax",
+    ),
+}
+
+# Dense families moekit can carve into an MoE: gated FFN with gate_proj / up_proj / down_proj.
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+SUPPORTED = tuple(MOE_FAMILIES) + DENSE_FAMILIES
+
+
+
+def model_type(model_or_config) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", "?")
+
+
+def check_supported(model_or_config) -> str:
+    mt = model_type(model_or_config)
+    if mt not in SUPPORTED:
+        raise MoekitError(
+            f"unsupported architecture '{mt}': moekit supports {', '.join(SUPPORTED)}; convert the model to one of them"
+        )
+    return mt
+
+
+def is_moe(model) -> bool:
+    return model_type(model) in MOE_FAMILIES
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a causal LM (``model.model.layers`` in every supported family)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise MoekitError(f"cannot find decoder layers on {type(model).__name__}; is this a causal language model?")
+    return layers
+
+
+class MoELayer:
+    """Architecture-neutral view of one sparse MoE block (router, routed experts, shared experts)."""
+
+    def __init__(self, model: nn.Module, index: int, block: nn.Module, family: Family):
+        self.model = model
+        self.index = index
+        self.block = block
+        self.family = family
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def router(self) -> nn.Module:
+        return getattr(self.block, self.family.router_attr)
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.block.experts
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def expert_size(self) -> int:
+        gu = self.experts.gate_up_proj
+        return int(gu.shape[-1] // 2 if self.family.layout == "gpt_oss" else gu.shape[1] // 2)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.router.weight.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.router.weight
+
+    @property
+    def router_bias(self) -> torch.Tensor | None:
+        return getattr(self.router, "bias", None)
+
+    @property
+    def correction_bias(self) -> torch.Tensor | None:
+        """DeepSeek-V3's ``e_score_correction_bias``: added to scores for selection only."""
+        return getattr(self.router, "e_score_correction_bias", None)
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        return bool(getattr(self.router, "norm_topk_prob", self.family.norm_topk_default))
+
+    @property
+    def routed_scaling_factor(self) -> float:
+        return float(getattr(self.router, "routed_scaling_factor", 1.0) or 1.0)
+
+    @property
+    def n_group(self) -> int:
+        return int(getattr(self.router, "num_group", None) or 1)
+
+    @property
+    def topk_group(self) -> int:
+        return int(getattr(self.router, "topk_group", None) or 1)
+
+    @property
+    def shared_expert(self) -> nn.Module | None:
+        return getattr(self.block, self.family.shared_attr) if self.family.shared_attr else None
+
+    @property
+    def shared_gate(self) -> nn.Module | None:
+        return getattr(self.block, self.family.shared_gate_attr) if self.family.shared_gate_attr else None
+
+    @property
+    def skip_index(self) -> int | None:
+        """The index a dropped routing slot may carry (the expert count), or None where the experts' forward cannot
+        skip it. Only the eager forward of the non-GPT-OSS families skips it; GPT-OSS's one-hot has no extra class,
+        ``batched_mm`` gathers weights by index, and ``grouped_mm`` leaves the skipped rows unset (NaN * 0)."""
+        impl = getattr(self.model.config, "_experts_implementation", None) or "eager"
+        if self.family.layout == "gpt_oss" or impl != "eager":
+            return None
+        return self.num_experts
+
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, E] scores whose order is the router's choice order (DeepSeek-V3 adds its correction bias)."""
+        if self.family.scoring == "sigmoid":
+            cb = self.correction_bias
+            return logits.float().sigmoid() + (0 if cb is None else cb.float())
+        return logits.float()
+
+    @property
+    def act_fn(self):
+        return getattr(self.experts, "act_fn", None)
+
+    def expert_param_count(self) -> int:
+        """Parameters of one routed expert (weights and biases)."""
+        n = 3 * self.expert_size * self.hidden_size
+        if self.family.layout == "gpt_oss":
+            n += 2 * self.expert_size + self.hidden_size
+        return n
+
+    # ----------------------------------------------------------------- weights
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        """Canonical copies: gate [E,I,H], up [E,I,H], down [E,H,I]."""
+        gu, dn = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
+        if self.family.layout == "gpt_oss":
+            return {
+                "gate": gu[..., 0::2].transpose(1, 2).clone(),
+                "up": gu[..., 1::2].transpose(1, 2).clone(),
+                "down": dn.transpose(1, 2).clone(),
+            }
+        i = gu.shape[1] // 2
+        return {"gate": gu[:, :i].clone(), "up": gu[:, i:].clone(), "down": dn.clone()}
+
+    def expert_biases(self) -> dict[str, torch.Tensor] | None:
+        """GPT-OSS only: gate [E,I], up [E,I], down [E,H]."""
+        if self.family.layout != "gpt_oss":
+            return None
+        b = self.experts.gate_up_proj_bias.detach()
+        return {"gate": b[:, 0::2].clone(), "up": b[:, 1::2].clone(), "down": self.experts.down_proj_bias.detach().clone()}
+
+    def _write_experts(self, gate, up, down, biases=None) -> None:
+        ex = self.experts
+        ref = ex.down_proj
+        kw = dict(device=ref.device, dtype=ref.dtype)
+        if self.family.layout == "gpt_oss":
+            e, i, h = gate.shape
+            gu = torch.empty(e, h, 2 * i, **kw)
+            gu[..., 0::2] = gate.transpose(1, 2)
+            gu[..., 1::2] = up.transpose(1, 2)
+            ex.gate_up_proj = nn.Parameter(gu, requires_grad=ref.requires_grad)
+            ex.down_proj = nn.Parameter(down.transpose(1, 2).contiguous().to(**kw), requires_grad=ref.requires_grad)
+            if biases is None:
+                biases = {"gate": torch.zeros(e, i), "up": torch.zeros(e, i), "down": torch.zeros(e, h)}
+            gub = torch.empty(e, 2 * i, **kw)
+            gub[:, 0::2], gub[:, 1::2] = biases["gate"], biases["up"]
+            ex.gate_up_proj_bias = nn.Parameter(gub, requires_grad=ref.requires_grad)
+            ex.down_proj_bias = nn.Parameter(biases["down"].to(**kw).contiguous(), requires_grad=ref.requires_grad)
+            ex.intermediate_size = i
+        else:
+            ex.gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1).to(**kw).contiguous(), requires_grad=ref.requires_grad)
+            ex.down_proj = nn.Parameter(down.to(**kw).contiguous(), requires_grad=ref.requires_grad)
+            ex.intermediate_dim = int(gate.shape[1])
+        ex.num_experts = int(gate.shape[0])
+
+    def _write_router(self, weight, bias=None, correction_bias=None) -> None:
+        r = self.router
+        ref = r.weight
+        r.weight = nn.Parameter(weight.to(device=ref.device, dtype=ref.dtype).contiguous(), requires_grad=ref.requires_grad)
+        if getattr(r, "bias", None) is not None:
+            b = bias if bias is not None else torch.zeros(weight.shape[0])
+            r.bias = nn.Parameter(b.to(device=r.bias.device, dtype=r.bias.dtype).contiguous(), requires_grad=ref.requires_grad)
+        if hasattr(r, "e_score_correction_bias"):
+            cb = correction_bias if correction_bias is not None else torch.zeros(weight.shape[0])
+            r.e_score_correction_bias = cb.to(device=ref.device, dtype=r.e_score_correction_bias.dtype).contiguous()
+        r.num_experts = int(weight.shape[0])
+
+    def block_tensors(self, gate, up, down, router_weight, router_bias=None, biases=None) -> dict[str, torch.Tensor]:
+        """Canonical expert weights and router rows as the block's own parameters, keyed by their names in
+        ``self.block`` and kept differentiable: for ``torch.func.functional_call(layer.block, ...)``. The block
+        must already hold this many experts (``replace_experts``)."""
+        r = self.family.router_attr
+        if self.family.layout == "gpt_oss":
+            gu = torch.stack([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).flatten(-2)  # interleave gate/up
+            out = {"experts.gate_up_proj": gu, "experts.down_proj": down.transpose(1, 2)}
+            if biases is not None:
+                out["experts.gate_up_proj_bias"] = torch.stack([biases["gate"], biases["up"]], dim=-1).flatten(-2)
+                out["experts.down_proj_bias"] = biases["down"]
+        else:
+            out = {"experts.gate_up_proj": torch.cat([gate, up], dim=1), "experts.down_proj": down}
+        out[f"{r}.weight"] = router_weight
+        if router_bias is not None and self.router_bias is not None:
+            out[f"{r}.bias"] = router_bias
+        return out
+
+    def block_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole block (routed + shared) on x [B, T, H] -> [B, T, H]; ``params`` (from :meth:`block_tensors`)
+        stand in for the block's own parameters, differentiably. GPT-OSS's block also returns router scores."""
+        out = self.block(x) if params is None else torch.func.functional_call(self.block, params, (x,))
+        return out[0] if isinstance(out, tuple) else out
+
+    # ----------------------------------------------------------------- operations
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Keep only these routed experts (in this order); the router loses exactly the other rows."""
+        keep = [int(e) for e in keep]
+        if len(set(keep)) != len(keep) or any(e < 0 or e >= self.num_experts for e in keep):
+            raise MoekitError(f"layer {self.index}: expert indices {keep} are out of range 0..{self.num_experts - 1} or repeated")
+        idx = torch.tensor(keep, dtype=torch.long)
+        w = self.expert_weights()
+        b = self.expert_biases()
+        self.replace_experts(
+            w["gate"][idx], w["up"][idx], w["down"][idx],
+            router_weight=self.router_weight.detach()[idx],
+            router_bias=None if self.router_bias is None else self.router_bias.detach()[idx],
+            correction_bias=None if self.correction_bias is None else self.correction_bias.detach()[idx],
+            biases=None if b is None else {k: v[idx] for k, v in b.items()},
+        )
+
+    def replace_experts(self, gate, up, down, router_weight, router_bias=None, correction_bias=None, biases=None) -> None:
+        """Replace the routed experts (any new count) and the router rows that pick them."""
+        e = int(gate.shape[0])
+        if e == 0:
+            raise MoekitError(f"layer {self.index}: zero experts would remain; keep at least top-k ({self.top_k}) experts")
+        if self.top_k > e:
+            raise MoekitError(
+                f"layer {self.index}: top-k {self.top_k} is larger than the {e} experts kept; keep more experts or lower top-k"
+            )
+        if e % self.n_group:
+            raise MoekitError(
+                f"layer {self.index}: {e} experts do not divide into n_group={self.n_group} groups; keep a multiple of {self.n_group}"
+            )
+        if not (up.shape == gate.shape and down.shape == (e, gate.shape[2], gate.shape[1]) and router_weight.shape[0] == e):
+            raise MoekitError(f"layer {self.index}: inconsistent expert shapes gate {tuple(gate.shape)}, down {tuple(down.shape)}")
+        self._write_experts(gate, up, down, biases)
+        self._write_router(router_weight, router_bias, correction_bias)
+        sync_config(self.model)
+
+    def set_top_k(self, k: int) -> None:
+        k = int(k)
+        if k < 1 or k > self.num_experts:
+            raise MoekitError(f"layer {self.index}: top-k {k} must be between 1 and the {self.num_experts} experts in the layer")
+        if self.n_group > 1 and k > self.topk_group * (self.num_experts // self.n_group):
+            raise MoekitError(f"layer {self.index}: top-k {k} exceeds what topk_group={self.topk_group} groups can supply")
+        self.router.top_k = k
+        if hasattr(self.block, "top_k"):
+            self.block.top_k = k
+        sync_config(self.model)
+
+    # ----------------------------------------------------------------- maths
+    @torch.no_grad()
+    def route(self, x: torch.Tensor):
+        """The router's own forward on tokens [T, H] -> (logits [T,E], weights [T,k], indices [T,k])."""
+        return self.router(x)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router probability of every expert [T, E] (softmax over all; sigmoid scores for DeepSeek-V3)."""
+        if self.family.scoring == "sigmoid":
+            return logits.float().sigmoid()
+        return torch.softmax(logits.float(), dim=-1)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of routed expert ``e`` on tokens x [T, H], before the routing weight."""
+        ex = self.experts
+        if self.family.layout == "gpt_oss":
+            gate_up = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+            return ex._apply_gate(gate_up) @ ex.down_proj[e] + ex.down_proj_bias[e]
+        gate, up = nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        return nn.functional.linear(ex.act_fn(gate) * up, ex.down_proj[e])
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Intermediate activation act(gate x) * (up x) of expert ``e`` on x [T, H] -> [T, I]."""
+        ex = self.experts
+        if self.family.layout == "gpt_oss":
+            return ex._apply_gate(x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e])
+        gate, up = nn.functional.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        return ex.act_fn(gate) * up
+
+    def shared_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Shared-expert output on x [T, H], its gate applied; None when the layer has none."""
+        if self.shared_expert is None:
+            return None
+        out = self.shared_expert(x)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x)) * out
+        return out
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed output for explicit routing decisions (weights/indices [T,k]); index >= E means 'skip'.
+        ``params`` (from :meth:`block_tensors`) stand in for the experts' own weights, differentiably."""
+        skip = indices >= self.num_experts  # transformers' grouped_mm path leaves such rows undefined: weight 0
+        if bool(skip.any()):
+            indices, weights = indices.masked_fill(skip, 0), weights.masked_fill(skip, 0)
+        if params is None:
+            return self.experts(x, indices, weights.to(x.dtype))
+        own = {k.removeprefix("experts."): v for k, v in params.items() if k.startswith("experts.")}
+        return torch.func.functional_call(self.experts, own, (x, indices, weights.to(x.dtype)))
+
+    def __repr__(self) -> str:
+        return (f"MoELayer(layer={self.index}, family={self.family.name}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, expert_size={self.expert_size}, shared={self.shared_expert is not None})")
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every sparse MoE block of ``model`` as a :class:`MoELayer` (dense layers are skipped)."""
+    mt = model_type(model)
+    family = MOE_FAMILIES.get(mt)
+    if family is None:
+        return []
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        block = getattr(layer, "mlp", None)
+        if block is not None and hasattr(block, "experts"):
+            out.append(MoELayer(model, i, block, family))
+    return out
+
+
+def require_moe(model: nn.Module) -> list[MoELayer]:
+    check_supported(model)
+    layers = moe_layers(model)
+    if not layers:
+        raise MoekitError(
+            f"'{model_type(model)}' is a dense model with no MoE layers; run `moekit carve` first to turn it into an MoE"
+        )
+    return layers
+
+
+def sync_config(model: nn.Module) -> None:
+    """Write the layers' expert counts and top-k back into the config.
+
+    Uniform counts go into the standard keys (a checkpoint plain transformers loads); differing counts
+    go into moekit's opt-in per-layer keys, which :func:`moekit.load_model` reads.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return
+    config = model.config
+    family = layers[0].family
+    counts = {layer.index: layer.num_experts for layer in layers}
+    topks = {layer.index: layer.top_k for layer in layers}
+    if len(set(counts.values())) == 1:
+        setattr(config, family.num_experts_key, next(iter(counts.values())))
+        _drop(config, PER_LAYER_EXPERTS_KEY)
+    else:
+        setattr(config, family.num_experts_key, max(counts.values()))
+        setattr(config, PER_LAYER_EXPERTS_KEY, {str(k): v for k, v in counts.items()})
+    if len(set(topks.values())) == 1:
+        config.num_experts_per_tok = next(iter(topks.values()))
+        _drop(config, PER_LAYER_TOP_K_KEY)
+    else:
+        config.num_experts_per_tok = max(topks.values())
+        setattr(config, PER_LAYER_TOP_K_KEY, {str(k): v for k, v in topks.items()})
+
+
+def _drop(config, key: str) -> None:
+    if hasattr(config, key):
+        delattr(config, key)
+
+
+def is_uniform(model: nn.Module) -> bool:
+    return not any(hasattr(model.config, key) for key in (PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY))
+
+
+def moekit_tensors(model: nn.Module) -> list[str]:
+    """State-dict keys of moekit-only tensors (buffers named ``moekit_*``), which plain transformers cannot load."""
+    return [k for k in model.state_dict() if k.rpartition(".")[2].startswith("moekit_")]
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters: total, in routed experts, and active per token (top-k experts + everything else)."""
+    total = sum(p.numel() for p in model.parameters())
+    # tied embeddings are one tensor; parameters() already de-duplicates them
+    layers = moe_layers(model)
+    in_experts = sum(layer.num_experts * layer.expert_param_count() for layer in layers)
+    active_experts = sum(layer.top_k * layer.expert_param_count() for layer in layers)
+    return {"total": total, "experts": in_experts, "active": total - in_experts + active_experts}
+
+
+def describe(model: nn.Module) -> dict:
+    """What ``moekit info`` prints."""
+    check_supported(model)
+    layers = moe_layers(model)
+    counts = param_counts(model)
+    shared = [layer for layer in layers if layer.shared_expert is not None]
+    return {
+        "architecture": type(model).__name__,
+        "model_type": model_type(model),
+        "layers": len(decoder_layers(model)),
+        "moe_layers": len(layers),
+        "experts_per_layer": sorted({layer.num_experts for layer in layers}),
+        "top_k": sorted({layer.top_k for layer in layers}),
+        "expert_size": sorted({layer.expert_size for layer in layers}),
+        "shared_experts": bool(shared),
+        "shared_expert_size": sorted({_shared_size(layer) for layer in shared}),
+        "params_total": counts["total"],
+        "params_experts": counts["experts"],
+        "params_active": counts["active"],
+    }
+
+
+def _shared_size(layer: MoELayer) -> int:
+    sh = layer.shared_expert
+    return int(sh.down_proj.weight.shape[1]) if hasattr(sh, "down_proj") else 0
+
+
+# Per-expert checkpoint names on disk (what transformers 5 fuses on load; Mixtral also renames the block).
+_DISK_BLOCK_RENAMES = {"block_sparse_moe.": "mlp."}
+_DISK_EXPERT_RENAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def fuse_layer_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors as stored on disk (keys relative to the layer) -> the module's state-dict keys.
+
+    Per-expert tensors ``mlp.experts.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj`` (Mixtral:
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``) are stacked into ``mlp.experts.gate_up_proj [E, 2I, H]`` and
+    ``mlp.experts.down_proj [E, H, I]``, the way transformers fuses them on load; anything else (already fused
+    checkpoints, GPT-OSS, attention, norms) passes through unchanged.
+    """
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    pattern = re.compile(r"^(.*experts)\.(\d+)\.(\w+)\.weight$")
+    for key, value in state.items():
+        for old, new in _DISK_BLOCK_RENAMES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        m = pattern.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        proj = _DISK_EXPERT_RENAMES.get(m.group(3), m.group(3))
+        per_expert.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[proj] = value
+    for prefix, experts in per_expert.items():
+        n = len(experts)
+        if sorted(experts) != list(range(n)) or any(set(p) != {"gate_proj", "up_proj", "down_proj"} for p in experts.values()):
+            raise MoekitError(f"checkpoint experts under '{prefix}' are incomplete (need gate/up/down for experts 0..{n - 1})")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
+    return out

@@ -1,0 +1,386 @@
+"""Expert pruning: remove whole routed experts, chosen from the statistics file (no new calibration pass).
+
+    report = prune_(model, stats, PruneConfig(criterion="reap", ratio=0.25))
+
+Criteria (one score per expert, higher = keep; all sums in the statistics file, see ``moekit.stats``):
+
+======================  ==============================================================================
+``topk_prime``          the challenge team's rule: times selected within the top-k' (sum rank_counts[:, :k'];
+                        k' = ``top_k_prime``, default the model's top-k)
+``frequency``           times selected at any rank (sum rank_counts)
+``prob_mass``           router probability mass over all tokens
+``weighted_frequency``  router-weighted frequency: sum of the routing weights the expert received
+``reap``                REAP (arXiv 2510.13999): mean over routed tokens of g_e * ||E_e(x)|| (reap_sum / count)
+``ean``                 expert activation norm, per routed token: mean of ||E_e(x)|| (norm_sum / count)
+``random``              seeded random scores: the control every table carries
+======================  ==============================================================================
+
+Experts never selected score 0 under the per-token means (reap, ean).
+
+Budgets (how many experts stay):
+
+* ``keep=N`` or ``ratio=R`` (R = fraction of routed experts *removed*), with ``budget="uniform"``: the
+  same count in every layer (a standard checkpoint); ``budget="global"``: one ranking over all layers,
+  scores divided by their layer's mean (1.0 = the layer's average expert) so that layers whose scores
+  live on different scales compete fairly. ``global_norm="median"`` is the option robust to one outsized
+  score (a super expert shrinks every other score of its layer under the mean), but with an even expert
+  count it puts exactly half of every layer above 1.0, so a 50% global budget equals the uniform one.
+  Every layer keeps at least top-k experts. Per-layer counts then differ (moekit's non-uniform form,
+  made standard again by :func:`make_uniform`).
+* ``top_k_prime=K'`` alone (threshold mode, the challenge team's rule): keep every expert selected within
+  the top-K' at least ``tau`` times; per-layer counts follow from the data.
+
+Super experts (``moekit.stats.super_experts``) are always kept unless ``allow_super_experts``. The router
+loses exactly the pruned rows (and biases); routing weights then follow the architecture's own
+normalisation (renormalised top-k, or not, as the model does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.core import arch
+from moekit.errors import MoekitError
+from moekit.profile.stats import ExpertStats, super_experts
+
+CRITERIA = ("topk_prime", "frequency", "prob_mass", "weighted_frequency", "reap", "ean", "random")
+NEEDS = {
+    "topk_prime": ("rank_counts",),
+    "frequency": ("rank_counts",),
+    "prob_mass": ("prob_mass",),
+    "weighted_frequency": ("weight_sum",),
+    "reap": ("reap_sum", "rank_counts"),
+    "ean": ("norm_sum", "rank_counts"),
+    "random": (),
+}
+BUDGETS = ("uniform", "global")
+DEFAULT_CRITERION = "reap"
+# config key recording, per MoE layer, which experts of the source model survive (and the source's fingerprint)
+KEPT_KEY = "moekit_kept_experts"
+
+
+@dataclass
+class PruneConfig:
+    criterion: str | None = None  # None: DEFAULT_CRITERION, or "topk_prime" in threshold mode
+    keep: int | None = None  # experts kept per layer (uniform) or on average (global)
+    ratio: float | None = None  # fraction of routed experts removed
+    top_k_prime: int | None = None  # k' of the top-k' rule; alone (no keep/ratio) it selects threshold mode
+    tau: float = 1.0  # threshold mode: minimum top-k' selections to survive
+    budget: str = "uniform"
+    allow_super_experts: bool = False
+    super_rule: str = "paper"
+    seed: int = 0
+    global_norm: str = "mean"  # global budget: scores divided by the layer's "mean" or "median"
+
+    @property
+    def mode(self) -> str:
+        if self.keep is not None:
+            return "keep"
+        if self.ratio is not None:
+            return "ratio"
+        return "threshold"
+
+    def validate(self) -> None:
+        if self.criterion is None:
+            self.criterion = "topk_prime" if self.mode == "threshold" else DEFAULT_CRITERION
+        if self.criterion not in CRITERIA:
+            raise MoekitError(f"unknown criterion '{self.criterion}': use one of {', '.join(CRITERIA)}")
+        if self.global_norm not in ("median", "mean"):
+            raise MoekitError(f"unknown global normalisation '{self.global_norm}': use 'median' or 'mean'")
+        if self.budget not in BUDGETS:
+            raise MoekitError(f"unknown budget '{self.budget}': use 'uniform' or 'global'")
+        if self.keep is not None and self.ratio is not None:
+            raise MoekitError("give either keep (experts per layer) or ratio (fraction removed), not both")
+        if self.keep is None and self.ratio is None and self.top_k_prime is None:
+            raise MoekitError("say how much to prune: --keep N, --ratio R, or --top-k-prime K' [--tau T]")
+        if self.keep is not None and self.keep < 1:
+            raise MoekitError(f"keep={self.keep}: keep at least one expert per layer (and at least top-k)")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise MoekitError(f"ratio={self.ratio} is the fraction of experts removed: give a value in [0, 1)")
+        if self.top_k_prime is not None and self.top_k_prime < 1:
+            raise MoekitError(f"top-k'={self.top_k_prime} must be at least 1")
+        if self.mode == "threshold":
+            if self.criterion != "topk_prime":
+                raise MoekitError(
+                    f"the threshold rule counts top-k' selections; use criterion 'topk_prime' (not '{self.criterion}') "
+                    "or --keep/--ratio"
+                )
+            if self.budget == "global":
+                raise MoekitError("the threshold rule already decides each layer's count; drop --budget global")
+            if self.tau <= 0:
+                raise MoekitError(
+                    f"tau={self.tau} keeps every expert; give a positive count (1 = selected at least once)"
+                )
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) -> torch.Tensor:
+    """Per-expert score [E] (float64) for ``cfg.criterion``; higher means more worth keeping."""
+    e, c = layer.num_experts, cfg.criterion
+    if c == "random":
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + layer.index)
+        return torch.rand(e, generator=g, dtype=torch.float64)
+    if c in ("topk_prime", "frequency", "reap", "ean"):
+        rc = stats.get("rank_counts", layer.index).double()
+        count = rc.sum(1)
+    if c == "topk_prime":
+        k = cfg.top_k_prime or layer.top_k
+        if k > rc.shape[1]:
+            raise MoekitError(
+                f"top-k'={k} exceeds the top-k ({rc.shape[1]}) the statistics were counted at; use k' <= {rc.shape[1]}"
+            )
+        s = rc[:, :k].sum(1)
+    elif c == "frequency":
+        s = count
+    elif c == "prob_mass":
+        s = stats.get("prob_mass", layer.index).double()
+    elif c == "weighted_frequency":
+        s = stats.get("weight_sum", layer.index).double()
+    else:
+        num = stats.get("reap_sum" if c == "reap" else "norm_sum", layer.index).double()
+        s = torch.where(count > 0, num / count.clamp_min(1), torch.zeros_like(num))
+    if s.shape != (e,):
+        raise MoekitError(
+            f"statistics for layer {layer.index} cover {s.shape[0]} experts, the model has {e}; profile this model"
+        )
+    return s
+
+
+def layer_normalised(s: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Scores relative to the layer's typical expert (what the global budget ranks): divided by the layer's
+    mean (default) or median (robust to one outsized score)."""
+    ref = s.median() if how == "median" else s.mean()
+    return s / ref if ref > 0 else torch.zeros_like(s)
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def protected_experts(stats: ExpertStats, cfg: PruneConfig) -> dict[int, set[int]]:
+    if cfg.allow_super_experts:
+        return {}
+    if not stats.has("down_max"):
+        raise MoekitError(
+            "cannot tell super experts apart: the statistics file lacks down_max; "
+            "re-profile, or pass --allow-super-experts"
+        )
+    rule = cfg.super_rule if (cfg.super_rule != "paper" or stats.has("hidden_max")) else "first75"
+    out: dict[int, set[int]] = {}
+    for layer, e in super_experts(stats, rule=rule):
+        out.setdefault(layer, set()).add(e)
+    return out
+
+
+def _order(scores: torch.Tensor, protect: set[int]) -> list[int]:
+    """Experts best-first: protected first, then by score (ties: lower index first)."""
+    return sorted(range(len(scores)), key=lambda e: (e not in protect, -float(scores[e]), e))
+
+
+def _min_keep(layer: arch.MoELayer) -> int:
+    return layer.top_k
+
+
+def _check_count(layer: arch.MoELayer, n: int, protect: set[int], why: str) -> None:
+    if n < 1:
+        raise MoekitError(f"layer {layer.index}: {why} keeps zero experts; keep at least top-k ({layer.top_k})")
+    if n < layer.top_k:
+        raise MoekitError(
+            f"layer {layer.index}: {why} keeps {n} experts, fewer than top-k={layer.top_k}; keep more experts"
+        )
+    if n % layer.n_group:
+        raise MoekitError(
+            f"layer {layer.index}: {why} keeps {n} experts, not a multiple of n_group={layer.n_group}; "
+            f"keep a multiple of {layer.n_group}"
+        )
+    if layer.n_group > 1 and layer.top_k > layer.topk_group * (n // layer.n_group):
+        raise MoekitError(
+            f"layer {layer.index}: {n} experts in {layer.n_group} groups cannot supply top-k={layer.top_k} "
+            f"from topk_group={layer.topk_group} groups; keep more experts"
+        )
+    if len(protect) > n:
+        raise MoekitError(
+            f"layer {layer.index}: {len(protect)} super experts but only {n} kept; keep more experts "
+            "or pass --allow-super-experts"
+        )
+
+
+def _uniform_keep(layer: arch.MoELayer, scores: torch.Tensor, protect: set[int], n: int) -> list[int]:
+    _check_count(layer, n, protect, f"keep={n}")
+    g = layer.n_group
+    if g == 1:
+        return sorted(_order(scores, protect)[:n])
+    # group-limited routing (DeepSeek-V3): groups are contiguous blocks; prune evenly so no expert changes group
+    size, per = layer.num_experts // g, n // g
+    keep = []
+    for j in range(g):
+        members = range(j * size, (j + 1) * size)
+        local = {e - j * size for e in protect if e in members}
+        if len(local) > per:
+            raise MoekitError(
+                f"layer {layer.index}: group {j} holds {len(local)} super experts but keeps {per}; keep more "
+                "experts or pass --allow-super-experts"
+            )
+        keep += [j * size + e for e in _order(scores[j * size : (j + 1) * size], local)[:per]]
+    return sorted(keep)
+
+
+def plan(layers: list[arch.MoELayer], stats: ExpertStats, cfg: PruneConfig) -> dict[int, list[int]]:
+    """Experts kept per MoE layer (decoder-layer index -> sorted expert indices)."""
+    cfg.validate()
+    stats.require(*NEEDS[cfg.criterion], what=f"criterion '{cfg.criterion}'")
+    missing = [layer.index for layer in layers if layer.index not in stats.layers]
+    if missing:
+        raise MoekitError(f"the statistics file has no data for MoE layers {missing}; profile the whole model")
+    protect = protected_experts(stats, cfg)
+    scores = {layer.index: expert_scores(stats, layer, cfg) for layer in layers}
+    if cfg.mode == "threshold":
+        out = {}
+        for layer in layers:
+            p = protect.get(layer.index, set())
+            keep = sorted({e for e in range(layer.num_experts) if scores[layer.index][e] >= cfg.tau} | p)
+            _check_count(layer, len(keep), p, f"the top-{cfg.top_k_prime} >= {cfg.tau} rule")
+            out[layer.index] = keep
+        return out
+    if cfg.budget == "uniform":
+        out = {}
+        for layer in layers:
+            n = cfg.keep if cfg.mode == "keep" else layer.num_experts - round(cfg.ratio * layer.num_experts)
+            if n > layer.num_experts:
+                raise MoekitError(
+                    f"layer {layer.index}: keep={n} exceeds its {layer.num_experts} experts; give a smaller --keep"
+                )
+            out[layer.index] = _uniform_keep(layer, scores[layer.index], protect.get(layer.index, set()), n)
+        return out
+    return _global_plan(layers, scores, protect, cfg)
+
+
+def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[int]]:
+    if any(layer.n_group > 1 for layer in layers):
+        raise MoekitError("a global budget would break group-limited routing (n_group > 1); use --budget uniform")
+    total = sum(layer.num_experts for layer in layers)
+    target = cfg.keep * len(layers) if cfg.mode == "keep" else total - round(cfg.ratio * total)
+    if target > total:
+        raise MoekitError(
+            f"keep={cfg.keep} per layer on average exceeds the experts the model has; give a smaller --keep"
+        )
+    keep: dict[int, set[int]] = {}
+    rest = []
+    for layer in layers:
+        p = protect.get(layer.index, set())
+        order = _order(scores[layer.index], p)
+        forced = set(order[: _min_keep(layer)]) | p  # every layer keeps at least top-k, and its super experts
+        keep[layer.index] = forced
+        z = layer_normalised(scores[layer.index], cfg.global_norm)
+        rest += [(-float(z[e]), layer.index, e) for e in range(layer.num_experts) if e not in forced]
+    n_forced = sum(len(v) for v in keep.values())
+    if target < n_forced:
+        raise MoekitError(
+            f"the global budget keeps {target} experts but top-k per layer and super experts need {n_forced}; "
+            "prune less"
+        )
+    for _, li, e in sorted(rest)[: target - n_forced]:
+        keep[li].add(e)
+    for layer in layers:
+        _check_count(layer, len(keep[layer.index]), protect.get(layer.index, set()), "the global budget")
+    return {li: sorted(v) for li, v in keep.items()}
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+def prune_(model, stats: ExpertStats, cfg: PruneConfig) -> dict:
+    """Remove the experts ``cfg`` selects from ``model`` in place; return the report (see :func:`build_report`)."""
+    from moekit.profile.stats import fingerprint
+    from moekit.prune.report import build_report, snapshot
+
+    layers = arch.require_moe(model)
+    stats = stats_for_model(model, stats)
+    keep = plan(layers, stats, cfg)
+    before = snapshot(model)
+    apply_plan(model, keep, source_fingerprint=fingerprint(model))
+    return build_report(before, snapshot(model), keep, cfg)
+
+
+def apply_plan(model, keep: dict[int, list[int]], source_fingerprint: str) -> None:
+    """Keep ``keep[layer]`` in each MoE layer and record the surviving source indices in the config."""
+    old = getattr(model.config, KEPT_KEY, None)
+    record = {"source": old["source"] if old else source_fingerprint, "layers": {}}
+    changed = False
+    for layer in arch.moe_layers(model):
+        kept = keep.get(layer.index, list(range(layer.num_experts)))
+        prev = old["layers"][str(layer.index)] if old else list(range(layer.num_experts))
+        record["layers"][str(layer.index)] = [int(prev[e]) for e in kept]
+        if len(kept) != layer.num_experts:
+            if layer.experts.down_proj.is_meta:
+                _keep_meta_experts(layer, kept)
+            else:
+                layer.keep_experts(kept)
+            changed = True
+    if changed:
+        arch.sync_config(model)
+        setattr(model.config, KEPT_KEY, record)
+
+
+def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
+    """keep_experts for a model whose experts are on the meta device (shard-wise pruning): shapes only,
+    router rows kept for real. The guards already ran in :func:`plan`."""
+    from moekit.checkpoint.read import resize_empty
+
+    idx = torch.tensor(kept, dtype=torch.long)
+    r = layer.router
+    rows = {
+        n: getattr(r, n).detach().index_select(0, idx)
+        for n in ("weight", "bias", "e_score_correction_bias")
+        if getattr(r, n, None) is not None and not getattr(r, n).is_meta
+    }
+    resize_empty(layer, len(kept))
+    for n, t in rows.items():
+        setattr(r, n, t if n == "e_score_correction_bias" else torch.nn.Parameter(t, requires_grad=False))
+
+
+def stats_for_model(model, stats: ExpertStats) -> ExpertStats:
+    """``stats`` if made for ``model``; statistics of its source model re-indexed to the surviving experts if
+    ``model`` was pruned from it (so a pruned model can be pruned again or made uniform); else an error."""
+    from moekit.profile.stats import fingerprint
+
+    record = getattr(model.config, KEPT_KEY, None)
+    if not record or stats.meta.get("fingerprint") != record.get("source"):
+        stats.check_model(model)
+        return stats
+    out = ExpertStats(meta=dict(stats.meta, fingerprint=fingerprint(model)), tensors={})
+    for key, t in stats.tensors.items():
+        name, _, layer = key.rpartition(".")
+        idx = record["layers"].get(layer) if name else None
+        if idx is None:
+            out.tensors[key] = t
+            continue
+        idx = torch.tensor(idx, dtype=torch.long)
+        if t.dim() >= 1 and t.shape[0] >= len(idx):
+            t = t[idx]
+            if name == "gram":
+                t = t[:, idx]
+        out.tensors[key] = t
+    return out
+
+
+def make_uniform(
+    model,
+    stats: ExpertStats,
+    *,
+    keep: int | None = None,
+    criterion: str = DEFAULT_CRITERION,
+    allow_super_experts: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Make every MoE layer hold the same number of experts (default: the smallest layer's count),
+    dropping the weakest by ``criterion``; the result is a standard checkpoint."""
+    layers = arch.require_moe(model)
+    n = keep if keep is not None else min(layer.num_experts for layer in layers)
+    if n > min(layer.num_experts for layer in layers):
+        raise MoekitError(
+            f"keep={n} exceeds the smallest layer's {min(x.num_experts for x in layers)} experts; "
+            "pruning cannot add experts back"
+        )
+    cfg = PruneConfig(criterion=criterion, keep=n, budget="uniform", allow_super_experts=allow_super_experts, seed=seed)
+    report = prune_(model, stats, cfg)
+    if not arch.is_uniform(model):
+        raise MoekitError("the model is still non-uniform (per-layer top-k differs); set one top-k first")
+    return report
