@@ -18,24 +18,17 @@ clustering at share 0.5, and the embedded default's recipe. Prints a table; writ
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+from common import RESULTS, add_common, load, parse, parser, write_json
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--calib", default=str(DATA / "calib" / "c4_train_head.jsonl"))
+    ap = add_common(parser(__doc__), model="smollm2", out=RESULTS / "carve_sweep.json", out_help="JSON results file")
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--dev", default=str(DATA / "dev" / "c4_valid_dev.jsonl"))
     ap.add_argument("--dev-tokens", type=int, default=16384)
     ap.add_argument("--local-shares", default="0.5", help="shares that also get the (costly) local step")
     ap.add_argument("--experts", type=int, default=32)
@@ -45,17 +38,15 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=20, help="at the --local-shares shares; 0 = skip")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--skip-converged", action="store_true", help="skip the converged-clustering row")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "carve_sweep.json"))
-    args = ap.parse_args()
+    args = parse(ap)
 
     from moekit.carve.carve import CarveConfig, carve
     from moekit.data import calibration_tokens
     from moekit.carve.heal import HealConfig, heal_
-    from moekit.checkpoint.load import load_model
     from moekit.eval.perplexity import perplexity, windows
 
     torch.manual_seed(0)
-    dense, tok = load_model(args.model, dtype=torch.float32, device="cpu")
+    dense, tok = load(args.model)
     calib = calibration_tokens(args.calib, tok, n_seq=args.calib_seqs, seq_len=args.calib_len, seed=0)
     dev = windows(tok, args.dev, max_tokens=args.dev_tokens, window=1024)
     out = Path(args.out)
@@ -64,9 +55,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "rows": []}
 
     def save():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        write_json(out, result)
 
     def ppl(model) -> float:
         return round(perplexity(model, dev, batch_size=4, progress=False), 2)
@@ -87,7 +76,7 @@ def main() -> None:
 
     for _share, cfg in plans:
         t = time.perf_counter()
-        moe = carve(dense, calib, cfg, progress=False)
+        moe = carve(dense, cfg, tokens=calib, progress=False)
         carve_s = time.perf_counter() - t
         row = {"share": round((cfg.shared + cfg.active) / cfg.experts, 4), "experts": cfg.experts, "shared": cfg.shared,
                "active": cfg.active, "iterations": cfg.iterations, "rounds_mean": sum(moe.config.moekit_carve["rounds"]) / len(moe.config.moekit_carve["rounds"]),
@@ -109,7 +98,7 @@ def main() -> None:
             steps = steps[:2]
         for name, hcfg in steps:
             t = time.perf_counter()
-            heal_(moe, dense, calib, hcfg, progress=False)
+            heal_(moe, hcfg, tokens=calib, teacher=dense, progress=False)
             row["heal_s"][name] = round(time.perf_counter() - t, 1)
             row["ppl"][name] = ppl(moe)
             print(f"   {name}: ppl {row['ppl'][name]} (heal {row['heal_s'][name]} s)", flush=True)

@@ -4,15 +4,14 @@ against the paper's control (dense SmolLM2 width-pruned to the same FFN width an
     PYTHONPATH=$PWD python bench/densify_table.py --out bench/results
 
 Rows are cached in OUT/densify_table.json as they finish (rerunning fills only what is missing), so the
-run can be stopped and resumed. Perplexity: first --ppl-tokens tokens of dev/c4_valid_dev.jsonl in
-1024-token windows (fp32). Tasks: moekit.evaluate on the dev tasks, first --task-limit items each.
+run can be stopped and resumed. Perplexity: first --ppl-tokens tokens of --dev (DATA_DIR/dev/c4_valid_dev.jsonl) in
+1024-token windows (fp32). Tasks: moekit.eval.harness.evaluate on the dev tasks, first --task-limit items each.
 Distillation: forward KL from the teacher (the MoE for densified students, dense SmolLM2 for the control),
---distill-steps x --distill-batch x --distill-seq tokens streamed from calib/c4_train_head.jsonl.
+--distill-steps x --distill-batch x --distill-seq tokens streamed from --calib (DATA_DIR/calib/c4_train_head.jsonl).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,16 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import DEV_TASKS, add_common, dev_accuracy, load, load_or_profile, mean, parser, tasks_dir
+from common import parse as parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 SCORES = ("sf", "cp", "acp", "do-acp", "reap", "ean", "random")
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--model", default="smollm2-moe")
+    p = add_common(parser(__doc__))
     p.add_argument("--dense", default="smollm2", help="the dense model of the control")
     p.add_argument("--ks", type=int, nargs="*", default=[8, 4])
     p.add_argument("--scores", nargs="+", default=list(SCORES))
@@ -54,7 +51,7 @@ def parse():
                    help="also distil the control from the MoE teacher (the densified students' teacher), so that only "
                         "the starting point differs")
     p.add_argument("--threads", type=int, default=0)
-    return p.parse_args()
+    return parse_args(p)
 
 
 class Table:
@@ -108,12 +105,9 @@ def evaluate_row(table: Table, name: str, build, tok, ppl_tokens, args, extra=No
         table.save()
         print(f"{name:34s} ppl {row['ppl']:8.2f}  ({row['ppl_seconds']}s)", flush=True)
     if want_tasks:
-        from moekit.eval.harness import DEV_TASKS, evaluate
-
         t0 = time.perf_counter()
-        res = evaluate(model, tok, tasks=DEV_TASKS, data_dir=DATA / "dev", limit=args.task_limit, batch_size=16)
-        row["tasks"] = {t: res["tasks"][t]["summary"] for t in DEV_TASKS}  # acc_norm for ARC and OpenBookQA
-        row["acc_mean"] = sum(row["tasks"].values()) / len(row["tasks"])
+        row["tasks"] = dev_accuracy(model, tok, DEV_TASKS, tasks_dir(args), args.task_limit)  # acc_norm: ARC, OBQA
+        row["acc_mean"] = mean(row["tasks"])
         row["task_limit"] = args.task_limit
         row["task_seconds"] = round(time.perf_counter() - t0, 1)
         table.save()
@@ -126,19 +120,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from moekit.data import calibration_tokens
     from moekit.densify.densify import DensifyConfig, densify
-    from moekit.train.distill import DistillConfig, distill
     from moekit.checkpoint.save import save_model
-    from moekit.checkpoint.load import load_model
     from moekit.densify.neuron_prune import NeuronPruneConfig, prune_neurons_
     from moekit.eval.perplexity import windows
+    from moekit.train.distill import DistillConfig, distill_
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    calib = str(DATA / "calib" / "c4_train_head.jsonl")
-    dev = str(DATA / "dev" / "c4_valid_dev.jsonl")
+    calib, dev = args.calib, args.dev
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
             "model": args.model, "dense": args.dense, "ppl": f"first {args.ppl_tokens} tokens of {dev}, 1024 windows",
-            "tasks": f"moekit.evaluate DEV_TASKS, first {args.task_limit} items each, 0-shot",
+            "tasks": f"moekit.eval.harness.evaluate DEV_TASKS, first {args.task_limit} items each, 0-shot",
             "distill": {"steps": args.distill_steps, "batch": args.distill_batch, "seq_len": args.distill_seq,
                         "lr": args.distill_lr, "tokens": args.distill_steps * args.distill_batch * args.distill_seq,
                         "data": calib}}
@@ -147,7 +139,7 @@ def main() -> None:
 
     def get(name):  # models loaded once, on first need
         if name not in cache:
-            cache[name] = load_model(name, dtype="float32", device="cpu")
+            cache[name] = load(name)
         return cache[name]
 
     tok = get(args.dense)[1]
@@ -157,7 +149,7 @@ def main() -> None:
             "seq_len": args.distill_seq, "warmup_steps": max(args.distill_steps // 8, 1)}
 
     def build_control(width):
-        m = load_model(args.dense, dtype="float32", device="cpu")[0]
+        m = load(args.dense)[0]
         prune_neurons_(m, calib_tokens, NeuronPruneConfig(width=width))
         return m
 
@@ -166,9 +158,9 @@ def main() -> None:
 
         def make():
             if (mdir / "config.json").exists():
-                return load_model(str(mdir), dtype="float32", device="cpu")[0]
+                return load(str(mdir))[0]
             student = build()
-            rep = distill(student, get(teacher_name)[0], calib, DistillConfig(**dcfg), tokenizer=tok)
+            rep = distill_(student, DistillConfig(**dcfg), tokens=calib, teacher=get(teacher_name)[0], tokenizer=tok)
             row = table.row(name)
             row["distill"] = {k_: rep[k_] for k_ in ("steps_run", "tokens_run", "seconds", "tokens_per_s")}
             row["distill"].update(teacher=teacher_name, loss_first=rep["losses"][0], loss_last=rep["losses"][-1])
@@ -192,11 +184,11 @@ def main() -> None:
         return report(table)
 
     teacher = get(args.model)[0]
-    stats = _stats(out, args, teacher, tok, calib)
+    stats = _stats(out, args, teacher, tok)
     evaluate_row(table, f"MoE teacher ({args.model})", lambda: teacher, tok, ppl_tokens, args)
 
     def build_dense(k, score, **variant):
-        return densify(teacher, stats, DensifyConfig(keep=k, score=score, **variant))
+        return densify(teacher, DensifyConfig(keep=k, score=score, **variant), stats=stats)
 
     for k in args.ks:
         # 1. every score before distillation
@@ -238,21 +230,14 @@ def main() -> None:
     report(table)
 
 
-def _stats(out: Path, args, teacher, tok, calib: str):
+def _stats(out: Path, args, teacher, tok):
+    """The teacher's statistics with a --gram-token Gram matrix, cached in OUT."""
     from moekit.data import calibration_tokens
-    from moekit.profile.profile import ProfileConfig, profile
-    from moekit.profile.stats import ExpertStats
+    from moekit.profile.profile import ProfileConfig
 
+    tokens = calibration_tokens(args.calib, tok, n_seq=args.calib_seq, seq_len=args.calib_len, seed=0)
     path = out / f"{Path(args.model).name}.densify-stats.safetensors"
-    if path.exists():
-        return ExpertStats.load(path)
-    tokens = calibration_tokens(calib, tok, n_seq=args.calib_seq, seq_len=args.calib_len, seed=0)
-    t0 = time.perf_counter()
-    stats = profile(teacher, tokens, ProfileConfig(gram_tokens=args.gram))
-    stats.meta["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    stats.save(path)
-    print(f"profiled {tokens.numel()} tokens (Gram on {args.gram}) in {stats.meta['bench_seconds']}s", flush=True)
-    return stats
+    return load_or_profile(teacher, tokens, path, ProfileConfig(gram_tokens=args.gram))
 
 
 def report(table: Table) -> None:

@@ -2,39 +2,32 @@
 
     PYTHONPATH=$PWD python bench/eval_speed.py --model smollm2 --task arc_easy --limit 100
 
-Both runs go through ``moekit.evaluate.evaluate`` (the harness's tasks and metrics, the same HFLM wrapper);
+Both runs go through ``moekit.eval.harness.evaluate`` (the harness's tasks and metrics, the same HFLM wrapper);
 only ``reuse_context`` differs. Prints accuracy and seconds for each and the speed-up; writes JSON to --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, add_common, load, parse, parser, tasks_dir, write_json
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
+    ap = add_common(parser(__doc__), model="smollm2", limit=100, out=RESULTS / "eval_speed.json",
+                    out_help="JSON results file", calib=False, dev=False)
     ap.add_argument("--task", default="arc_easy")
-    ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "dev"))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_speed.json"))
-    args = ap.parse_args()
+    args = parse(ap)
+    data_dir = tasks_dir(args)
 
     import torch
 
     from moekit.eval.harness import evaluate
-    from moekit.checkpoint.load import load_model
 
-    model, tok = load_model(args.model, dtype="float32", device="cpu")
-    evaluate(model, tok, tasks=[args.task], data_dir=args.data_dir, limit=2)  # warm-up: task index, allocator
+    model, tok = load(args.model)
+    evaluate(model, tok, tasks=[args.task], data_dir=data_dir, limit=2)  # warm-up: task index, allocator
     rows = []
     for reuse in (True, False):
-        r = evaluate(model, tok, tasks=[args.task], data_dir=args.data_dir, limit=args.limit,
+        r = evaluate(model, tok, tasks=[args.task], data_dir=data_dir, limit=args.limit,
                      batch_size=args.batch_size, reuse_context=reuse)
         t = r["tasks"][args.task]
         rows.append({"path": "shared contexts (moekit)" if reuse else "harness HFLM path", "acc": t["acc"],
@@ -45,9 +38,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['path']:28s} {row['acc']:8.4f} {row['acc_norm']:9.4f} {row['seconds']:8.1f}")
     print(f"speed-up: x{rows[1]['seconds'] / rows[0]['seconds']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    write_json(args.out, rows)
 
 
 if __name__ == "__main__":

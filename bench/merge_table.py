@@ -1,11 +1,11 @@
-"""Pruning vs merging at matched parameter counts (the challenge team's comparison), on the embedded default MoE.
+"""Pruning vs merging at matched parameter counts, on the embedded default MoE.
 
 For each size (routed experts kept per layer) the rows are
 
 * ``prune``            REAP pruning to the size (``moekit.prune.prune_``, its default criterion);
 * ``merge``            ``--grouping`` (default REAM) + ``--rule`` (default select), router row chosen by measurement;
 * ``merge+learn``      the same with learned coefficients;
-* ``prune+merge``      prune halfway, then merge (learned) down to the size (the challenge team's pipeline);
+* ``prune+merge``      prune halfway, then merge (learned) down to the size;
 
 all with the same expert count and expert size, so the same parameter count (printed). Metrics: perplexity
 on the first ``--tokens`` tokens of the dev text (1024-token windows) and dev-task accuracy (``--limit`` items
@@ -18,49 +18,25 @@ checks the loss curves. Results: ``OUT/merge_table.json`` / ``.md``, ``OUT/merge
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
+import common
+from common import add_common, dev_accuracy, load, load_or_profile, parse, parser, tasks_dir
 
 from moekit.core import arch
 from moekit.data import calibration_tokens
-from moekit.merge.merge import MergeConfig, merge_
-from moekit.merge.fit import capture_inputs, split_holdout
-from moekit.profile.stats import fingerprint
-from moekit.checkpoint.load import load_model
 from moekit.eval.perplexity import perplexity, windows
+from moekit.merge.fit import capture_inputs, split_holdout
+from moekit.merge.merge import MergeConfig, merge_
+from moekit.profile.profile import ProfileConfig
 from moekit.profile.stats import ExpertStats
 
 
 def write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def get_stats(model, tokens, path: Path | None, out: Path) -> ExpertStats:
-    if path is not None and Path(path).exists():
-        stats = ExpertStats.load(path)
-        if stats.meta.get("fingerprint") == fingerprint(model):
-            return stats
-        print(f"{path} is for another model; profiling again")
-    from moekit.profile.profile import ProfileConfig, profile
-
-    stats = profile(model, tokens, ProfileConfig(batch_size=4))
-    stats.save(out / "stats.safetensors")
-    return stats
+    common.write_json(path, obj, indent=1)
 
 
 @torch.no_grad()
@@ -98,49 +74,22 @@ def measure(model, ppl_tokens, targets) -> dict:
 def measure_tasks(model, tok, args) -> dict:
     """Dev-task accuracy (each task's summary metric: acc_norm for ARC/OpenBookQA, acc for social_iqa) on the first
     ``--limit`` items of each task."""
-    from moekit.eval.harness import evaluate
-
     t0 = time.perf_counter()
-    res = evaluate(model, tok, tasks=args.tasks, data_dir=str(DATA / "dev"), limit=args.limit, batch_size=16)
-    row = {}
-    for t in args.tasks:
-        row[t] = res["tasks"][t]["summary"]
+    row = dev_accuracy(model, tok, args.tasks, tasks_dir(args), args.limit)
     row["task_mean"] = sum(row[t] for t in args.tasks) / len(args.tasks)
     row["tasks_s"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def prune(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
-    """REAP pruning to ``keep`` experts per layer with moekit.prune when it is installed, else the same rule here
-    (keep the ``keep`` highest mean g*||E(x)|| experts, super experts always kept); returns the statistics
+    """REAP pruning to ``keep`` experts per layer (``moekit.prune.prune.prune_``); returns the statistics
     re-indexed to the surviving experts."""
-    try:
-        from moekit.prune.prune import PruneConfig, prune_, stats_for_model
-    except ImportError:
-        return _prune_reap_local(model, stats, keep, args)
+    from moekit.prune.prune import PruneConfig, prune_, stats_for_model
+
     none = args.super_rule == "none"
-    prune_(model, stats, PruneConfig(keep=keep, criterion="reap", super_rule="paper" if none else args.super_rule,
-                                     allow_super_experts=none))
+    prune_(model, PruneConfig(keep=keep, criterion="reap", super_rule="paper" if none else args.super_rule,
+                              allow_super_experts=none), stats=stats)
     return stats_for_model(model, stats)
-
-
-def _prune_reap_local(model, stats: ExpertStats, keep: int, args) -> ExpertStats:
-    from moekit.merge.merge import expert_saliency
-    from moekit.profile.stats import super_experts
-
-    supers = set(super_experts(stats, rule=args.super_rule)) if args.super_rule != "none" else set()
-    out = ExpertStats(meta=dict(stats.meta), tensors=dict(stats.tensors))
-    for layer in arch.moe_layers(model):
-        sal = torch.as_tensor(expert_saliency(stats, layer.index))
-        sal[[e for (li, e) in supers if li == layer.index]] = float("inf")
-        kept = sorted(torch.topk(sal, keep).indices.tolist())
-        layer.keep_experts(kept)
-        for key, t in stats.tensors.items():
-            name, _, li = key.rpartition(".")
-            if name and li == str(layer.index) and name != "gram" and t.dim() >= 1 and t.shape[0] == len(sal):
-                out.tensors[key] = t[kept]
-    out.meta["fingerprint"] = fingerprint(model)
-    return out
 
 
 def build(kind: str, base, stats, size: int, calib, args, inputs=None, targets=None) -> tuple[object, dict]:
@@ -153,7 +102,7 @@ def build(kind: str, base, stats, size: int, calib, args, inputs=None, targets=N
     if kind == "prune":
         prune(model, stats, size, args)
     elif kind in ("merge", "merge+learn"):
-        info = merge_(model, stats, MergeConfig(target=size, **merge_cfg), calib, inputs=inputs)
+        info = merge_(model, MergeConfig(target=size, **merge_cfg), stats=stats, tokens=calib, inputs=inputs)
     elif kind == "prune+merge":
         e = min(layer.num_experts for layer in arch.moe_layers(model))
         mid = size + (e - size) // 2
@@ -162,13 +111,14 @@ def build(kind: str, base, stats, size: int, calib, args, inputs=None, targets=N
         info["other_rules"] = {}
         for rule in args.compare_rules:  # same pruned model, same capture: block error only
             other = copy.deepcopy(model)
-            merge_(other, pruned_stats, MergeConfig(target=size, **dict(merge_cfg, rule=rule, learn=False)), calib,
-                   inputs=pruned_inputs)
+            merge_(other, MergeConfig(target=size, **dict(merge_cfg, rule=rule, learn=False)), stats=pruned_stats,
+                   tokens=calib, inputs=pruned_inputs)
             info["other_rules"][rule] = block_error(other, targets)
             print(f"prune+merge {size} rule {rule}: block error {info['other_rules'][rule]:.4f}", flush=True)
             del other
         other_rules = info["other_rules"]
-        info = merge_(model, pruned_stats, MergeConfig(target=size, **merge_cfg), calib, inputs=pruned_inputs)
+        info = merge_(model, MergeConfig(target=size, **merge_cfg), stats=pruned_stats, tokens=calib,
+                      inputs=pruned_inputs)
         info.update(pruned_to=mid, other_rules=other_rules)
     else:
         raise ValueError(kind)
@@ -242,7 +192,7 @@ def explore(base, stats, calib, targets, args, out: Path, inputs) -> None:
             cfg = MergeConfig(target=size, grouping=grouping, rule=rule, align=align, rank=24 if rule == "svd" else None,
                               router="auto", super_rule=args.super_rule)
             model = copy.deepcopy(base)
-            rep = merge_(model, stats, cfg, calib, inputs=inputs)
+            rep = merge_(model, cfg, stats=stats, tokens=calib, inputs=inputs)
             choices = {c: sum(r["router"]["choice"] == c for r in rep["layers"]) for c in ("dominant", "average", "fitted")}
             rows.append({"size": size, "method": f"merge {grouping} {rule}{' align' if align else ''}",
                          "block_err": block_error(model, targets), "router": choices})
@@ -251,18 +201,15 @@ def explore(base, stats, calib, targets, args, out: Path, inputs) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-moe")
-    p.add_argument("--stats", default=None, help="statistics file of --model (profiled on --calib when absent)")
-    p.add_argument("--calib", default=str(DATA / "calib" / "c4_train_head.jsonl"))
-    p.add_argument("--dev", default=str(DATA / "dev" / "c4_valid_dev.jsonl"))
+    p = add_common(parser(__doc__), limit=200)
+    p.add_argument("--stats", default=None,
+                   help="statistics file of --model (default: OUT/stats.safetensors; profiled on --calib when absent)")
     p.add_argument("--n-seq", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--sizes", type=int, nargs="+", default=[18, 12])
     p.add_argument("--methods", nargs="+", default=["prune", "merge", "merge+learn", "prune+merge"])
     p.add_argument("--tasks", nargs="*", default=["arc_easy", "openbookqa", "social_iqa"])
-    p.add_argument("--limit", type=int, default=200)
     p.add_argument("--grouping", default="ream")
     p.add_argument("--rule", default="select")
     p.add_argument("--compare-rules", nargs="*", default=[], help="prune+merge: block error of these rules too")
@@ -273,15 +220,14 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="*", default=[], help="coefficient-learning stability runs (first size)")
     p.add_argument("--no-base", action="store_true", help="skip measuring the uncompressed model")
     p.add_argument("--explore", action="store_true", help="only the block error of groupings x rules (and pruning)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    base, tok = load_model(args.model, dtype="float32", device="cpu")
+    base, tok = load(args.model)
     calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=0)
-    stats = get_stats(base, calib, args.stats, out)
+    stats = load_or_profile(base, calib, args.stats or out / "stats.safetensors", ProfileConfig(batch_size=4))
     ppl_tokens = windows(tok, args.dev, max_tokens=args.tokens, window=1024)
     inputs = capture_inputs(base, arch.moe_layers(base), calib)
     targets = block_targets(base, calib, inputs)
@@ -320,7 +266,7 @@ def main(argv=None) -> None:
         cfg = MergeConfig(target=args.sizes[0], grouping=args.grouping, rule=args.rule, router=args.router, learn=True,
                           steps=args.steps, lr=args.lr, super_rule=args.super_rule, seed=seed)
         seed_calib = calibration_tokens(args.calib, tok, n_seq=args.n_seq, seq_len=args.seq_len, seed=seed)
-        rep = merge_(copy.deepcopy(base), stats, cfg, seed_calib)  # its own calibration sample: its own capture
+        rep = merge_(copy.deepcopy(base), cfg, stats=stats, tokens=seed_calib)  # its own calibration sample: its own capture
         result["learning"][f"seed {seed}"] = learning_summary(rep)
         reports[f"seed {seed}"] = rep
         print(seed, result["learning"][f"seed {seed}"], flush=True)

@@ -26,13 +26,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+from common import ROOT, add_common, load, parse, parser, profile_tokens, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-DATA = ROOT.parent / "shared" / "data"
-CALIB = DATA / "calib" / "c4_train_head.jsonl"
-DEV = DATA / "dev" / "c4_valid_dev.jsonl"
+sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny.py and the planted super-expert model
 
 
 def _status_mb(field: str) -> float:
@@ -93,7 +89,8 @@ def resolve_model(name: str, tmp: Path) -> str:
     return str(random_qwen2_moe(tmp / "random-qwen2-moe", tok_dir))
 
 
-def calibration(name: str, n_seq: int, seq_len: int, vocab: int) -> torch.Tensor:
+def calibration(name: str, calib: str, n_seq: int, seq_len: int, vocab: int) -> torch.Tensor:
+    """``n_seq`` x ``seq_len`` tokens of ``calib`` with the model's tokenizer; random ids without one or the file."""
     from transformers import AutoTokenizer
 
     from moekit.data import calibration_tokens
@@ -103,9 +100,9 @@ def calibration(name: str, n_seq: int, seq_len: int, vocab: int) -> torch.Tensor
         tok = AutoTokenizer.from_pretrained(local_checkpoint(name, purpose="--stream"))
     except (OSError, ValueError, TypeError):
         tok = None
-    if tok is None or not CALIB.exists():
+    if tok is None or not Path(calib).exists():
         return torch.randint(3, vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
-    return calibration_tokens(str(CALIB), tok, n_seq=n_seq, seq_len=seq_len)
+    return calibration_tokens(calib, tok, n_seq=n_seq, seq_len=seq_len)
 
 
 # ------------------------------------------------------------------------------------------------ REAP-style observer
@@ -157,7 +154,7 @@ def timed(fn) -> float:
 
 
 def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
-    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig
 
     body = model.model
     cfg = ProfileConfig(batch_size=batch_size, progress=False)
@@ -166,7 +163,7 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
     default_impl = model.config._experts_implementation
     for _ in range(repeats):  # interleaved, so machine load hits all alike
         t["forward"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
-        t["profile"].append(timed(lambda: profile(model, tokens, cfg)))
+        t["profile"].append(timed(lambda: profile_tokens(model, tokens, cfg)))
         t["full_forward_with_logits"].append(timed(lambda: plain_forward(model, tokens, batch_size)))
         model.config._experts_implementation = "eager"  # transformers' per-expert loop, for comparison
         t["forward_eager_experts"].append(timed(lambda: plain_forward(body, tokens, batch_size)))
@@ -187,21 +184,21 @@ def time_ratios(model, tokens, batch_size: int, repeats: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ memory (child)
-def memory_child(mode: str, name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
+def memory_child(mode: str, name: str, calib: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
     from transformers import AutoConfig
 
     import moekit.profile.profile
-    import moekit.profile.stream
+    import moekit.profile.stream  # noqa: F401 (imported before the memory baseline on purpose)
     from moekit.checkpoint.load import local_checkpoint
 
     config = AutoConfig.from_pretrained(local_checkpoint(name, purpose="--stream"))
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # import the model's code before the baseline too
-    tokens = calibration(name, n_seq, seq_len, config.vocab_size)
+    tokens = calibration(name, calib, n_seq, seq_len, config.vocab_size)
     reset_peak()
     base = rss_mb()
-    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig
 
     cfg = ProfileConfig(batch_size=batch_size, progress=False)
     t0 = time.perf_counter()
@@ -210,18 +207,16 @@ def memory_child(mode: str, name: str, n_seq: int, seq_len: int, batch_size: int
 
         profile_stream(name, tokens, cfg, device="cpu", dtype="float32")
     else:
-        from moekit.checkpoint.load import load_model
-
-        model, _ = load_model(name, dtype="float32", device="cpu", with_tokenizer=False)
-        profile(model, tokens, cfg)
+        model, _ = load(name, with_tokenizer=False)
+        profile_tokens(model, tokens, cfg)
     return {"mode": mode, "baseline_rss_mb": base, "peak_rss_mb": peak_mb(), "peak_above_baseline_mb": peak_mb() - base,
             "seconds": time.perf_counter() - t0}
 
 
-def memory_ratio(name: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
+def memory_ratio(name: str, calib: str, n_seq: int, seq_len: int, batch_size: int) -> dict:
     out = {}
     for mode in ("inmem", "stream"):
-        cmd = [sys.executable, __file__, "--child", mode, "--threads", str(torch.get_num_threads()), "--model", name, "--n-seq", str(n_seq), "--seq-len", str(seq_len),
+        cmd = [sys.executable, __file__, "--child", mode, "--threads", str(torch.get_num_threads()), "--model", name, "--calib", calib, "--n-seq", str(n_seq), "--seq-len", str(seq_len),
                "--batch-size", str(batch_size)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -269,10 +264,10 @@ def planted_report(batch_size: int) -> dict:
     from test_super_experts import PLANTED, planted_model
     from tiny import ids
 
-    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig
 
     model = planted_model()
-    stats = profile(model, ids(batch=8, length=32), ProfileConfig(progress=False))
+    stats = profile_tokens(model, ids(batch=8, length=32), ProfileConfig(progress=False))
     out = super_expert_report(model, stats, ids(batch=8, length=32, seed=1), batch_size, n_random=5)
     out["planted"] = list(PLANTED)
     return out
@@ -280,8 +275,7 @@ def planted_report(batch_size: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-moe")
+    ap = add_common(parser(__doc__))
     ap.add_argument("--n-seq", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -290,50 +284,47 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=3, help="random-ablation controls")
     ap.add_argument("--skip", nargs="*", default=[], choices=["time", "memory", "super", "planted"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine's 2 cores are shared)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", choices=["inmem", "stream"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse(ap)
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(memory_child(args.child, args.model, args.n_seq, args.seq_len, args.batch_size)))
+        print(json.dumps(memory_child(args.child, args.model, args.calib, args.n_seq, args.seq_len, args.batch_size)))
         return
 
-    from moekit.checkpoint.load import load_model
     from moekit.eval.perplexity import windows
-    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.profile.profile import ProfileConfig
 
     results: dict = {"machine": f"CPU, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores, load average "
                                 f"{os.getloadavg()[0]:.1f} at start, torch {torch.__version__}"}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         name = resolve_model(args.model, tmp)
-        model, tok = load_model(name, dtype="float32", device="cpu", with_tokenizer=False)
-        tokens = calibration(name, args.n_seq, args.seq_len, model.config.vocab_size)
-        results.update(model=args.model, calib_tokens=int(tokens.numel()), data=str(CALIB) if CALIB.exists() else "random ids")
+        model, tok = load(name, with_tokenizer=False)
+        tokens = calibration(name, args.calib, args.n_seq, args.seq_len, model.config.vocab_size)
+        results.update(model=args.model, calib_tokens=int(tokens.numel()),
+                       data=args.calib if Path(args.calib).exists() else "random ids")
         if "time" not in args.skip:
             results["time"] = time_ratios(model, tokens, args.batch_size, args.repeats)
             print(json.dumps(results["time"]["median_seconds"]), flush=True)
         if "memory" not in args.skip:
-            results["memory"] = memory_ratio(name, args.n_seq, args.seq_len, args.batch_size)
+            results["memory"] = memory_ratio(name, args.calib, args.n_seq, args.seq_len, args.batch_size)
         if "super" not in args.skip:
-            stats = profile(model, tokens, ProfileConfig(batch_size=args.batch_size, progress=False))
+            stats = profile_tokens(model, tokens, ProfileConfig(batch_size=args.batch_size, progress=False))
             from transformers import AutoTokenizer
 
             from moekit.checkpoint.load import local_checkpoint
 
             try:
                 tok = AutoTokenizer.from_pretrained(local_checkpoint(name, purpose="--stream"))
-                ppl_tokens = windows(tok, str(DEV), max_tokens=args.ppl_tokens, window=512)
+                ppl_tokens = windows(tok, args.dev, max_tokens=args.ppl_tokens, window=512)
             except (OSError, ValueError, TypeError):
                 ppl_tokens = torch.randint(3, model.config.vocab_size, (args.ppl_tokens // 512, 512))
             results["super_experts"] = super_expert_report(model, stats, ppl_tokens, args.batch_size, args.random)
     if "planted" not in args.skip:
         results["planted"] = planted_report(args.batch_size)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = args.model.replace("/", "_")
-    (out / f"profile_{tag}.json").write_text(json.dumps(results, indent=1))
+    write_json(Path(args.out) / f"profile_{tag}.json", results, indent=1)
     print_table(results)
 
 

@@ -9,8 +9,6 @@ temporary directory. Both measurements run on a warm page cache, alternated, eac
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -19,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, parse, parser, write_json
 
 
 def synthetic_checkpoint(path: Path, layers: int, experts: int, hidden: int, expert_size: int, shard: str) -> None:
@@ -44,9 +43,8 @@ def synthetic_checkpoint(path: Path, layers: int, experts: int, hidden: int, exp
 
 def random_stats(src: Path):
     from moekit.core import arch
-    from moekit.profile.stats import fingerprint
+    from moekit.profile.stats import ExpertStats, fingerprint
     from moekit.prune.shards import load_meta
-    from moekit.profile.stats import ExpertStats
 
     model, _, _ = load_meta(src)
     layers = arch.moe_layers(model)
@@ -62,7 +60,7 @@ def dir_size(p: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: a synthetic Qwen3-MoE)")
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of experts removed")
     ap.add_argument("--repeats", type=int, default=3)
@@ -71,8 +69,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--expert-size", type=int, default=384)
     ap.add_argument("--shard", default="100MB")
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parse(ap)
 
     from moekit.prune.prune import PruneConfig
     from moekit.prune.shards import prune_shards
@@ -121,8 +119,7 @@ def main() -> None:
         f"| {row['checkpoint']} | {row['size_bytes'] / 2**20:.0f} MiB | {row['shards']} | {c:.2f} | {p:.2f} | "
         f"{p / c:.2f} (target <= 1.5) |"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prune_bench.json").write_text(json.dumps(row, indent=1) + "\n")
+    write_json(args.out / "prune_bench.json", row, indent=1)
 
 
 if __name__ == "__main__":

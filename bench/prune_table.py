@@ -2,25 +2,22 @@
 
     python bench/prune_table.py [--model smollm2-moe] [--limit 300] [--eval-rows ROWS] [--out bench/results]
 
-For each criterion x ratio x budget (uniform, global), plus the challenge team's threshold rule, on a copy of
+For each criterion x ratio x budget (uniform, global), plus the top-k′ threshold rule (tau), on a copy of
 the model: parameters, perplexity (first --ppl-tokens tokens of the dev C4 file, --window windows) and,
-for the rows chosen by --eval-rows, zero-shot dev-task accuracy (moekit.evaluate, --limit items per task).
-Statistics come from moekit.profile on --calib-seqs x --calib-len calibration tokens (saved, reused).
+for the rows chosen by --eval-rows, zero-shot dev-task accuracy (moekit.eval.harness.evaluate, --limit items per task).
+Statistics come from moekit.profile.profile on --calib-seqs x --calib-len calibration tokens (saved, reused).
 Rows are appended to prune_table.jsonl as they finish; a rerun skips rows already there.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
+from common import add_common, append_jsonl, dev_tasks, load, load_or_profile, parse, parser, read_jsonl, tasks_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "topk_prime", "random")
 
 
@@ -48,7 +45,7 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
                         "top_k_prime": k_prime if c == "topk_prime" else None,
                     }
                 )
-    # the challenge team's rule: tau=1 (their default), and tau=100 (on a balanced router tau=1 may keep everything)
+    # the threshold rule: tau=1 (the default), and tau=100 (on a balanced router tau=1 may keep everything)
     for k, tau in ((top_k, 1.0), (k_prime, 1.0), (1, 1.0), (2, 100.0), (1, 100.0)):
         rows.append(
             {"name": row_name("topk_prime", None, "", k, tau), "criterion": "topk_prime", "top_k_prime": k, "tau": tau}
@@ -57,17 +54,13 @@ def plan_rows(top_k: int, ratios) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-moe")
-    ap.add_argument("--calib", default=str(DATA / "calib" / "c4_train_head.jsonl"))
+    ap = add_common(parser(__doc__), limit=300)
     ap.add_argument("--calib-seqs", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--ppl-data", default=str(DATA / "dev" / "c4_valid_dev.jsonl"))
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--tasks", default="arc_easy,openbookqa,social_iqa")
-    ap.add_argument("--limit", type=int, default=300, help="items per task")
     ap.add_argument("--eval-rows", default="all", help="'all', 'none', or comma-separated row names")
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
@@ -78,31 +71,20 @@ def main() -> None:
     ap.add_argument(
         "--stop-at", default=None, help="UTC HH:MM after which no new row starts (then the table is written)"
     )
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = ap.parse_args()
+    args = parse(ap)
+    args.out = Path(args.out)
 
     from moekit.core import arch
     from moekit.data import calibration_tokens
-    from moekit.checkpoint.load import load_model
     from moekit.eval.perplexity import perplexity, windows
     from moekit.prune.prune import PruneConfig, prune_
-    from moekit.profile.stats import ExpertStats
 
     args.out.mkdir(parents=True, exist_ok=True)
     tag = Path(args.model).name
-    model, tok = load_model(args.model, dtype="float32", device="cpu")
-    stats_path = args.out / f"{tag}.stats.safetensors"
-    if stats_path.exists():
-        stats = ExpertStats.load(stats_path)
-    else:
-        from moekit.profile.profile import ProfileConfig, profile
-
-        calib = calibration_tokens(args.calib, tok, n_seq=args.calib_seqs, seq_len=args.calib_len, seed=0)
-        t = time.perf_counter()
-        stats = profile(model, calib, ProfileConfig())
-        print(f"profiled {calib.numel():,} tokens in {time.perf_counter() - t:.0f}s")
-        stats.save(stats_path)
-    ppl_tokens = windows(tok, args.ppl_data, max_tokens=args.ppl_tokens, window=args.window)
+    model, tok = load(args.model)
+    calib = calibration_tokens(args.calib, tok, n_seq=args.calib_seqs, seq_len=args.calib_len, seed=0)
+    stats = load_or_profile(model, calib, args.out / f"{tag}.stats.safetensors")
+    ppl_tokens = windows(tok, args.dev, max_tokens=args.ppl_tokens, window=args.window)
     tasks = [t for t in args.tasks.split(",") if t]
     top_k = arch.moe_layers(model)[0].top_k
     rows = plan_rows(top_k, [float(r) for r in args.ratios.split(",")])
@@ -110,11 +92,8 @@ def main() -> None:
         rows = [r for r in rows if any(s in r["name"] for s in args.only.split(","))]
     table = args.out / f"prune_table.{tag}.jsonl"
     done: dict[str, dict] = {}
-    if table.exists():
-        for line in table.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["name"]] = {**done.get(r["name"], {}), **r}
+    for r in read_jsonl(table):
+        done[r["name"]] = {**done.get(r["name"], {}), **r}
 
     def wants_eval(name: str) -> bool:
         if args.eval_rows == "all":
@@ -135,7 +114,7 @@ def main() -> None:
             budget=spec.get("budget") or "uniform",
             global_norm=spec.get("global_norm", "mean"),
         )
-        return m, prune_(m, stats, cfg)
+        return m, prune_(m, cfg, stats=stats)
 
     def out_of_time() -> bool:
         return bool(args.stop_at) and time.strftime("%H:%M", time.gmtime()) >= args.stop_at
@@ -151,7 +130,7 @@ def main() -> None:
         except Exception as e:  # a guard (e.g. the threshold rule keeping < top-k) is a result too
             rec["error"] = str(e)
             print(f"{name}: {e}", flush=True)
-            _append(table, rec)
+            append_jsonl(table, rec)
             continue
         rec["experts_per_layer"] = [x.num_experts for x in arch.moe_layers(m)]
         rec["experts"] = sum(rec["experts_per_layer"])
@@ -165,7 +144,7 @@ def main() -> None:
                 ppl=done["unpruned"]["ppl"], ppl_s=0.0, ppl_tokens=done["unpruned"].get("ppl_tokens"), no_op=True
             )
             print(f"{name}: prunes nothing (experts {rec['experts']}); perplexity of the unpruned model", flush=True)
-            _append(table, rec)
+            append_jsonl(table, rec)
             done[name] = rec
             continue
         t = time.perf_counter()
@@ -177,7 +156,7 @@ def main() -> None:
             f"({rec['ppl_s']}s)",
             flush=True,
         )
-        _append(table, rec)
+        append_jsonl(table, rec)
         done[name] = rec
         del m
     # pass 2: dev-task accuracy for the chosen rows
@@ -187,11 +166,9 @@ def main() -> None:
             continue
         if out_of_time():
             break
-        from moekit.eval.harness import dev_data_dir, evaluate
-
         m, _ = pruned(spec)
         t = time.perf_counter()
-        res = evaluate(m, tok, tasks=tasks, data_dir=dev_data_dir(), limit=args.limit, batch_size=args.eval_batch_size)
+        res = dev_tasks(m, tok, tasks, tasks_dir(args), args.limit, batch_size=args.eval_batch_size)
         rec = {
             "name": name,
             "limit": args.limit,
@@ -202,21 +179,16 @@ def main() -> None:
             },
         }
         print(f"{name}: tasks {rec['tasks']} ({rec['eval_s']}s)", flush=True)
-        _append(table, rec)
+        append_jsonl(table, rec)
         done[name] = {**done.get(name, {}), **rec}
         del m
     note = (
-        f"model {args.model}; perplexity on the first {ppl_tokens.numel():,} tokens of {Path(args.ppl_data).name} "
+        f"model {args.model}; perplexity on the first {ppl_tokens.numel():,} tokens of {Path(args.dev).name} "
         f"({ppl_tokens.shape[0]} windows of {args.window}); statistics from {args.calib_seqs} x {args.calib_len} "
         f"tokens of {Path(args.calib).name}; accuracy: zero-shot, first {args.limit} items per task, each "
         "task's summary metric (acc_norm for ARC and OpenBookQA, acc for social_iqa)"
     )
     _write_markdown(table, args.out / f"prune_table.{tag}.md", tasks, note)
-
-
-def _append(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def summary(metrics: dict, task: str) -> float | None:
@@ -228,10 +200,8 @@ def summary(metrics: dict, task: str) -> float | None:
 
 def _write_markdown(table: Path, out: Path, tasks: list[str], note: str = "") -> None:
     recs = {}
-    for line in table.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            recs[r["name"]] = {**recs.get(r["name"], {}), **r}
+    for r in read_jsonl(table):
+        recs[r["name"]] = {**recs.get(r["name"], {}), **r}
     head = "| configuration | # experts | # parameters | active | ppl | " + " | ".join(tasks) + " | mean |"
     lines = ([note, ""] if note else []) + [head, "|" + "---|" * (6 + len(tasks))]
     for r in recs.values():

@@ -1,6 +1,6 @@
 """Fewer active experts per token on the embedded default MoE: plain top-k against each training-free mitigation.
 
-For k = K/2 and K/4: perplexity (first 16,384 tokens of ../shared/data/dev/c4_valid_dev.jsonl, 1024-token windows),
+For k = K/2 and K/4: perplexity (first 16,384 tokens of DATA_DIR/dev/c4_valid_dev.jsonl, 1024-token windows),
 the average routed experts measured on those windows, dev-task accuracy for the key configurations, and the share
 of the perplexity / accuracy lost by plain top-k that each method wins back. Then prefill and decode tokens/s of
 the original and the chosen default, measured side by side in one run.
@@ -13,22 +13,21 @@ usable) and OUT/route_table.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import (DEV_TASKS, add_common, append_jsonl, dev_accuracy, load, load_or_profile, parse, parser,
+                    read_jsonl, tasks_dir)
 
 from moekit.core import arch
 from moekit.data import calibration_tokens
-from moekit.checkpoint.load import load_model
 from moekit.eval.perplexity import perplexity, windows
-from moekit.route.route import ActiveCounter, RouteConfig, route_
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+from moekit.profile.profile import ProfileConfig
+from moekit.route.calibrate import ActiveCounter
+from moekit.route.route import RouteConfig, route_
 
 # name -> RouteConfig keyword arguments (top_k is filled in per budget)
 METHODS = {
@@ -58,23 +57,6 @@ METHODS = {
 }
 
 
-def get_stats(model, calib):
-    """The profile (issue 5) when it is installed; the bench cannot run compensate/super without it."""
-    try:
-        from moekit.profile.profile import ProfileConfig, profile
-    except ImportError:
-        return None
-    return profile(model, calib, ProfileConfig(progress=False))
-
-
-def get_evaluate():
-    try:
-        from moekit.eval.harness import DEV_TASKS, evaluate
-    except ImportError:
-        return None, ()
-    return evaluate, DEV_TASKS
-
-
 @torch.no_grad()
 def ppl_and_k(model, toks, batch_size):
     with ActiveCounter(model) as counter:
@@ -82,15 +64,16 @@ def ppl_and_k(model, toks, batch_size):
     return value, counter.result()["average"]
 
 
-def accuracy(evaluate, model, tok, tasks, limit):
-    res = evaluate(model, tok, tasks=list(tasks), data_dir=str(DATA / "dev"), limit=limit, batch_size=16)
-    return {t: res["tasks"][t]["summary"] for t in tasks}  # acc_norm for ARC and OpenBookQA, acc for social_iqa
+def accuracy(args, model, tok, tasks):
+    """acc_norm for ARC and OpenBookQA, acc for social_iqa, on the first --limit items of each dev task."""
+    return dev_accuracy(model, tok, tasks, tasks_dir(args), args.limit)
 
 
 @torch.no_grad()
-def speed(models: dict, tok, prefill_len=512, decode_new=32, repeats=2):
-    """Prefill (one forward of prefill_len tokens) and greedy decode tokens/s, models interleaved per repeat."""
-    text = (DATA / "dev" / "c4_valid_dev.jsonl").read_text().splitlines()
+def speed(models: dict, tok, dev: str, prefill_len=512, decode_new=32, repeats=2):
+    """Prefill (one forward of prefill_len tokens of ``dev``) and greedy decode tokens/s, models interleaved per
+    repeat."""
+    text = Path(dev).read_text().splitlines()
     ids = tok(json.loads(text[0])["text"] + json.loads(text[1])["text"], return_tensors="pt")["input_ids"]
     prompt = ids[:, :prefill_len]
     short = ids[:, :32]
@@ -115,9 +98,7 @@ def recovery(plain, method, orig, higher_is_better=False):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-moe")
-    ap.add_argument("--calib", default=str(DATA / "calib" / "c4_train_head.jsonl"))
+    ap = add_common(parser(__doc__), limit=300, limit_help="items per dev task (0: no accuracy)")
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--ppl-tokens", type=int, default=16384)
@@ -128,16 +109,14 @@ def main():
     ap.add_argument("--methods-per-budget", default="", help="override --methods per budget: '2=a,b;4=c'")
     ap.add_argument("--acc-methods", default="plain,best", help="methods whose task accuracy is measured ('best' or 'topN' by perplexity; "
                     "lowest perplexity at that budget); the original model always")
-    ap.add_argument("--limit", type=int, default=300, help="items per dev task (0: no accuracy)")
     ap.add_argument("--speed-method", default="best", help="method timed against the original at K/2 ('' to skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--summarise", action="store_true", help="only rebuild the table from OUT/route_table.jsonl")
     ap.add_argument("--skip-original", action="store_true", help="the original is already in the log")
     ap.add_argument("--stage", default="all", choices=["all", "ppl", "acc", "speed"],
                     help="run one stage only: ppl (table rows), acc (task accuracy of --acc-methods; 'best' read from "
                          "the log), speed (original vs plain and --speed-method at the first budget)")
-    args = ap.parse_args()
+    args = parse(ap)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -150,32 +129,29 @@ def main():
 
     def emit(row):
         print(json.dumps(row), flush=True)
-        with log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(log, row)
 
-    model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
+    model, tok = load(args.model)
     layers = arch.moe_layers(model)
     big_k = layers[0].top_k
     calib = calibration_tokens(args.calib, tok, n_seq=args.calib_seqs, seq_len=args.calib_len, seed=0)
-    toks = windows(tok, str(DATA / "dev" / "c4_valid_dev.jsonl"), max_tokens=args.ppl_tokens, window=args.window)
-    stats = get_stats(model, calib)
-    evaluate, tasks = get_evaluate()
-    tasks = tasks if args.limit > 0 else ()
+    toks = windows(tok, args.dev, max_tokens=args.ppl_tokens, window=args.window)
+    stats = load_or_profile(model, calib, cfg=ProfileConfig(progress=False))
+    tasks = DEV_TASKS if args.limit > 0 else ()
     setting = {"model": args.model, "K": big_k, "experts": layers[0].num_experts, "moe_layers": len(layers),
                "calib_tokens": int(calib.numel()), "ppl_tokens": int(toks.numel()), "window": args.window,
-               "limit": args.limit, "threads": torch.get_num_threads(), "profile": stats is not None,
-               "evaluator": evaluate is not None}
+               "limit": args.limit, "threads": torch.get_num_threads(), "profile": True, "evaluator": True}
     emit({"setting": setting})
 
     if args.stage in ("acc", "speed"):
-        return later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit)
+        return later_stage(args, model, tok, calib, stats, tasks, big_k, log, emit)
     if not args.skip_original:
         t0 = time.perf_counter()
         orig_ppl, orig_k = ppl_and_k(model, toks, args.batch_size)
         emit({"budget": "K", "method": "original", "ppl": orig_ppl, "avg_k": orig_k, "avg_k_calib": big_k,
               "seconds": time.perf_counter() - t0})
         if tasks:
-            emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
+            emit({"budget": "K", "method": "original", "acc": accuracy(args, model, tok, tasks)})
 
     results = {}
     for div in [int(d) for d in args.budgets.split(",")]:
@@ -193,7 +169,7 @@ def main():
             t0 = time.perf_counter()
             m = copy.deepcopy(model)
             try:
-                rep = route_(m, stats, RouteConfig(top_k=k, **cfg_kw), tokens=calib)
+                rep = route_(m, RouteConfig(top_k=k, **cfg_kw), stats=stats, tokens=calib)
             except Exception as e:  # noqa: BLE001 - a method that cannot apply is reported, the table goes on
                 emit({"budget": f"K/{div}", "method": name, "skipped": f"{type(e).__name__}: {e}"})
                 continue
@@ -214,8 +190,8 @@ def main():
             if not tasks or (div, name) not in results:
                 continue
             m = copy.deepcopy(model)
-            route_(m, stats, RouteConfig(top_k=k, **METHODS[name]), tokens=calib)
-            acc = accuracy(evaluate, m, tok, tasks, args.limit)
+            route_(m, RouteConfig(top_k=k, **METHODS[name]), stats=stats, tokens=calib)
+            acc = accuracy(args, m, tok, tasks)
             emit({"budget": f"K/{div}", "method": name, "acc": acc})
             del m
         emit({"budget": f"K/{div}", "best": best})
@@ -224,22 +200,22 @@ def main():
         div = int(args.budgets.split(",")[0])
         ranked = rank_by_ppl(r for (d, _), r in results.items() if d == div)
         name = (ranked[0] if ranked else "plain") if args.speed_method == "best" else args.speed_method
-        speed_stage(model, tok, calib, stats, big_k, div, name, emit)
+        speed_stage(model, tok, args.dev, calib, stats, big_k, div, name, emit)
 
     print(summarise(log))
 
 
-def speed_stage(model, tok, calib, stats, big_k, div, name, emit) -> None:
+def speed_stage(model, tok, dev, calib, stats, big_k, div, name, emit) -> None:
     """Prefill/decode speed of the original, plain top-(K/div) and ``name`` at K/div, measured in one run."""
     models = {"original": model}
     for nm in dict.fromkeys(["plain", name]):
         m = copy.deepcopy(model)
-        route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[nm]), tokens=calib)
+        route_(m, RouteConfig(top_k=big_k // div, **METHODS[nm]), stats=stats, tokens=calib)
         models[f"{nm}@K/{div}"] = m
     for impl in ("grouped_mm", "eager"):
         for m in models.values():
             m.config._experts_implementation = impl
-        emit({"speed": speed(models, tok), "experts_implementation": impl, "threads": torch.get_num_threads()})
+        emit({"speed": speed(models, tok, dev), "experts_implementation": impl, "threads": torch.get_num_threads()})
 
 
 def expand_acc_methods(spec: str, ranked: list[str]) -> list[str]:
@@ -268,7 +244,7 @@ def rank_by_ppl(rows) -> list[str]:
 
 
 def ranked_in_log(log: Path, budget: str) -> list[str]:
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = read_jsonl(log)
     return rank_by_ppl(r for r in rows if r.get("budget") == budget and "ppl" in r)
 
 
@@ -276,30 +252,29 @@ def best_in_log(log: Path, budget: str) -> str:
     return (ranked_in_log(log, budget) or ["plain"])[0]
 
 
-def later_stage(args, model, tok, calib, stats, evaluate, tasks, big_k, log, emit):
+def later_stage(args, model, tok, calib, stats, tasks, big_k, log, emit):
     divs = [int(d) for d in args.budgets.split(",")]
     if args.stage == "acc":
         if not args.skip_original:
-            emit({"budget": "K", "method": "original", "acc": accuracy(evaluate, model, tok, tasks, args.limit)})
+            emit({"budget": "K", "method": "original", "acc": accuracy(args, model, tok, tasks)})
         for div in divs:
             for name in expand_acc_methods(args.acc_methods, ranked_in_log(log, f"K/{div}")):
                 m = copy.deepcopy(model)
-                route_(m, stats, RouteConfig(top_k=big_k // div, **METHODS[name]), tokens=calib)
-                emit({"budget": f"K/{div}", "method": name, "acc": accuracy(evaluate, m, tok, tasks, args.limit),
+                route_(m, RouteConfig(top_k=big_k // div, **METHODS[name]), stats=stats, tokens=calib)
+                emit({"budget": f"K/{div}", "method": name, "acc": accuracy(args, m, tok, tasks),
                       "limit": args.limit})
                 del m
     else:
         div = divs[0]
         name = best_in_log(log, f"K/{div}") if args.speed_method == "best" else args.speed_method
-        speed_stage(model, tok, calib, stats, big_k, div, name, emit)
+        speed_stage(model, tok, args.dev, calib, stats, big_k, div, name, emit)
     print(summarise(log))
 
 
 def summarise(log: Path) -> str:
     """Markdown table over every row in the log (later rows win), with the share of the loss each method recovers."""
     rows, acc, setting, speeds = {}, {}, {}, []
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(log):
         if "setting" in r:
             setting = r["setting"]
         elif "speed" in r:

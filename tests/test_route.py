@@ -15,7 +15,8 @@ from moekit.errors import MoekitError
 from moekit.checkpoint.save import save_model
 from moekit.profile.stats import fingerprint
 from moekit.checkpoint.load import load_model
-from moekit.route.route import MEAN_OUT, RouteConfig, route_
+from moekit.core.keys import MEAN_OUT
+from moekit.route.route import RouteConfig, route_
 from moekit.profile.stats import ExpertStats
 from tests.tiny import MOE_FAMILIES, ids, tiny_model
 
@@ -116,7 +117,7 @@ def setup(family, **over):
 def test_full_k_without_mitigation_leaves_model_unchanged(family):
     model, tokens, layers = setup(family)
     before = model(tokens).logits
-    report = route_(model, None, RouteConfig(top_k=layers[0].top_k), tokens=tokens)
+    report = route_(model, RouteConfig(top_k=layers[0].top_k), stats=fake_stats(model), tokens=tokens)
     assert torch.equal(model(tokens).logits, before)
     assert report["average_active_experts"] == layers[0].top_k and report["form"] == "standard"
     assert not hasattr(model.config, "moekit_route")
@@ -126,8 +127,8 @@ def test_full_k_without_mitigation_leaves_model_unchanged(family):
 def test_full_k_with_mitigations_is_numerically_unchanged(family):
     model, tokens, layers = setup(family)
     before = model(tokens).logits
-    route_(model, fake_stats(model), RouteConfig(top_k=layers[0].top_k, mitigations=("renorm", "compensate", "super"),
-                                                super_list=[(layers[0].index, 1)]), tokens=tokens)
+    route_(model, RouteConfig(top_k=layers[0].top_k, mitigations=("renorm", "compensate", "super"),
+                              super_list=[(layers[0].index, 1)]), stats=fake_stats(model), tokens=tokens)
     torch.testing.assert_close(model(tokens).logits, before, atol=1e-5, rtol=1e-5)
 
 
@@ -136,7 +137,7 @@ def test_full_k_with_mitigations_is_numerically_unchanged(family):
 def test_plain_reduction_matches_hand_topk(family):
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     xs = block_inputs(model, tokens)
-    report = route_(model, None, RouteConfig(top_k=2), tokens=tokens)
+    report = route_(model, RouteConfig(top_k=2), stats=fake_stats(model), tokens=tokens)
     assert model.config.num_experts_per_tok == 2 and report["average_active_experts"] == 2.0
     for la in layers:
         x = xs[la.index]
@@ -148,7 +149,7 @@ def test_plain_reduction_matches_hand_topk(family):
 def test_renorm_keeps_original_weight_sum(family):
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     xs = block_inputs(model, tokens)
-    route_(model, None, RouteConfig(top_k=2, mitigations=("renorm",)), tokens=tokens)
+    route_(model, RouteConfig(top_k=2, mitigations=("renorm",)), stats=fake_stats(model), tokens=tokens)
     for la in layers:
         x = xs[la.index]
         w, i = hand_topk(la, x, 4)
@@ -162,7 +163,7 @@ def test_compensation_adds_mean_output_of_dropped_ranks(family):
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     stats = fake_stats(model)
     xs = block_inputs(model, tokens)
-    route_(model, stats, RouteConfig(top_k=1, mitigations=("compensate",)), tokens=tokens)
+    route_(model, RouteConfig(top_k=1, mitigations=("compensate",)), stats=stats, tokens=tokens)
     for la in layers:
         x = xs[la.index]
         w, i = hand_topk(la, x, 4)
@@ -178,7 +179,8 @@ def test_adaptive_threshold_matches_hand_rule(family, rule):
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     xs = block_inputs(model, tokens)
     t = 0.6 if rule == "cumprob" else 0.5
-    route_(model, None, RouteConfig(top_k=2, mitigations=("adaptive",), adaptive_rule=rule, threshold=t), tokens=tokens)
+    route_(model, RouteConfig(top_k=2, mitigations=("adaptive",), adaptive_rule=rule, threshold=t),
+           stats=fake_stats(model), tokens=tokens)
     for la in layers:
         x = xs[la.index]
         w, i = hand_topk(la, x, 4)
@@ -203,7 +205,7 @@ def test_keep_weights_leaves_the_kept_weights_unnormalised(family, mode):
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     xs = block_inputs(model, tokens)
     extra = {"mitigations": ("adaptive",), "adaptive_rule": "beta", "threshold": 0.5} if mode == "beta" else {}
-    report = route_(model, None, RouteConfig(top_k=2, keep_weights=True, **extra), tokens=tokens)
+    report = route_(model, RouteConfig(top_k=2, keep_weights=True, **extra), stats=fake_stats(model), tokens=tokens)
     # a renormalising router needs the re-router to stop renormalising: moekit's form, not a standard checkpoint
     assert report["form"] == ("standard" if mode == "fixed" and not NORMALISED[family] else "moekit")
     for la in layers:
@@ -223,7 +225,8 @@ def test_super_expert_selected_by_top_k_is_never_dropped(family):
     la0 = layers[0]
     w, i = hand_topk(la0, xs[la0.index], 4)
     sup = int(i[:, 2].mode().values)  # an expert often at rank 3: plain top-2 would drop it
-    route_(model, None, RouteConfig(top_k=2, mitigations=("super",), super_list=[(la0.index, sup)]), tokens=tokens)
+    route_(model, RouteConfig(top_k=2, mitigations=("super",), super_list=[(la0.index, sup)]),
+           stats=fake_stats(model), tokens=tokens)
     for la in layers:
         x = xs[la.index]
         w, i = hand_topk(la, x, 4)
@@ -252,7 +255,8 @@ def test_rescale_folds_the_hand_computed_constant(family, mode):
         kept = hand_routed(la, x, *hand_topk(la, x, 2))
         c = (full * kept).sum() / kept.pow(2).sum() if mode == "lsq" else full.norm() / kept.norm()
         refs[la.index] = c * kept + shared(la, x)
-    report = route_(model, None, RouteConfig(top_k=2, mitigations=("rescale",), rescale_mode=mode), tokens=tokens)
+    report = route_(model, RouteConfig(top_k=2, mitigations=("rescale",), rescale_mode=mode),
+                    stats=fake_stats(model), tokens=tokens)
     assert report["form"] == "standard"
     for la in layers:
         torch.testing.assert_close(block_out(la, xs[la.index]), refs[la.index], atol=1e-5, rtol=1e-4)
@@ -282,7 +286,7 @@ def test_allocate_spends_the_budget_by_measured_sensitivity(family):
         full = hand_routed(la, x, *hand_topk(la, x, 4))
         errors[la.index] = [((hand_routed(la, x, *hand_topk(la, x, k)) - full).pow(2).sum(-1) / resid[la.index]).mean()
                             for k in range(1, 5)]
-    report = route_(model, None, RouteConfig(top_k=2.5, mitigations=("allocate",)), tokens=tokens)
+    report = route_(model, RouteConfig(top_k=2.5, mitigations=("allocate",)), stats=fake_stats(model), tokens=tokens)
     ks = report["top_k_per_layer"]
     assert sum(ks.values()) == round(2.5 * len(layers))
     assert abs(report["average_active_experts"] - sum(ks.values()) / len(layers)) < 1e-9
@@ -307,7 +311,8 @@ def test_allocate_spends_the_budget_by_measured_sensitivity(family):
 def test_adaptive_calibrated_average_equals_budget(family, rule):
     model, _, layers = setup(family, num_experts_per_tok=4)
     calib = ids(batch=8, length=32, seed=1)
-    report = route_(model, None, RouteConfig(top_k=2.0, mitigations=("adaptive",), adaptive_rule=rule), tokens=calib)
+    report = route_(model, RouteConfig(top_k=2.0, mitigations=("adaptive",), adaptive_rule=rule),
+                    stats=fake_stats(model), tokens=calib)
     n = calib.numel() * len(layers)
     assert abs(report["measured"]["average"] - 2.0) <= 4 / n + 0.05  # a few tokens of slack: counts are integers
     assert 0 < report["routed_expert_compute_saved"] < 1
@@ -316,7 +321,8 @@ def test_adaptive_calibrated_average_equals_budget(family, rule):
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_adaptive_eager_and_grouped_mm_agree(family):
     model, tokens, _ = setup(family, num_experts_per_tok=4)
-    route_(model, None, RouteConfig(top_k=2, mitigations=("adaptive",), threshold=0.6), tokens=tokens)
+    route_(model, RouteConfig(top_k=2, mitigations=("adaptive",), threshold=0.6), stats=fake_stats(model),
+           tokens=tokens)
     model.config._experts_implementation = "eager"
     a = model(tokens).logits
     model.config._experts_implementation = "grouped_mm"
@@ -343,7 +349,7 @@ def test_reload_equals_in_memory(tmp_path, family, cfg, form):
     from transformers import AutoModelForCausalLM
 
     model, tokens, _ = setup(family, num_experts_per_tok=4)
-    report = route_(model, fake_stats(model), cfg, tokens=tokens)
+    report = route_(model, cfg, stats=fake_stats(model), tokens=tokens)
     assert report["form"] == form
     expected = model(tokens).logits
     save_model(model, None, tmp_path / "out")
@@ -354,8 +360,11 @@ def test_reload_equals_in_memory(tmp_path, family, cfg, form):
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
         torch.testing.assert_close(plain(tokens).logits, expected, atol=1e-5, rtol=1e-5)
         assert not any(k.startswith("moekit_") for k in config)
-    else:
+    else:  # neither plain transformers nor vLLM can pick it up by mistake and run another model
         assert any(k.startswith("moekit_") for k in config)
+        assert not (tmp_path / "out" / "model.safetensors").exists()
+        with pytest.raises(OSError):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     if "compensate" in cfg.mitigations:
         assert all(hasattr(la.experts, MEAN_OUT) for la in arch.moe_layers(again))
 
@@ -364,20 +373,20 @@ def test_reload_equals_in_memory(tmp_path, family, cfg, form):
 def test_bad_input_raises_one_line_errors():
     model, _, _ = setup("qwen3_moe", num_experts_per_tok=4)
     with pytest.raises(MoekitError, match="between 1"):
-        route_(model, None, RouteConfig(top_k=5))
+        route_(model, RouteConfig(top_k=5), stats=fake_stats(model))
     with pytest.raises(MoekitError, match="choose one"):
-        route_(model, None, RouteConfig(top_k=2, mitigations=("renorm",), keep_weights=True))
+        route_(model, RouteConfig(top_k=2, mitigations=("renorm",), keep_weights=True), stats=fake_stats(model))
     with pytest.raises(MoekitError, match="unknown mitigation"):
-        route_(model, None, RouteConfig(top_k=2, mitigations=("magic",)))
+        route_(model, RouteConfig(top_k=2, mitigations=("magic",)), stats=fake_stats(model))
     with pytest.raises(MoekitError, match="statistics"):
-        route_(model, None, RouteConfig(top_k=2, mitigations=("compensate",)))
+        route_(model, RouteConfig(top_k=2, mitigations=("compensate",)))
     with pytest.raises(MoekitError, match="calibration text"):
-        route_(model, None, RouteConfig(top_k=2, mitigations=("rescale",)))
+        route_(model, RouteConfig(top_k=2, mitigations=("rescale",)), stats=fake_stats(model))
     with pytest.raises(MoekitError, match="fractional"):
-        route_(model, None, RouteConfig(top_k=1.5))
-    route_(model, None, RouteConfig(top_k=2, mitigations=("adaptive",), threshold=0.5))
+        route_(model, RouteConfig(top_k=1.5), stats=fake_stats(model))
+    route_(model, RouteConfig(top_k=2, mitigations=("adaptive",), threshold=0.5), stats=fake_stats(model))
     with pytest.raises(MoekitError, match="already re-routed"):
-        route_(model, None, RouteConfig(top_k=1, mitigations=("renorm",)))
+        route_(model, RouteConfig(top_k=1, mitigations=("renorm",)), stats=fake_stats(model))
 
 
 def word_tokenizer(vocab: int = 96):
@@ -410,8 +419,8 @@ def test_cli_route_writes_a_reloadable_checkpoint(tmp_path):
     again, _ = load_model(str(tmp_path / "out"))
     assert again.config.num_experts_per_tok == 2 and "moekit_route" in again.config.to_dict()
     bad = CliRunner().invoke(app, ["route", str(tmp_path / "src"), "--top-k", "2", "--per-layer", "x",
-                                   "--out", str(tmp_path / "o2")])
-    assert bad.exit_code != 0
+                                   "--stats", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "o2")])
+    assert bad.exit_code != 0 and "--per-layer" in str(bad.exception or bad.output)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
@@ -421,7 +430,7 @@ def test_with_the_real_profile(family):
 
     model, tokens, layers = setup(family, num_experts_per_tok=4)
     stats = profile(model, tokens, ProfileConfig(progress=False))
-    report = route_(model, stats, RouteConfig(top_k=2, mitigations=("compensate", "super"), super_rule="first75"),
+    report = route_(model, RouteConfig(top_k=2, mitigations=("compensate", "super"), super_rule="first75"), stats=stats,
                     tokens=tokens)
     assert report["average_active_experts"] >= 2.0
     for la in layers:

@@ -41,6 +41,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.hooks import Hooks
 from moekit.errors import MoekitError
 
 CARVE_TARGETS = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
@@ -135,14 +136,12 @@ def marker_stats(model, tokens: torch.Tensor, k_a: int, batch_size: int = 4, pro
             rec["count"] += g.shape[0]
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
     device = next(model.parameters()).device
-    try:
+    with Hooks() as hooks:
+        for i, m in enumerate(mlps):
+            hooks.pre(m, hook(i))
         for b in tqdm(range(0, tokens.shape[0], batch_size), desc="carve: activation markers", disable=not progress, leave=False):
             model(tokens[b : b + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     stats = []
     for rec in out:
         mean = rec["g_sum"] / rec["count"]

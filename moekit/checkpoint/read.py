@@ -145,7 +145,7 @@ def restore_moekit_state(model) -> None:
             if hasattr(layer.block, "top_k"):
                 layer.block.top_k = k
     if getattr(model.config, ROUTE_KEY, None):
-        from moekit.route.route import restore
+        from moekit.route.runtime import restore
 
         restore(model)
 

@@ -2,8 +2,9 @@
 
 * Same expert count and top-k in every layer -> ``save_pretrained`` form that plain
   ``AutoModelForCausalLM.from_pretrained`` loads (and so vLLM / SGLang serve).
-* Differing counts per layer -> moekit's opt-in form: the config records the per-layer counts and the
-  weights go to ``moekit-model.safetensors`` (a name plain transformers will not pick up by mistake);
+* Differing counts or top-k per layer, a moekit routing rule or moekit-only tensors -> moekit's opt-in form:
+  the config records what moekit needs and the weights go to ``moekit-model.safetensors`` (a name plain
+  transformers will not pick up by mistake, so it cannot run a different model silently);
   :func:`moekit.load_model` rebuilds it. vLLM does not serve this form as-is: make it uniform first.
 
 Every save writes into a temporary directory next to the target, reloads it, checks that no key is
@@ -13,6 +14,7 @@ it into place. An existing non-empty directory is refused unless ``overwrite=Tru
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +22,6 @@ from pathlib import Path
 import torch
 
 from moekit.core import arch
-from moekit.core.keys import PER_LAYER_EXPERTS_KEY
 from moekit.errors import MoekitError
 from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS
 from moekit.checkpoint.read import read_dir
@@ -45,11 +46,19 @@ def save_model(model, tokenizer, out: str | Path, *, overwrite: bool = False, ve
     """Save ``model`` (and tokenizer, generation config) atomically to ``out``; verify by reloading."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        (tmp / WRITER_FILE).write_text(str(os.getpid()))
         _write(model, tokenizer, tmp)
+        (tmp / WRITER_FILE).unlink()
+        apply_umask(tmp)
         if verify:
-            verify_checkpoint(model, tokenizer, tmp, atol=atol)
+            try:
+                verify_checkpoint(model, tokenizer, tmp, atol=atol)
+            except MoekitError as e:  # name the target, not the temporary directory that is about to go
+                raise MoekitError(f"'{out}' was not written: the checkpoint did not verify ({str(e).replace(str(tmp), str(out))}); "
+                                  "nothing was changed; this is a moekit bug, please report it") from None
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -57,19 +66,72 @@ def save_model(model, tokenizer, out: str | Path, *, overwrite: bool = False, ve
     return out
 
 
+WRITER_FILE = ".moekit-writer"  # pid of the process writing a temporary directory; removed before the rename
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove what a killed save of the same target left (``.NAME.tmp-*``), saying so in one line. A temporary
+    whose writer process is still alive is left alone."""
+    import os
+    import sys
+
+    for leftover in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int((leftover / WRITER_FILE).read_text())
+            os.kill(pid, 0)
+            continue  # its writer is still running
+        except (OSError, ValueError):
+            pass
+        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
+        shutil.rmtree(leftover, ignore_errors=True)
+        print(f"moekit: removed {leftover.name} ({size / 2**20:.0f} MiB), left by an interrupted save of '{out}'",
+              file=sys.stderr)
+
+
+def apply_umask(root: Path) -> None:
+    """``mkdtemp`` creates 0700 directories: give the output the modes the user's umask asks for, so that a
+    serving container running as another user can read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def is_standard(model) -> bool:
+    """Whether plain transformers, loading the saved model, runs what moekit runs: the same expert count and
+    top-k in every layer, no moekit routing rule, no moekit-only tensor. Anything else is written in moekit's
+    form, which plain transformers and vLLM cannot load by mistake."""
+    return arch.is_uniform(model) and not arch.moekit_tensors(model)
+
+
 def _write(model, tokenizer, path: Path) -> None:
-    from safetensors.torch import save_model as st_save_model
+    from safetensors.torch import save_file
 
     arch.sync_config(model)
-    if not (hasattr(model.config, PER_LAYER_EXPERTS_KEY) or arch.moekit_tensors(model)):
+    if is_standard(model):
         model.save_pretrained(path, safe_serialization=True)
     else:
         model.config.save_pretrained(path)
-        st_save_model(model, str(path / NON_UNIFORM_WEIGHTS), metadata={"format": "pt", "moekit": "non-uniform"})
+        save_file(untied_state_dict(model), str(path / NON_UNIFORM_WEIGHTS), metadata={"format": "pt", "moekit": "non-uniform"})
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def untied_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor stored once: of names sharing one tensor (tied embeddings), the first in
+    state-dict order stays (``model.embed_tokens.weight`` before ``lm_head.weight``), so that
+    :func:`moekit.checkpoint.read.read_non_uniform` finds the source and ties the rest back."""
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        state[key] = tensor.detach().contiguous()
+    return state
 
 
 def verify_checkpoint(model, tokenizer, path: Path, atol: float = 1e-4) -> None:

@@ -6,14 +6,17 @@ import json
 
 import typer
 
+from moekit.carve.carve import CarveConfig
+from moekit.carve.heal import HealConfig
 from moekit.cli import app
-from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
 
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 N_SEQ = typer.Option(16, "--n-seq", help="calibration sequences")
 SEQ_LEN = typer.Option(512, "--seq-len", help="tokens per calibration sequence")
-SEED = typer.Option(0, "--seed", help="calibration shuffling seed")
-HEAL_EPOCHS = typer.Option(2, "--local-epochs", help="layer-wise local reconstruction epochs (0 = off)")
+SEED = option(HealConfig, "seed", "--seed", help="calibration shuffling seed")
+HEAL_EPOCHS = option(HealConfig, "local_epochs", "--local-epochs",
+                     help="layer-wise local reconstruction epochs (0 = off)")
 
 
 def _heal_config(router: bool, lstsq: bool, local_epochs: int, distill_steps: int, finetune: str, finetune_steps: int,
@@ -35,11 +38,14 @@ def _summary(cfg) -> dict:
 @app.command("carve")
 def carve_cmd(
     model: str = MODEL,
-    experts: int = typer.Option(32, "--experts", help="N: experts per FFN (shared included); must divide the FFN width"),
-    shared: int = typer.Option(8, "--shared", help="N_s: experts' worth of neurons in the always-on shared expert"),
-    active: int = typer.Option(8, "--active", help="N_k: routed experts per token (top-k)"),
-    k_a: int = typer.Option(10, "--k-a", help="K_a: neurons each token marks for activation rates"),
-    iterations: int = typer.Option(1, "--iterations", help="balanced clustering rounds; 0 = until convergence"),
+    experts: int = option(CarveConfig, "experts", "--experts",
+                          help="N: experts per FFN (shared included); must divide the FFN width"),
+    shared: int = option(CarveConfig, "shared", "--shared",
+                         help="N_s: experts' worth of neurons in the always-on shared expert"),
+    active: int = option(CarveConfig, "active", "--active", help="N_k: routed experts per token (top-k)"),
+    k_a: int = option(CarveConfig, "k_a", "--k-a", help="K_a: neurons each token marks for activation rates"),
+    iterations: int = option(CarveConfig, "iterations", "--iterations",
+                             help="balanced clustering rounds; 0 = until convergence"),
     data: str = DATA, field: str = FIELD, n_seq: int = N_SEQ, seq_len: int = SEQ_LEN, seed: int = SEED,
     heal: bool = typer.Option(True, "--heal/--no-heal", help="heal after carving (router fit, least squares, local)"),
     local_epochs: int = HEAL_EPOCHS,
@@ -73,12 +79,14 @@ def heal_cmd(
     model: str = MODEL,
     teacher: str = typer.Option(..., "--teacher", help="the model to reproduce (the dense source, or the MoE before compression)"),
     data: str = DATA, field: str = FIELD, n_seq: int = N_SEQ, seq_len: int = SEQ_LEN, seed: int = SEED,
-    router: bool = typer.Option(True, "--router/--no-router", help="closed-form (ridge) router fit"),
-    lstsq: bool = typer.Option(True, "--lstsq/--no-lstsq", help="least-squares refit of the down projections"),
+    router: bool = option(HealConfig, "router", "--router/--no-router", help="closed-form (ridge) router fit"),
+    lstsq: bool = option(HealConfig, "lstsq", "--lstsq/--no-lstsq", help="least-squares refit of the down projections"),
     local_epochs: int = HEAL_EPOCHS,
-    distill_steps: int = typer.Option(0, "--distill-steps", help="end-to-end KL distillation steps (GPU advised)"),
-    finetune: str = typer.Option("none", "--finetune", help="none, lora (r=8, alpha=32, merged back) or router"),
-    finetune_steps: int = typer.Option(0, "--finetune-steps", help="fine-tuning steps"),
+    distill_steps: int = option(HealConfig, "distill_steps", "--distill-steps",
+                                help="end-to-end KL distillation steps (GPU advised)"),
+    finetune: str = option(HealConfig, "finetune", "--finetune",
+                           help="none, lora (r=8, alpha=32, merged back) or router"),
+    finetune_steps: int = option(HealConfig, "finetune_steps", "--finetune-steps", help="fine-tuning steps"),
     out: str = OUT, overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE,
     trust_remote_code: bool = TRUST,
 ):

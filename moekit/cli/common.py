@@ -1,6 +1,13 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and :func:`option`: a CLI option whose default is a config field's.
+
+A config dataclass (``PruneConfig``, ``CarveConfig`` ...) holds the one default of each setting, the Python API's;
+an option that stands for a field takes its default from there, so the CLI and the API build the same model
+(tests/test_cli_defaults.py checks every command).
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import typer
 
@@ -11,6 +18,24 @@ TRUST = typer.Option(False, "--trust-remote-code", help="allow the checkpoint's 
 DATA = typer.Option(..., "--data", help="local .txt/.jsonl/.json/.parquet file, 'c4', 'hf:NAME[:CONFIG[:SPLIT]]', or 'self'")
 FIELD = typer.Option("text", "--field", help="record field holding the text")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty output directory")
+
+
+def field_default(config: type, name: str):
+    """The default of field ``name`` of the dataclass ``config`` (a fresh value for a ``default_factory``)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if name not in fields:
+        raise KeyError(f"{config.__name__} has no field '{name}'")
+    f = fields[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(f"{config.__name__}.{name} has no default: declare the option required (...)")
+
+
+def option(config: type, name: str, *flags: str, **kwargs):
+    """``typer.Option`` for the config field ``config.name``, defaulting to that field's default."""
+    return typer.Option(field_default(config, name), *flags, **kwargs)
 
 
 def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):

@@ -9,20 +9,24 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.densify.densify import DensifyConfig
+from moekit.train.distill import DistillConfig
 
 
 @app.command()
 def densify(model: str = MODEL,
             stats: Path = typer.Option(..., "--stats", help="statistics file from `moekit profile` (with --gram for do-acp)"),
             keep: int = typer.Option(..., "--keep", help="experts per layer concatenated into the dense FFN"),
-            score: str = typer.Option("do-acp", "--score", help="sf, cp, acp, do-acp, reap, ean or random"),
-            grouping: str = typer.Option("select", "--grouping", help="select (drop the rest) or merge (fold them in)"),
-            down_scaling: str = typer.Option("uniform", "--down-scaling", help="uniform (1/K) or score (proportional)"),
-            shared_gate: str = typer.Option("auto", "--shared-gate",
+            score: str = option(DensifyConfig, "score", "--score", help="sf, cp, acp, do-acp, reap, ean or random"),
+            grouping: str = option(DensifyConfig, "grouping", "--grouping",
+                                   help="select (drop the rest) or merge (fold them in)"),
+            down_scaling: str = option(DensifyConfig, "down_scaling", "--down-scaling",
+                                       help="uniform (1/K) or score (proportional)"),
+            shared_gate: str = option(DensifyConfig, "shared_gate", "--shared-gate",
                                             help="Qwen2-MoE shared-expert gate: auto, mean (needs --data) or one"),
             data: str = typer.Option(None, "--data", help="calibration text, only to fold a learned shared-expert gate"),
-            field: str = FIELD, seed: int = typer.Option(0, "--seed", help="seed of the random score"),
+            field: str = FIELD, seed: int = option(DensifyConfig, "seed", "--seed", help="seed of the random score"),
             out: Path = typer.Option(..., "--out", help="output directory for the dense checkpoint"),
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Score experts from the profile, keep K per layer and concatenate them into one standard dense model."""
@@ -52,16 +56,19 @@ def densify(model: str = MODEL,
 @app.command()
 def distill(student: str = MODEL,
             teacher: str = typer.Option(..., "--teacher", help="teacher model (e.g. the MoE the student came from)"),
-            data: str = DATA, field: str = FIELD,
+            data: str = DATA, field: str = option(DistillConfig, "field", "--field",
+                                                  help="record field holding the text"),
             out: Path = typer.Option(..., "--out", help="directory for checkpoints and the final model (OUT/final)"),
-            steps: int = typer.Option(100, "--steps", help="optimizer steps"),
-            lr: float = typer.Option(5e-5, "--lr", help="peak learning rate (warm-up, then cosine to 10%)"),
-            batch_size: int = typer.Option(4, "--batch-size", help="sequences per step"),
-            seq_len: int = typer.Option(256, "--seq-len", help="tokens per sequence"),
-            warmup: int = typer.Option(10, "--warmup", help="warm-up steps"),
-            checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="checkpoint every N steps (0: end only)"),
-            resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
-            seed: int = typer.Option(0, "--seed", help="data order seed"),
+            steps: int = option(DistillConfig, "steps", "--steps", help="optimizer steps"),
+            lr: float = option(DistillConfig, "lr", "--lr", help="peak learning rate (warm-up, then cosine to 10%)"),
+            batch_size: int = option(DistillConfig, "batch_size", "--batch-size", help="sequences per step"),
+            seq_len: int = option(DistillConfig, "seq_len", "--seq-len", help="tokens per sequence"),
+            warmup: int = option(DistillConfig, "warmup_steps", "--warmup", help="warm-up steps"),
+            checkpoint_every: int = option(DistillConfig, "checkpoint_every", "--checkpoint-every",
+                                           help="checkpoint every N steps (0: end only)"),
+            resume: bool = option(DistillConfig, "resume", "--resume",
+                                  help="continue from the newest checkpoint in --out"),
+            seed: int = option(DistillConfig, "seed", "--seed", help="data order seed"),
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Forward-KL distillation (T = 1) of the whole student from the teacher, with checkpoints and resume."""
     from moekit.train.distill import DistillConfig

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load, option
+from moekit.pipeline.recipe import EvalStep
 
 TASKS_HELP = "comma-separated tasks: arc_easy, arc_challenge, piqa, openbookqa, social_iqa, hellaswag, winogrande, mmlu, kmmlu, click"
 
@@ -47,17 +48,17 @@ def eval_cmd(
     tasks: str = typer.Option("arc_easy,openbookqa,social_iqa", "--tasks", help=TASKS_HELP),
     data_dir: Path = typer.Option(None, "--data-dir", help="folder with local copies (arc_easy.jsonl ...); default: the hub"),
     data_file: list[str] = typer.Option(None, "--data-file", help="TASK=PATH: one task's local file (repeatable)"),
-    limit: int = typer.Option(None, "--limit", help="score only the first N items of each task"),
+    limit: int = option(EvalStep, "limit", "--limit", help="score only the first N items of each task"),
     batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
-    num_fewshot: int = typer.Option(0, "--num-fewshot", help="in-context examples per item"),
+    num_fewshot: int = option(EvalStep, "num_fewshot", "--num-fewshot", help="in-context examples per item"),
     out: Path = typer.Option(None, "--out", help="result JSON (a Markdown table is written beside it, .md)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
     backend: str = typer.Option("hf", "--backend", help="hf: in process; vllm: hand a saved checkpoint to the harness's vLLM backend"),
     costs: bool = typer.Option(False, "--costs", help="also measure parameters, bytes, peak forward memory, prefill/decode speed"),
     baseline: str = typer.Option(None, "--baseline", help="original model: its costs are measured in the same run (ratios)"),
     ppl_data: str = typer.Option(None, "--ppl-data", help="also perplexity on this text (e.g. ../shared/data/dev/c4_valid_dev.jsonl)"),
-    ppl_tokens: int = typer.Option(16384, "--ppl-tokens", help="perplexity over the first N tokens"),
-    ppl_window: int = typer.Option(1024, "--ppl-window", help="perplexity window length"),
+    ppl_tokens: int = option(EvalStep, "ppl_tokens", "--ppl-tokens", help="perplexity over the first N tokens"),
+    ppl_window: int = option(EvalStep, "ppl_window", "--ppl-window", help="perplexity window length"),
     field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
 ):
     """Score MODEL with lm-evaluation-harness's own tasks; write a JSON result and a Markdown table."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.merge.merge import MergeConfig
 
 
 @app.command()
@@ -19,23 +20,34 @@ def merge(model: str = MODEL,
           out: str = typer.Option(..., "--out", help="output checkpoint directory"),
           data: str = typer.Option(None, "--data", help="calibration text (file, 'c4', 'hf:NAME', 'self'); needed "
                                    "for --learn and for fitted/auto router rows"),
-          grouping: str = typer.Option("ream", help="ream (REAP-saliency centres; measured best), hc (hierarchical clustering) or mcsmoe"),
-          rule: str = typer.Option("select", help="select (keep the most important neurons; measured best), avg (frequency-weighted average) or svd"),
-          align: bool = typer.Option(False, "--align", help="permute neurons onto the dominant member before merging"),
-          rank: int = typer.Option(None, help="svd rule: singular values kept per projection"),
-          target: int = typer.Option(None, "--target", help="experts per layer after merging"),
-          target_total: int = typer.Option(None, "--target-total", help="routed experts over all layers after merging"),
-          merges_per_layer: int = typer.Option(None, "--merges-per-layer", help="experts removed per layer"),
-          max_cluster: int = typer.Option(None, "--max-cluster", help="largest cluster"),
-          router: str = typer.Option("auto", help="merged router row: dominant, average, fitted or auto (measured)"),
-          learn: bool = typer.Option(False, "--learn", help="fit merge coefficients to reproduce each block's output"),
-          learn_router: bool = typer.Option(False, "--learn-router", help="with --learn, also fit merged router rows"),
-          steps: int = typer.Option(40, help="--learn: optimisation steps per layer"),
-          lr: float = typer.Option(0.02, help="--learn: step size"),
-          super_rule: str = typer.Option("paper", help="super experts never merged: paper, first75 or none"),
+          grouping: str = option(MergeConfig, "grouping",
+                                 help="ream (REAP-saliency centres; measured best), hc (hierarchical clustering) "
+                                 "or mcsmoe"),
+          rule: str = option(MergeConfig, "rule",
+                             help="select (keep the most important neurons; measured best), avg (frequency-weighted "
+                             "average) or svd"),
+          align: bool = option(MergeConfig, "align", "--align",
+                               help="permute neurons onto the dominant member before merging"),
+          rank: int = option(MergeConfig, "rank", help="svd rule: singular values kept per projection"),
+          target: int = option(MergeConfig, "target", "--target", help="experts per layer after merging"),
+          target_total: int = option(MergeConfig, "target_total", "--target-total",
+                                     help="routed experts over all layers after merging"),
+          merges_per_layer: int = option(MergeConfig, "merges_per_layer", "--merges-per-layer",
+                                         help="experts removed per layer"),
+          max_cluster: int = option(MergeConfig, "max_cluster", "--max-cluster", help="largest cluster"),
+          router: str = option(MergeConfig, "router",
+                               help="merged router row: dominant, average, fitted or auto (measured)"),
+          learn: bool = option(MergeConfig, "learn", "--learn",
+                               help="fit merge coefficients to reproduce each block's output"),
+          learn_router: bool = option(MergeConfig, "learn_router", "--learn-router",
+                                      help="with --learn, also fit merged router rows"),
+          steps: int = option(MergeConfig, "steps", help="--learn: optimisation steps per layer"),
+          lr: float = option(MergeConfig, "lr", help="--learn: step size"),
+          super_rule: str = option(MergeConfig, "super_rule",
+                                   help="super experts never merged: paper, first75 or none"),
           n_seq: int = typer.Option(32, help="calibration sequences"),
           seq_len: int = typer.Option(256, help="calibration sequence length"),
-          seed: int = typer.Option(0, help="calibration sampling and held-back split"),
+          seed: int = option(MergeConfig, "seed", help="calibration sampling and held-back split"),
           field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
           overwrite: bool = OVERWRITE):
     """Merge experts (one expert and one router row per cluster) and save the smaller model."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load
+from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load, option
+from moekit.profile.profile import ProfileConfig
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
@@ -35,13 +36,15 @@ def _tokenizer(model: str, trust_remote_code: bool):
 def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., "--out", help="statistics file to write (.safetensors)"),
             field: str = FIELD, n_seq: int = typer.Option(32, "--n-seq", help="calibration sequences"),
             seq_len: int = typer.Option(512, "--seq-len", help="tokens per sequence"),
-            batch_size: int = typer.Option(4, "--batch-size", help="sequences per forward pass"),
+            batch_size: int = option(ProfileConfig, "batch_size", "--batch-size", help="sequences per forward pass"),
             stream: bool = typer.Option(False, "--stream", help="one decoder layer in memory at a time, read from disk"),
-            gram: int = typer.Option(0, "--gram", help="also the Gram matrix of expert outputs on N sampled tokens"),
-            attn_sink: bool = typer.Option(False, "--attn-sink", help="also attention mass on the first token (eager attention)"),
+            gram: int = option(ProfileConfig, "gram_tokens", "--gram",
+                               help="also the Gram matrix of expert outputs on N sampled tokens"),
+            attn_sink: bool = option(ProfileConfig, "attn_sink", "--attn-sink",
+                                     help="also attention mass on the first token (eager attention)"),
             plots: Path = typer.Option(None, "--plots", help="write PNG plots into this directory"),
             rule: str = typer.Option("paper", "--rule", help="super-expert rule: 'paper' or 'first75'"),
-            seed: int = typer.Option(0, "--seed", help="data shuffling and Gram sample seed"),
+            seed: int = option(ProfileConfig, "seed", "--seed", help="data shuffling and Gram sample seed"),
             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing statistics file"),
             dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """One forward pass over calibration data; every expert statistic compression needs, saved to --out."""
@@ -95,7 +98,7 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
            rule: str = typer.Option("paper", "--rule", help="super-expert rule: 'paper' or 'first75'"),
            max_tokens: int = typer.Option(16384, help="score the first N tokens"),
            window: int = typer.Option(1024, help="non-overlapping window length"),
-           batch_size: int = typer.Option(4, "--batch-size", help="windows per forward pass"),
+           batch_size: int = option(ProfileConfig, "batch_size", "--batch-size", help="windows per forward pass"),
            seed: int = typer.Option(0, "--seed", help="seed of the random experts"),
            json_out: Path = typer.Option(None, "--json", help="also write the results to this JSON file"),
            dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load
+from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load, option
+from moekit.prune.prune import DEFAULT_CRITERION, PruneConfig
 
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
@@ -30,20 +31,25 @@ def prune(
     model: str = MODEL,
     stats: Path = STATS,
     out: Path = OUT,
-    criterion: str = typer.Option(None, "--criterion", help=CRITERION_HELP),
-    keep: int = typer.Option(None, "--keep", help="experts kept per layer (uniform) or per layer on average (global)"),
-    ratio: float = typer.Option(None, "--ratio", help="fraction of routed experts removed, e.g. 0.25"),
-    top_k_prime: int = typer.Option(
-        None,
+    criterion: str = option(PruneConfig, "criterion", "--criterion", help=CRITERION_HELP),
+    keep: int = option(PruneConfig, "keep", "--keep",
+                       help="experts kept per layer (uniform) or per layer on average (global)"),
+    ratio: float = option(PruneConfig, "ratio", "--ratio", help="fraction of routed experts removed, e.g. 0.25"),
+    top_k_prime: int = option(
+        PruneConfig,
+        "top_k_prime",
         "--top-k-prime",
         help="k' of the top-k' rule; alone: keep experts selected within the top-k' at least --tau times",
     ),
-    tau: float = typer.Option(1.0, "--tau", help="threshold rule: minimum top-k' selections to keep an expert"),
-    budget: str = typer.Option("uniform", "--budget", help="uniform (same count per layer) or global (one ranking)"),
-    allow_super_experts: bool = typer.Option(False, "--allow-super-experts", help="let super experts be pruned too"),
-    seed: int = typer.Option(0, "--seed", help="seed of the random criterion"),
-    global_norm: str = typer.Option(
-        "mean", "--global-norm", help="global budget: divide scores by the layer 'mean' or 'median'"
+    tau: float = option(PruneConfig, "tau", "--tau",
+                        help="threshold rule: minimum top-k' selections to keep an expert"),
+    budget: str = option(PruneConfig, "budget", "--budget",
+                         help="uniform (same count per layer) or global (one ranking)"),
+    allow_super_experts: bool = option(PruneConfig, "allow_super_experts", "--allow-super-experts",
+                                       help="let super experts be pruned too"),
+    seed: int = option(PruneConfig, "seed", "--seed", help="seed of the random criterion"),
+    global_norm: str = option(
+        PruneConfig, "global_norm", "--global-norm", help="global budget: divide scores by the layer 'mean' or 'median'"
     ),
     shardwise: bool = typer.Option(
         False,
@@ -92,7 +98,7 @@ def uniform(
     stats: Path = STATS,
     out: Path = OUT,
     keep: int = typer.Option(None, "--keep", help="experts per layer (default: the smallest layer's count)"),
-    criterion: str = typer.Option("reap", "--criterion", help="which experts go first in the larger layers"),
+    criterion: str = typer.Option(DEFAULT_CRITERION, "--criterion", help="which experts go first in the larger layers"),
     allow_super_experts: bool = typer.Option(False, "--allow-super-experts", help="let super experts be pruned too"),
     overwrite: bool = OVERWRITE,
     dtype: str = DTYPE,

@@ -7,11 +7,13 @@ import json
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load
+from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.route.route import RouteConfig
 
-PER_LAYER = typer.Option(None, "--per-layer", help="explicit k per decoder layer, e.g. '3:4,4:2' (others keep top-k)")
-MITIGATION = typer.Option(
-    [], "--mitigation", "-m",
+PER_LAYER = option(RouteConfig, "top_k_per_layer", "--per-layer",
+                   help="explicit k per decoder layer, e.g. '3:4,4:2' (others keep top-k)")
+MITIGATION = option(
+    RouteConfig, "mitigations", "--mitigation", "-m",
     help="renorm, rescale, compensate, allocate, adaptive or super; repeat to combine (see moekit.route)",
 )
 
@@ -32,17 +34,21 @@ def parse_per_layer(text: str | None) -> dict[int, int] | None:
 
 @app.command()
 def route(model: str = MODEL,
-          top_k: float = typer.Option(None, "--top-k", help="routed experts per token (the average, for allocate/adaptive)"),
+          top_k: float = option(RouteConfig, "top_k", "--top-k",
+                                help="routed experts per token (the average, for allocate/adaptive)"),
           per_layer: str = PER_LAYER, mitigation: list[str] = MITIGATION,
-          stats: str = typer.Option(None, "--stats", help="statistics file from `moekit profile` (compensate, super)"),
+          stats: str = typer.Option(..., "--stats", help="statistics file from `moekit profile` (compensate, super)"),
           data: str = typer.Option(None, "--data", help="calibration text (rescale, allocate, adaptive; measures k)"),
           field: str = FIELD, n_seq: int = typer.Option(16, help="calibration sequences"),
           seq_len: int = typer.Option(256, help="calibration sequence length"),
-          adaptive_rule: str = typer.Option("cumprob", help="adaptive: 'cumprob' (cumulative weight) or 'beta' (NAEE)"),
-          threshold: float = typer.Option(None, help="adaptive threshold; default: calibrated to the --top-k budget"),
-          rescale_mode: str = typer.Option("lsq", help="rescale: 'lsq' (least squares, measured best) or 'norm' (match RMS)"),
-          super_rule: str = typer.Option("paper", help="super experts: 'paper' or 'first75'"),
-          keep_weights: bool = typer.Option(False, "--keep-weights",
+          adaptive_rule: str = option(RouteConfig, "adaptive_rule",
+                                      help="adaptive: 'cumprob' (cumulative weight) or 'beta' (NAEE)"),
+          threshold: float = option(RouteConfig, "threshold",
+                                    help="adaptive threshold; default: calibrated to the --top-k budget"),
+          rescale_mode: str = option(RouteConfig, "rescale_mode",
+                                     help="rescale: 'lsq' (least squares, measured best) or 'norm' (match RMS)"),
+          super_rule: str = option(RouteConfig, "super_rule", help="super experts: 'paper' or 'first75'"),
+          keep_weights: bool = option(RouteConfig, "keep_weights", "--keep-weights",
                                             help="kept experts keep their original top-K weights (no renormalisation)"),
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
@@ -52,14 +58,15 @@ def route(model: str = MODEL,
     from moekit.route.route import RouteConfig, route_
     from moekit.profile.stats import ExpertStats
 
-    check_output_dir(out, overwrite)
-    m, tok = load(model, dtype, device, trust_remote_code)
-    st = ExpertStats.load(stats) if stats else None
-    tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
     cfg = RouteConfig(top_k=top_k, top_k_per_layer=parse_per_layer(per_layer), mitigations=tuple(mitigation),
                       adaptive_rule=adaptive_rule, threshold=threshold, rescale_mode=rescale_mode, super_rule=super_rule,
                       keep_weights=keep_weights)
-    report = route_(m, st, cfg, tokens=tokens)
+    cfg.validate()
+    check_output_dir(out, overwrite)
+    m, tok = load(model, dtype, device, trust_remote_code)
+    st = ExpertStats.load(stats)
+    tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
+    report = route_(m, cfg, stats=st, tokens=tokens)
     save_model(m, tok, out, overwrite=overwrite)
     keys = ("top_k_original", "mitigations", "top_k_per_layer", "threshold", "super_experts", "average_active_experts",
             "routed_expert_compute_saved", "active_params_before", "active_params_after", "form")

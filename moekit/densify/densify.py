@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.hooks import Hooks
 from moekit.densify.group import group_and_merge
 from moekit.densify.scores import check_score, select_experts
 from moekit.core.dense import dense_config, dense_model_type
@@ -163,20 +164,16 @@ def _shared_gate_constants(model, layers, cfg: DensifyConfig, tokens) -> dict[in
 def _mean_gates(model, layers, tokens: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
     sums = {la.index: 0.0 for la in layers}
     count = [0]
-    hooks = []
-    for la in layers:
-        def hook(_mod, _inp, out, idx=la.index):
-            sums[idx] += float(torch.sigmoid(out.float()).sum())
-        hooks.append(la.shared_gate.register_forward_hook(hook))
     device = next(model.parameters()).device
-    try:
+    with Hooks() as hooks:
+        for la in layers:
+            def hook(_mod, _inp, out, idx=la.index):
+                sums[idx] += float(torch.sigmoid(out.float()).sum())
+            hooks.forward(la.shared_gate, hook)
         for b in tqdm(range(0, tokens.shape[0], batch_size), desc="shared gate mean", leave=False):
             batch = tokens[b : b + batch_size].to(device)
             model(batch)
             count[0] += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
     return {i: s / max(count[0], 1) for i, s in sums.items()}
 
 

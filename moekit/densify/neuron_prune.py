@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.hooks import Hooks
 from moekit.errors import MoekitError
 
 
@@ -29,19 +30,15 @@ class NeuronPruneConfig:
 def neuron_importance(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
     """Per decoder layer, the mean |input of down_proj| over ``tokens`` [n, L] -> [intermediate]."""
     sums: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(arch.decoder_layers(model)):
-        def pre(_mod, args, i=i):
-            h = args[0].detach().float().abs().flatten(0, -2).sum(0)
-            sums[i] = sums.get(i, 0) + h
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(pre))
     device = next(model.parameters()).device
-    try:
+    with Hooks() as hooks:
+        for i, layer in enumerate(arch.decoder_layers(model)):
+            def pre(_mod, args, i=i):
+                h = args[0].detach().float().abs().flatten(0, -2).sum(0)
+                sums[i] = sums.get(i, 0) + h
+            hooks.pre(layer.mlp.down_proj, pre)
         for b in tqdm(range(0, tokens.shape[0], batch_size), desc="neuron importance", leave=False):
             model(tokens[b : b + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
     return {i: s.cpu() / tokens.numel() for i, s in sums.items()}
 
 

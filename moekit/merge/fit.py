@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.hooks import Hooks
 from moekit.errors import MoekitError
 from moekit.merge.rules import Cluster, assemble
 
@@ -24,17 +25,13 @@ def capture_inputs(model, layers: list[arch.MoELayer], tokens: torch.Tensor, bat
     """Hidden states entering each MoE block on ``tokens`` [n_seq, seq_len] -> {layer: [n_seq, seq_len, H] fp32}."""
     device = next(model.parameters()).device
     store: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in layers}
-    hooks = []
-    for layer in layers:
-        def hook(_module, args, idx=layer.index):
-            store[idx].append(args[0].detach().float().cpu())
-        hooks.append(layer.block.register_forward_pre_hook(hook))
-    try:
+    with Hooks() as hooks:
+        for layer in layers:
+            def hook(_module, args, idx=layer.index):
+                store[idx].append(args[0].detach().float().cpu())
+            hooks.pre(layer.block, hook)
         for i in tqdm(range(0, len(tokens), batch_size), desc="capture MoE inputs", leave=False):
             model(tokens[i:i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
     return {k: torch.cat(v) for k, v in store.items()}
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.core.arch import decoder_layers, require_moe
+from moekit.core.hooks import Hooks
 from moekit.errors import MoekitError
 from moekit.profile.observe import ModelAccumulator, eager_attention, observe_model
 
@@ -64,7 +65,7 @@ def random_experts(model, n: int, *, seed: int = 0, exclude: list[Pair] = ()) ->
 def ablated(model, experts: list[Pair]):
     """Inside: the given experts contribute nothing where routed (routing weight zeroed, no renormalisation)."""
     by_layer = check_experts(model, experts)
-    handles = []
+    hooks = Hooks()
     for layer in require_moe(model):
         if layer.index not in by_layer:
             continue
@@ -75,12 +76,11 @@ def ablated(model, experts: list[Pair]):
             keep = ~torch.isin(indices, dead.to(indices.device))
             return (logits, weights * keep.to(weights.dtype), indices, *output[3:])
 
-        handles.append(layer.router.register_forward_hook(hook))
+        hooks.forward(layer.router, hook)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from moekit.core.arch import MoELayer, decoder_layers
+from moekit.core.hooks import Hooks
 
 PER_EXPERT = ("rank_counts", "prob_mass", "selected_prob", "weight_sum", "reap_sum", "norm_sum", "sq_norm_sum",
               "weighted_out", "down_max")
@@ -149,11 +150,12 @@ def _first(output):
 def observe_layer(acc: LayerAccumulator):
     """Instrument one MoE layer: router hook + instrumented experts forward (+ shared-expert hook)."""
     layer = acc.layer
-    handles = [layer.router.register_forward_hook(lambda m, i, o: acc.observe_routing(o[0], o[2]))]
+    hooks = Hooks()
+    hooks.forward(layer.router, lambda m, i, o: acc.observe_routing(o[0], o[2]))
     shared = layer.shared_expert
     if shared is not None:
         target = getattr(shared, "down_proj", shared)
-        handles.append(target.register_forward_hook(lambda m, i, o: acc.observe_shared(_first(o))))
+        hooks.forward(target, lambda m, i, o: acc.observe_shared(_first(o)))
     experts = layer.experts
     had_own = "forward" in experts.__dict__
     previous = experts.__dict__.get("forward")
@@ -161,8 +163,7 @@ def observe_layer(acc: LayerAccumulator):
     try:
         yield acc
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
         if had_own:
             experts.forward = previous
         else:
@@ -173,18 +174,17 @@ def observe_layer(acc: LayerAccumulator):
 def observe_model(model, acc: ModelAccumulator, offset: int = 0, layers=None):
     """Hooks on decoder layers (hidden-state max) and their attention (sink mass), removed on exit."""
     layers = decoder_layers(model) if layers is None else layers
-    handles = []
+    hooks = Hooks()
     for j, dl in enumerate(layers):
         i = offset + j
-        handles.append(dl.register_forward_hook(lambda m, inp, out, i=i: acc.observe_hidden(i, _first(out))))
+        hooks.forward(dl, lambda m, inp, out, i=i: acc.observe_hidden(i, _first(out)))
         if acc.sink_sum is not None and hasattr(dl, "self_attn"):
-            handles.append(dl.self_attn.register_forward_hook(
-                lambda m, inp, out, i=i: acc.observe_attention(i, out[1] if isinstance(out, tuple) and len(out) > 1 else None)))
+            hooks.forward(dl.self_attn, lambda m, inp, out, i=i: acc.observe_attention(
+                i, out[1] if isinstance(out, tuple) and len(out) > 1 else None))
     try:
         yield acc
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
 
 
 @contextmanager

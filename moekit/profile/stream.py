@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.hooks import StopForward
 from moekit.errors import MoekitError
 from moekit.profile.observe import LayerAccumulator, ModelAccumulator, eager_attention, observe_layer, observe_model
 from moekit.profile.profile import ProfileConfig, build_stats, check_tokens, gram_sample, model_meta, num_heads, rows_in
@@ -49,10 +50,6 @@ def release_freed_memory() -> None:
         pass
 
 
-class _Stop(Exception):
-    pass
-
-
 @contextmanager
 def stubbed_layers(layers, calls: dict):
     """Decoder layers replaced by stubs that record their inputs; the last one stops the forward pass."""
@@ -60,7 +57,7 @@ def stubbed_layers(layers, calls: dict):
         def stub(hidden_states, *args, j=j, **kwargs):
             calls.setdefault(j, (hidden_states, args, kwargs))
             if j == len(layers) - 1:
-                raise _Stop
+                raise StopForward
             return hidden_states
 
         dl.forward = stub
@@ -116,7 +113,7 @@ def profile_stream(name: str | Path, tokens: torch.Tensor, config: ProfileConfig
             with stubbed_layers(layers, calls):
                 try:
                     body(input_ids=compact_ids[a:b].to(dev), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
             hidden[a:b] = calls[0][0].to("cpu", dt)
             if b - a not in layer_calls:
