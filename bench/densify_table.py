@@ -150,7 +150,7 @@ def main() -> None:
 
     def build_control(width):
         m = load(args.dense)[0]
-        prune_neurons_(m, calib_tokens, NeuronPruneConfig(width=width))
+        prune_neurons_(m, NeuronPruneConfig(width=width), tokens=calib_tokens)
         return m
 
     def distilled(name, build, teacher_name):

@@ -4,7 +4,7 @@ A *source* is a string:
 
 * a local ``.txt`` (documents separated by blank lines), ``.jsonl``, ``.jsonl.gz``, ``.json`` or
   ``.parquet`` file, records read from ``field`` (default ``text``);
-* ``c4`` (C4 English train, the challenge team's calibration set) or ``hf:NAME[:CONFIG[:SPLIT]]``,
+* ``c4`` (C4 English train, the Samsung AI Challenge 2025 pipeline's calibration set) or ``hf:NAME[:CONFIG[:SPLIT]]``,
   streamed with ``datasets`` when online;
 * ``self``: text sampled from the model itself, for when no data is at hand.
 """

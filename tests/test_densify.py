@@ -11,7 +11,7 @@ from moekit.densify.scores import SCORES, diversity_kernel, greedy_logdet, selec
 from moekit.errors import MoekitError
 from moekit.profile.stats import fingerprint
 from moekit.profile.stats import ExpertStats
-from tests.tiny import ids, tiny_model
+from tiny import ids, tiny_model
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
 DENSE_OF = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral", "deepseek_v3": "deepseek_v3"}
@@ -21,7 +21,7 @@ def local_stats(model, tokens) -> ExpertStats:
     """The profiler's statistics, with the Gram matrix over every token."""
     from moekit.profile.profile import ProfileConfig, profile
 
-    return profile(model, tokens, ProfileConfig(gram_tokens=tokens.numel(), progress=False))
+    return profile(model, ProfileConfig(gram_tokens=tokens.numel(), progress=False), tokens=tokens)
 
 
 def all_experts_uniform(model):
@@ -43,7 +43,7 @@ def test_all_experts_dense_equals_moe_logits(family):
     tokens = ids()
     stats = local_stats(model, tokens)
     e = arch.moe_layers(model)[0].num_experts
-    dense = densify(model, stats, DensifyConfig(keep=e, score="sf"))
+    dense = densify(model, DensifyConfig(keep=e, score="sf"), stats=stats)
     assert arch.model_type(dense) == DENSE_OF[family]
     assert not arch.moe_layers(dense)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_dense_ffn_equals_moe_layer_with_matching_weights(family):
     stats = local_stats(model, tokens)
     la = arch.moe_layers(model)[0]
     e = la.num_experts
-    dense = densify(model, stats, DensifyConfig(keep=e, score="reap", down_scaling="score", fold_routed_mass=False))
+    dense = densify(model, DensifyConfig(keep=e, score="reap", down_scaling="score", fold_routed_mass=False), stats=stats)
     sel = dense.config.moekit_densified["layers"][str(la.index)]["selected"]
     assert sorted(sel) == list(range(e))
     reap = stats.get("reap_sum", la.index) / stats.get("rank_counts", la.index).sum(1).clamp_min(1)
@@ -81,7 +81,7 @@ def test_dense_ffn_equals_moe_layer_with_matching_weights(family):
 def test_keep_k_builds_k_expert_width_and_record():
     model = tiny_model("qwen2_moe")
     stats = local_stats(model, ids())
-    dense = densify(model, stats, DensifyConfig(keep=3, score="acp"), tokens=ids(batch=1))
+    dense = densify(model, DensifyConfig(keep=3, score="acp"), stats=stats, tokens=ids(batch=1))
     la = arch.moe_layers(model)[0]
     assert dense.config.intermediate_size == 3 * la.expert_size + model.config.shared_expert_intermediate_size
     rec = dense.config.moekit_densified["layers"]
@@ -101,8 +101,8 @@ def test_learned_shared_gate_needs_tokens():
     model = tiny_model("qwen2_moe")
     stats = local_stats(model, ids())
     with pytest.raises(MoekitError, match="shared-gate one"):
-        densify(model, stats, DensifyConfig(keep=2, score="sf"))
-    densify(model, stats, DensifyConfig(keep=2, score="sf", shared_gate="one"))
+        densify(model, DensifyConfig(keep=2, score="sf"), stats=stats)
+    densify(model, DensifyConfig(keep=2, score="sf", shared_gate="one"), stats=stats)
 
 
 def test_qwen2_moe_without_biases_becomes_llama():
@@ -113,7 +113,7 @@ def test_qwen2_moe_without_biases_becomes_llama():
                 p.zero_()
     model = all_experts_uniform(model)
     stats = local_stats(model, ids())
-    dense = densify(model, stats, DensifyConfig(keep=8, score="ean"))
+    dense = densify(model, DensifyConfig(keep=8, score="ean"), stats=stats)
     assert arch.model_type(dense) == "llama"
     with torch.no_grad():
         torch.testing.assert_close(dense(ids()).logits, model(ids()).logits, atol=1e-4, rtol=1e-4)
@@ -128,7 +128,7 @@ def test_every_score_and_grouping_gives_a_dense_model_that_reloads(tmp_path, sco
 
     model = tiny_model("qwen3_moe")
     stats = local_stats(model, ids())
-    dense = densify(model, stats, DensifyConfig(keep=2, score=score, grouping=grouping, down_scaling="score"))
+    dense = densify(model, DensifyConfig(keep=2, score=score, grouping=grouping, down_scaling="score"), stats=stats)
     out = save_model(dense, None, tmp_path / "dense")
     plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no moekit
     assert type(plain).__name__ == "Qwen3ForCausalLM"
@@ -205,19 +205,19 @@ def test_bad_input_is_refused():
     model = tiny_model("qwen3_moe")
     stats = local_stats(model, ids())
     with pytest.raises(MoekitError, match="keep 9"):
-        densify(model, stats, DensifyConfig(keep=9, score="sf"))
+        densify(model, DensifyConfig(keep=9, score="sf"), stats=stats)
     with pytest.raises(MoekitError, match="unknown expert score"):
-        densify(model, stats, DensifyConfig(keep=2, score="best"))
+        densify(model, DensifyConfig(keep=2, score="best"), stats=stats)
     with pytest.raises(MoekitError, match="another model"):
-        densify(tiny_model("qwen3_moe", seed=1), stats, DensifyConfig(keep=2, score="sf"))
+        densify(tiny_model("qwen3_moe", seed=1), DensifyConfig(keep=2, score="sf"), stats=stats)
     with pytest.raises(MoekitError, match="cannot densify 'olmoe'"):
         om = tiny_model("olmoe")
-        densify(om, local_stats(om, ids()), DensifyConfig(keep=2, score="sf"))
+        densify(om, DensifyConfig(keep=2, score="sf"), stats=local_stats(om, ids()))
     with pytest.raises(MoekitError, match="dense model"):
-        densify(tiny_model("llama"), stats, DensifyConfig(keep=2))
+        densify(tiny_model("llama"), DensifyConfig(keep=2), stats=stats)
     st = ExpertStats(meta={"fingerprint": fingerprint(model)})
     with pytest.raises(MoekitError, match="gram"):
-        densify(model, st, DensifyConfig(keep=2, score="do-acp"))
+        densify(model, DensifyConfig(keep=2, score="do-acp"), stats=st)
 
 
 def test_cli_densify_then_distill_and_resume(tmp_path, char_tokenizer, capsys):

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from moekit.densify.densify import DensifyConfig, densify
-from moekit.train.distill import DistillConfig, distill, forward_kl, latest_checkpoint
+from moekit.train.distill import DistillConfig, distill_, forward_kl, latest_checkpoint
 from moekit.errors import MoekitError
-from tests.test_densify import local_stats
-from tests.tiny import ids, tiny_model
+from test_densify import local_stats
+from tiny import ids, tiny_model
 
 
 def pair():
     teacher = tiny_model("qwen3_moe")
-    student = densify(teacher, local_stats(teacher, ids()), DensifyConfig(keep=2, score="acp"))
+    student = densify(teacher, DensifyConfig(keep=2, score="acp"), stats=local_stats(teacher, ids()))
     return student, teacher
 
 
@@ -31,7 +31,7 @@ def test_forward_kl_is_zero_for_equal_logits_and_positive_otherwise():
 def test_distill_loss_decreases():
     student, teacher = pair()
     cfg = DistillConfig(steps=30, lr=3e-3, batch_size=4, seq_len=16, warmup_steps=2, progress=False)
-    rep = distill(student, teacher, data(), cfg)
+    rep = distill_(student, cfg, tokens=data(), teacher=teacher)
     assert rep["steps_run"] == 30 and rep["tokens_run"] == 30 * 4 * 16
     first, last = sum(rep["losses"][:3]) / 3, sum(rep["losses"][-3:]) / 3
     assert last < 0.7 * first
@@ -43,10 +43,10 @@ def test_distill_loss_decreases():
 def test_checkpoint_resume_continues_exactly(tmp_path):
     cfg = {"steps": 6, "lr": 2e-3, "batch_size": 2, "seq_len": 16, "warmup_steps": 1, "progress": False}
     straight, teacher = pair()
-    full = distill(straight, teacher, data(), DistillConfig(**cfg))
+    full = distill_(straight, DistillConfig(**cfg), tokens=data(), teacher=teacher)
 
     interrupted, teacher = pair()
-    distill(interrupted, teacher, data(), DistillConfig(**cfg, out=str(tmp_path), checkpoint_every=3))
+    distill_(interrupted, DistillConfig(**cfg, out=str(tmp_path), checkpoint_every=3), tokens=data(), teacher=teacher)
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.name == "checkpoint-000006"
     # pretend the run died after step 3: remove the last checkpoint
@@ -55,7 +55,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     shutil.rmtree(ckpt)
     assert latest_checkpoint(tmp_path).name == "checkpoint-000003"
     resumed, teacher = pair()  # a fresh student: resume must load the checkpoint's weights
-    rep = distill(resumed, teacher, data(), DistillConfig(**cfg, out=str(tmp_path), resume=True))
+    rep = distill_(resumed, DistillConfig(**cfg, out=str(tmp_path), resume=True), tokens=data(), teacher=teacher)
     assert rep["start_step"] == 3 and rep["steps_run"] == 3
     assert rep["losses"] == pytest.approx(full["losses"], rel=1e-4, abs=1e-6)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=False):
@@ -69,7 +69,7 @@ def test_distill_from_text_streams_and_needs_a_tokenizer(tmp_path):
     f.write_text("\n\n".join(f"document {i} " + "word " * 20 for i in range(5)))
     student, teacher = pair()
     with pytest.raises(MoekitError, match="tokenizer"):
-        distill(student, teacher, str(f), DistillConfig(steps=1, progress=False))
+        distill_(student, DistillConfig(steps=1, progress=False), tokens=str(f), teacher=teacher)
 
     class Tok:  # minimal tokenizer: one id per character
         eos_token_id = 2
@@ -77,14 +77,14 @@ def test_distill_from_text_streams_and_needs_a_tokenizer(tmp_path):
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [3 + ord(c) % 90 for c in text]}
 
-    rep = distill(student, teacher, str(f), DistillConfig(steps=2, batch_size=2, seq_len=8, progress=False), tokenizer=Tok())
+    rep = distill_(student, DistillConfig(steps=2, batch_size=2, seq_len=8, progress=False), tokens=str(f), teacher=teacher, tokenizer=Tok())
     assert rep["steps_run"] == 2
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path):
     student, teacher = pair()
     with pytest.raises(MoekitError, match="no complete checkpoint"):
-        distill(student, teacher, data(), DistillConfig(steps=2, out=str(tmp_path / "none"), resume=True, progress=False))
+        distill_(student, DistillConfig(steps=2, out=str(tmp_path / "none"), resume=True, progress=False), tokens=data(), teacher=teacher)
 
 
 def test_recipe_profile_densify_distill(tmp_path, char_tokenizer):
@@ -92,7 +92,8 @@ def test_recipe_profile_densify_distill(tmp_path, char_tokenizer):
     import json
 
     from moekit.checkpoint.save import save_model
-    from moekit.pipeline.recipe import load_recipe, run_recipe
+    from moekit.pipeline.recipe import load_recipe
+    from moekit.pipeline.runner import run_recipe
 
     save_model(tiny_model("qwen3_moe", vocab_size=100, max_position_embeddings=1024), char_tokenizer,
                tmp_path / "moe", verify=False)

@@ -18,7 +18,7 @@ from moekit.carve.heal import HealConfig, LoadBalancer, fit_down, fit_router, he
 def carved():
     dense = tiny_model("llama", intermediate_size=128)
     toks = ids(batch=8, length=64)
-    moe = carve(dense, toks, CarveConfig(experts=16, shared=2, active=4, k_a=8), progress=False)
+    moe = carve(dense, CarveConfig(experts=16, shared=2, active=4, k_a=8), tokens=toks, progress=False)
     return dense, moe, toks
 
 
@@ -91,8 +91,8 @@ def test_heal_lowers_every_layer_error_and_stays_standard(carved, tmp_path):
     dense, moe, toks = carved
     moe = copy.deepcopy(moe)
     cfg = HealConfig(local_epochs=10, local_batch=64, local_lr=1e-3)
-    heal_(moe, dense, toks, cfg, progress=False)
-    layers = cfg.report["layers"]
+    report = heal_(moe, cfg, tokens=toks, teacher=dense, progress=False)
+    layers = report["layers"]
     assert set(layers) == {0, 1}
     for rec in layers.values():
         assert rec["lstsq"] < rec["before"] and rec["local"] <= rec["lstsq"]
@@ -119,7 +119,7 @@ def test_local_reconstruction_lowers_training_error(carved):
 def test_heal_improves_logits_against_the_dense_model(carved):
     dense, moe, toks = carved
     healed = copy.deepcopy(moe)
-    heal_(healed, dense, toks, HealConfig(local_epochs=5, local_batch=64, local_lr=1e-3), progress=False)
+    heal_(healed, HealConfig(local_epochs=5, local_batch=64, local_lr=1e-3), tokens=toks, teacher=dense, progress=False)
     test = ids(batch=2, length=64, seed=7)
     with torch.no_grad():
         ref = torch.log_softmax(dense(test).logits, -1)
@@ -136,17 +136,17 @@ def test_heal_a_pruned_moe_toward_the_original():
     for layer in arch.moe_layers(student):
         layer.keep_experts([0, 1, 2, 3])
     cfg = HealConfig(router=False, local_epochs=3, local_batch=16, local_lr=1e-3)
-    heal_(student, teacher, ids(batch=4, length=32), cfg, progress=False)
-    for rec in cfg.report["layers"].values():
+    report = heal_(student, cfg, tokens=ids(batch=4, length=32), teacher=teacher, progress=False)
+    for rec in report["layers"].values():
         assert rec["local"] < rec["before"]
 
 
 def test_heal_refuses_unsupported_routers():
     model = tiny_model("deepseek_v3")
     with pytest.raises(MoekitError, match="softmax top-k routers"):
-        heal_(model, copy.deepcopy(model), ids(batch=2, length=16), HealConfig(), progress=False)
+        heal_(model, HealConfig(), tokens=ids(batch=2, length=16), teacher=copy.deepcopy(model), progress=False)
     with pytest.raises(MoekitError, match="dense model with no MoE layers"):
-        heal_(tiny_model("llama"), tiny_model("llama"), ids(batch=2, length=16), HealConfig(), progress=False)
+        heal_(tiny_model("llama"), HealConfig(), tokens=ids(batch=2, length=16), teacher=tiny_model("llama"), progress=False)
 
 
 def test_load_balancer_nudges_toward_equal_load_and_is_removed():
@@ -168,8 +168,8 @@ def test_lora_finetune_merges_back_into_a_standard_model(carved):
     dense, moe, toks = carved
     moe = copy.deepcopy(moe)
     before = {n: p.clone() for n, p in moe.named_parameters()}
-    heal_(moe, dense, toks, HealConfig(router=False, lstsq=False, local_epochs=0, finetune="lora", finetune_steps=2,
-                                       finetune_lr=1e-2), progress=False)
+    heal_(moe, HealConfig(router=False, lstsq=False, local_epochs=0, finetune="lora", finetune_steps=2,
+                                       finetune_lr=1e-2), tokens=toks, teacher=dense, progress=False)
     names = {n for n, _ in moe.named_parameters()}
     assert names == set(before) and not any("lora" in n for n in names)
     assert any(not torch.equal(before[n], p) for n, p in moe.named_parameters())
@@ -179,8 +179,8 @@ def test_router_only_finetune_changes_only_routers(carved):
     dense, moe, toks = carved
     moe = copy.deepcopy(moe)
     before = {n: p.clone() for n, p in moe.named_parameters()}
-    heal_(moe, dense, toks, HealConfig(router=False, lstsq=False, local_epochs=0, finetune="router",
-                                       finetune_steps=2, finetune_lr=1e-2), progress=False)
+    heal_(moe, HealConfig(router=False, lstsq=False, local_epochs=0, finetune="router",
+                                       finetune_steps=2, finetune_lr=1e-2), tokens=toks, teacher=dense, progress=False)
     changed = {n for n, p in moe.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all(n.endswith("mlp.gate.weight") for n in changed)
 
@@ -189,7 +189,7 @@ def test_distill_reduces_kl(carved):
     dense, moe, toks = carved
     moe = copy.deepcopy(moe)
     cfg1 = HealConfig(router=False, lstsq=False, local_epochs=0, distill_steps=1, distill_lr=3e-3)
-    heal_(moe, dense, toks, cfg1, progress=False)
+    first = heal_(moe, cfg1, tokens=toks, teacher=dense, progress=False)
     cfg2 = HealConfig(router=False, lstsq=False, local_epochs=0, distill_steps=15, distill_lr=3e-3)
-    heal_(moe, dense, toks, cfg2, progress=False)
-    assert cfg2.report["distill_kl"] < cfg1.report["distill_kl"]
+    second = heal_(moe, cfg2, tokens=toks, teacher=dense, progress=False)
+    assert second["distill_kl"] < first["distill_kl"]

@@ -83,7 +83,7 @@ def test_merged_model_is_smaller_and_reloads_with_identical_logits(tmp_path):
 
     model, stats, toks = _model_and_stats("qwen2_moe")
     before = arch.param_counts(model)
-    report = merge_(model, stats, MergeConfig(target=5, super_rule="none"), toks)
+    report = merge_(model, MergeConfig(target=5, super_rule="none"), stats=stats, tokens=toks)
     after = arch.param_counts(model)
     per_expert = arch.moe_layers(model)[0].expert_param_count()
     assert [layer.num_experts for layer in arch.moe_layers(model)] == [5, 5]
@@ -101,7 +101,7 @@ def test_non_uniform_merge_reloads(tmp_path):
     from moekit.checkpoint.load import load_model
 
     model, stats, _toks = _model_and_stats("mixtral")
-    merge_(model, stats, MergeConfig(target_total=11, super_rule="none", router="average"))
+    merge_(model, MergeConfig(target_total=11, super_rule="none", router="average"), stats=stats)
     counts = [layer.num_experts for layer in arch.moe_layers(model)]
     assert sum(counts) == 11
     save_model(model, None, tmp_path / "m")
@@ -112,8 +112,8 @@ def test_non_uniform_merge_reloads(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_learned_coefficients_never_worse_than_init_and_monotone(seed):
     model, stats, toks = _model_and_stats("olmoe", seed=seed)
-    report = merge_(model, stats, MergeConfig(target=4, learn=True, learn_router=seed == 2, steps=15, seed=seed,
-                                              super_rule="none"), toks)
+    report = merge_(model, MergeConfig(target=4, learn=True, learn_router=seed == 2, steps=15, seed=seed,
+                                              super_rule="none"), stats=stats, tokens=toks)
     improved = 0
     for rec in report["layers"]:
         assert rec["error_learned"] <= rec["error_init"]
@@ -127,7 +127,7 @@ def test_learned_model_matches_reported_error():
     """The error the report claims is the error of the weights actually written."""
     model, stats, toks = _model_and_stats("qwen3_moe", seed=4)
     ref = tiny_model("qwen3_moe", seed=4)
-    report = merge_(model, stats, MergeConfig(target=5, learn=True, steps=10, super_rule="none"), toks)
+    report = merge_(model, MergeConfig(target=5, learn=True, steps=10, super_rule="none"), stats=stats, tokens=toks)
     from moekit.merge.fit import capture_inputs, split_holdout
 
     layer0 = arch.moe_layers(ref)[0]
@@ -191,7 +191,7 @@ def test_super_experts_from_statistics_are_never_merged():
     dm0[3] = 1000.0  # a massive down-projection output: the one super expert (first-75% rule)
     stats.set("down_max", dm0, 0)
     router_row = arch.moe_layers(model)[0].router_weight.detach()[3].clone()
-    report = merge_(model, stats, MergeConfig(target=3, super_rule="first75"), toks)
+    report = merge_(model, MergeConfig(target=3, super_rule="first75"), stats=stats, tokens=toks)
     assert [3] in report["layers"][0]["groups"]
     new_row = report["layers"][0]["groups"].index([3])
     assert torch.equal(arch.moe_layers(model)[0].router_weight.detach()[new_row], router_row)
@@ -220,7 +220,7 @@ def test_fitted_router_row_reproduces_member_logits_better_than_average():
 def test_every_family_merges_and_runs(family):
     model, stats, toks = _model_and_stats(family)
     n = 4
-    report = merge_(model, stats, MergeConfig(target=n, learn=True, steps=3, super_rule="none"), toks)
+    report = merge_(model, MergeConfig(target=n, learn=True, steps=3, super_rule="none"), stats=stats, tokens=toks)
     assert all(layer.num_experts == n for layer in arch.moe_layers(model))
     assert all(rec["error_learned"] <= rec["error_init"] for rec in report["layers"])
     with torch.no_grad():
@@ -232,16 +232,16 @@ def test_every_family_merges_and_runs(family):
 def test_bad_requests_are_refused(bad):
     model, stats, toks = _model_and_stats("qwen3_moe")
     with pytest.raises(MoekitError):
-        merge_(model, stats, MergeConfig(super_rule="none", **bad), toks)
+        merge_(model, MergeConfig(super_rule="none", **bad), stats=stats, tokens=toks)
 
 
 def test_learning_without_calibration_is_refused_and_foreign_stats_too():
     model, stats, _ = _model_and_stats("qwen3_moe")
     with pytest.raises(MoekitError, match="calibration"):
-        merge_(model, stats, MergeConfig(target=4, learn=True, super_rule="none"))
+        merge_(model, MergeConfig(target=4, learn=True, super_rule="none"), stats=stats)
     other = tiny_model("qwen3_moe", seed=9)
     with pytest.raises(MoekitError, match="another model"):
-        merge_(other, stats, MergeConfig(target=4, super_rule="none"))
+        merge_(other, MergeConfig(target=4, super_rule="none"), stats=stats)
 
 
 def test_cli_merge_writes_smaller_model_and_report(tmp_path, char_tokenizer, capsys):
@@ -292,7 +292,7 @@ def test_select_rule_keeps_the_most_important_neurons_unchanged():
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_select_rule_merges_every_layout(family):
     model, stats, toks = _model_and_stats(family)
-    report = merge_(model, stats, MergeConfig(target=4, rule="select", learn=True, steps=3, super_rule="none"), toks)
+    report = merge_(model, MergeConfig(target=4, rule="select", learn=True, steps=3, super_rule="none"), stats=stats, tokens=toks)
     assert all(rec["error_learned"] <= rec["error_init"] for rec in report["layers"])
     with torch.no_grad():
         assert model(toks[:2]).logits.isfinite().all()
@@ -336,5 +336,5 @@ def test_merging_drops_a_stale_pruning_record():
     model = tiny_model("qwen3_moe")
     model.config.moekit_kept_experts = {"source": "x", "layers": {"0": list(range(8)), "1": list(range(8))}}
     toks = ids(**CALIB)
-    merge_(model, tiny_stats(model, toks), MergeConfig(target=6, super_rule="none"))
+    merge_(model, MergeConfig(target=6, super_rule="none"), stats=tiny_stats(model, toks))
     assert not hasattr(model.config, "moekit_kept_experts")

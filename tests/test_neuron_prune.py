@@ -8,7 +8,7 @@ import torch
 from moekit.core import arch
 from moekit.errors import MoekitError
 from moekit.densify.neuron_prune import NeuronPruneConfig, neuron_importance, prune_neurons_
-from tests.tiny import ids, tiny_model
+from tiny import ids, tiny_model
 
 
 def test_prune_keeps_the_active_neurons_and_reloads(tmp_path):
@@ -24,7 +24,7 @@ def test_prune_keeps_the_active_neurons_and_reloads(tmp_path):
     with torch.no_grad():
         for layer in arch.decoder_layers(ref):
             layer.mlp.up_proj.weight[:32] = 0
-    kept = prune_neurons_(model, ids(), NeuronPruneConfig(width=32))
+    kept = prune_neurons_(model, NeuronPruneConfig(width=32), tokens=ids())["kept"]
     assert all(k.tolist() == list(range(32, 64)) for k in kept.values())
     assert model.config.intermediate_size == 32
     with torch.no_grad():  # removing dead neurons changes nothing
@@ -48,6 +48,6 @@ def test_importance_is_mean_abs_down_input():
 
 def test_bad_width_and_moe_refused():
     with pytest.raises(MoekitError, match="width 65"):
-        prune_neurons_(tiny_model("llama"), ids(), NeuronPruneConfig(width=65))
+        prune_neurons_(tiny_model("llama"), NeuronPruneConfig(width=65), tokens=ids())
     with pytest.raises(MoekitError, match="dense models"):
-        prune_neurons_(tiny_model("qwen3_moe"), ids(), NeuronPruneConfig(width=8))
+        prune_neurons_(tiny_model("qwen3_moe"), NeuronPruneConfig(width=8), tokens=ids())

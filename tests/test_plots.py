@@ -12,7 +12,7 @@ from tiny import ids, tiny_model
 def test_plots_are_written(tmp_path):
     model = tiny_model("qwen2_moe")
     tokens = ids(batch=2, length=10)
-    stats = profile(model, tokens, ProfileConfig(progress=False))
+    stats = profile(model, ProfileConfig(progress=False), tokens=tokens)
     paths = write_plots(stats, tmp_path / "plots")
     assert [p.name for p in paths] == ["selection_frequency.png", "super_experts.png", "massive_activations.png"]
     for p in paths:

@@ -70,7 +70,7 @@ def brute_force(model, tokens):
 def test_profile_equals_brute_force(family):
     model = tiny_model(family)
     tokens = ids(batch=3, length=10)
-    stats = profile(model, tokens, ProfileConfig(batch_size=2, progress=False))
+    stats = profile(model, ProfileConfig(batch_size=2, progress=False), tokens=tokens)
     ref, hm = brute_force(model, tokens)
     assert stats.layers == sorted(ref)
     for layer, r in ref.items():
@@ -87,7 +87,7 @@ def test_profile_equals_brute_force(family):
 def test_rank_histogram_sums(family):
     model = tiny_model(family)
     tokens = ids(batch=2, length=9)
-    stats = profile(model, tokens, ProfileConfig(progress=False))
+    stats = profile(model, ProfileConfig(progress=False), tokens=tokens)
     for layer in moe_layers(model):
         rc = stats.get("rank_counts", layer.index)
         assert rc.shape == (layer.num_experts, layer.top_k)
@@ -103,7 +103,7 @@ def test_profile_leaves_the_model_unchanged(family):
     tokens = ids(batch=2, length=8)
     _, _, before = block_inputs(model, tokens)
     experts_forward = [type(layer.experts).forward for layer in moe_layers(model)]
-    profile(model, tokens, ProfileConfig(progress=False, attn_sink=True, gram_tokens=4))
+    profile(model, ProfileConfig(progress=False, attn_sink=True, gram_tokens=4), tokens=tokens)
     _, _, after = block_inputs(model, tokens)
     torch.testing.assert_close(after, before)
     assert all("forward" not in layer.experts.__dict__ for layer in moe_layers(model))
@@ -135,7 +135,7 @@ def test_gram_matrix_on_sampled_tokens(family):
     model = tiny_model(family)
     tokens = ids(batch=3, length=8)
     n = 7
-    stats = profile(model, tokens, ProfileConfig(batch_size=2, gram_tokens=n, seed=3, progress=False))
+    stats = profile(model, ProfileConfig(batch_size=2, gram_tokens=n, seed=3, progress=False), tokens=tokens)
     inputs, _, _ = block_inputs(model, tokens)
     sample = gram_sample(tokens.numel(), n, 3)
     assert sample.numel() == n
@@ -148,16 +148,16 @@ def test_gram_matrix_on_sampled_tokens(family):
 
 def test_attention_sink_is_a_probability_per_head():
     model = tiny_model("qwen3_moe")
-    stats = profile(model, ids(batch=2, length=10), ProfileConfig(attn_sink=True, progress=False))
+    stats = profile(model, ProfileConfig(attn_sink=True, progress=False), tokens=ids(batch=2, length=10))
     sink = stats.get("attn_sink")
     assert sink.shape == (model.config.num_hidden_layers, model.config.num_attention_heads)
     assert (sink > 0).all() and (sink <= 1).all()
-    assert "attn_sink" not in profile(model, ids(), ProfileConfig(progress=False)).collected
+    assert "attn_sink" not in profile(model, ProfileConfig(progress=False), tokens=ids()).collected
 
 
 def test_stats_round_trip(tmp_path):
     model = tiny_model("mixtral")
-    stats = profile(model, ids(), ProfileConfig(progress=False, data={"source": "tiny"}))
+    stats = profile(model, ProfileConfig(progress=False, data={"source": "tiny"}), tokens=ids())
     path = stats.save(tmp_path / "s.safetensors")
     back = ExpertStats.load(path)
     assert back.meta["fingerprint"] == stats.meta["fingerprint"]
@@ -172,15 +172,15 @@ def test_stats_round_trip(tmp_path):
 @pytest.mark.parametrize("family", DENSE_FAMILIES[:1])
 def test_dense_model_is_refused(family):
     with pytest.raises(MoekitError, match="carve"):
-        profile(tiny_model(family), ids())
+        profile(tiny_model(family), tokens=ids())
 
 
 def test_bad_tokens_are_refused():
     model = tiny_model("qwen2_moe")
     with pytest.raises(MoekitError, match="seq-len"):
-        profile(model, ids(length=1))
+        profile(model, tokens=ids(length=1))
     with pytest.raises(MoekitError, match="n_seq, seq_len"):
-        profile(model, torch.zeros(0, 5, dtype=torch.long))
+        profile(model, tokens=torch.zeros(0, 5, dtype=torch.long))
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -191,7 +191,7 @@ def test_stream_equals_in_memory(family, tmp_path):
     model.save_pretrained(tmp_path)
     tokens = ids(batch=5, length=10)
     cfg = ProfileConfig(batch_size=2, gram_tokens=6, attn_sink=True, progress=False)
-    mem = profile(model, tokens, cfg)
+    mem = profile(model, cfg, tokens=tokens)
     streamed = profile_stream(tmp_path, tokens, cfg, device="cpu", dtype=torch.float32)
     assert streamed.meta["fingerprint"] == mem.meta["fingerprint"]
     assert sorted(streamed.tensors) == sorted(mem.tensors)
@@ -209,7 +209,7 @@ def test_stream_reads_the_non_uniform_form(tmp_path):
     save_model(model, None, tmp_path / "m")
     tokens = ids(batch=3, length=8)
     cfg = ProfileConfig(batch_size=2, progress=False)
-    mem = profile(model, tokens, cfg)
+    mem = profile(model, cfg, tokens=tokens)
     streamed = profile_stream(tmp_path / "m", tokens, cfg, device="cpu", dtype=torch.float32)
     assert streamed.get("rank_counts", 0).shape == (5, 2)
     for key, value in mem.tensors.items():

@@ -1,4 +1,4 @@
-"""The profiler on the embedded default MoE (slow; skipped until `smollm2-moe` has been built by its owner)."""
+"""The profiler on the embedded default MoE (slow: builds it on first use)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,9 @@ from moekit.core.arch import moe_layers
 pytestmark = pytest.mark.slow
 
 
-def _built_embedded():
-    try:
-        from moekit.carve.embedded import _ready, embedded_name
-        from moekit.checkpoint.paths import cache_dir
-    except ImportError:
-        return None
-    path = cache_dir("models") / embedded_name()
-    return path if _ready(path) else None  # never build it from here
-
-
 @pytest.fixture(scope="module")
-def embedded():
-    path = _built_embedded()
-    if path is None:
-        pytest.skip("smollm2-moe has not been built yet (the carve step builds it on first use)")
-    from moekit.checkpoint.load import load_model
-
-    model, tok = load_model(str(path), dtype="float32", device="cpu")
-    return path, model, tok
+def embedded(smollm2_moe):
+    return smollm2_moe
 
 
 def test_profile_and_stream_agree_on_the_embedded_moe(embedded):
@@ -38,7 +22,7 @@ def test_profile_and_stream_agree_on_the_embedded_moe(embedded):
     path, model, _ = embedded
     tokens = torch.randint(3, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     cfg = ProfileConfig(batch_size=2, gram_tokens=16, progress=False)
-    mem = profile(model, tokens, cfg)
+    mem = profile(model, cfg, tokens=tokens)
     streamed = profile_stream(path, tokens, cfg, device="cpu", dtype=torch.float32)
     assert streamed.meta["fingerprint"] == mem.meta["fingerprint"]
     for layer in moe_layers(model):

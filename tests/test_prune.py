@@ -105,7 +105,7 @@ def test_prune_reload_equals_masked_router(family, criterion, tmp_path):
     stats = fake_stats(model, seed=1)
     x = ids()
     cfg = PruneConfig(criterion=criterion, keep=4)
-    report = prune_(model, stats, cfg)
+    report = prune_(model, cfg, stats=stats)
     keep = {r["layer"]: r["kept"] for r in report["layers"]}
     assert all(len(v) == 4 for v in keep.values())
     assert all(layer.num_experts == 4 for layer in arch.moe_layers(model))
@@ -133,7 +133,7 @@ def test_global_budget_non_uniform_equals_masked_router(family, tmp_path):
     for i, reap in ((first, [1.0] * 7 + [100.0]), (second, [1.0] * 8)):
         stats.set("rank_counts", torch.full((8, 2), 10.0), i)
         stats.set("reap_sum", torch.tensor(reap) * 20, i)
-    report = prune_(model, stats, PruneConfig(criterion="reap", ratio=0.5, budget="global", global_norm="mean"))
+    report = prune_(model, PruneConfig(criterion="reap", ratio=0.5, budget="global", global_norm="mean"), stats=stats)
     counts = [r["experts_after"] for r in report["layers"]]
     assert counts == [2, 6]
     assert not arch.is_uniform(model)
@@ -155,7 +155,7 @@ def test_pruning_nothing_is_a_no_op(family):
     x = ids()
     with torch.no_grad():
         want = model(x).logits
-    report = prune_(model, fake_stats(model), PruneConfig(criterion="frequency", ratio=0.0))
+    report = prune_(model, PruneConfig(criterion="frequency", ratio=0.0), stats=fake_stats(model))
     assert report["experts_after"] == report["experts_before"]
     assert model.config.to_dict() == cfg_before
     after = model.state_dict()
@@ -236,40 +236,40 @@ def test_guards():
     model = tiny_model("qwen3_moe")  # top-k 2, 8 experts
     stats = fake_stats(model)
     with pytest.raises(MoekitError, match="fewer than top-k"):
-        prune_(model, stats, PruneConfig(keep=1))
+        prune_(model, PruneConfig(keep=1), stats=stats)
     with pytest.raises(MoekitError, match="keep at least one"):
-        prune_(model, stats, PruneConfig(keep=0))
+        prune_(model, PruneConfig(keep=0), stats=stats)
     with pytest.raises(MoekitError, match="fraction of experts removed"):
-        prune_(model, stats, PruneConfig(ratio=1.0))
+        prune_(model, PruneConfig(ratio=1.0), stats=stats)
     with pytest.raises(MoekitError, match="exceeds"):
-        prune_(model, stats, PruneConfig(keep=9))
+        prune_(model, PruneConfig(keep=9), stats=stats)
     zero = fake_stats(model)
     for layer in arch.moe_layers(model):
         zero.set("rank_counts", torch.zeros(8, 2), layer.index)
     with pytest.raises(MoekitError, match="zero experts"):
-        prune_(model, zero, PruneConfig(top_k_prime=1))
+        prune_(model, PruneConfig(top_k_prime=1), stats=zero)
     with pytest.raises(MoekitError, match="another model"):
-        prune_(model, fake_stats(tiny_model("qwen3_moe", seed=5)), PruneConfig(keep=4))
+        prune_(model, PruneConfig(keep=4), stats=fake_stats(tiny_model("qwen3_moe", seed=5)))
     with pytest.raises(MoekitError, match="unknown criterion"):
-        prune_(model, stats, PruneConfig(criterion="magic", keep=4))
+        prune_(model, PruneConfig(criterion="magic", keep=4), stats=stats)
     with pytest.raises(MoekitError, match="lacks"):
         bare = ExpertStats(meta=dict(stats.meta, collected=["rank_counts"]), tensors=stats.tensors)
-        prune_(model, bare, PruneConfig(criterion="reap", keep=4))
+        prune_(model, PruneConfig(criterion="reap", keep=4), stats=bare)
     assert all(layer.num_experts == 8 for layer in arch.moe_layers(model))  # nothing half-pruned
 
     ds = tiny_model("deepseek_v3")  # n_group 2, topk_group 1, top-k 2
     ds_stats = fake_stats(ds)
     with pytest.raises(MoekitError, match="multiple of n_group=2"):
-        prune_(ds, ds_stats, PruneConfig(keep=5))
+        prune_(ds, PruneConfig(keep=5), stats=ds_stats)
     with pytest.raises(MoekitError, match="topk_group"):
-        prune_(ds, ds_stats, PruneConfig(keep=2))
+        prune_(ds, PruneConfig(keep=2), stats=ds_stats)
     with pytest.raises(MoekitError, match="group-limited"):
-        prune_(ds, ds_stats, PruneConfig(ratio=0.5, budget="global"))
+        prune_(ds, PruneConfig(ratio=0.5, budget="global"), stats=ds_stats)
 
 
 def test_group_limited_pruning_is_even_per_group():
     ds = tiny_model("deepseek_v3")
-    report = prune_(ds, fake_stats(ds, seed=4), PruneConfig(criterion="reap", keep=4))
+    report = prune_(ds, PruneConfig(criterion="reap", keep=4), stats=fake_stats(ds, seed=4))
     for r in report["layers"]:
         assert sum(e < 4 for e in r["kept"]) == 2 and sum(e >= 4 for e in r["kept"]) == 2
 
@@ -293,7 +293,7 @@ def test_make_uniform_and_stats_follow_the_pruned_model():
     model = tiny_model("qwen3_moe")
     stats = fake_stats(model, seed=6)
     skew(stats, model)
-    prune_(model, stats, PruneConfig(criterion="reap", ratio=0.5, budget="global"))
+    prune_(model, PruneConfig(criterion="reap", ratio=0.5, budget="global"), stats=stats)
     counts = sorted(layer.num_experts for layer in arch.moe_layers(model))
     assert counts[0] < counts[1] and not arch.is_uniform(model)
     report = make_uniform(model, stats)  # stats of the source model, re-indexed through the recorded kept experts
@@ -309,7 +309,7 @@ def test_report_table_and_plot(tmp_path):
     from moekit.prune.report import report_markdown, write_report
 
     model = tiny_model("qwen2_moe")
-    report = prune_(model, fake_stats(model), PruneConfig(criterion="frequency", keep=6))
+    report = prune_(model, PruneConfig(criterion="frequency", keep=6), stats=fake_stats(model))
     md = report_markdown(report)
     assert "| layer | # experts | # parameters |" in md and "8 -> 6" in md
     assert report["params_after"]["total"] < report["params_before"]["total"]
@@ -340,7 +340,7 @@ def test_shardwise_equals_in_memory(family, over, tmp_path):
     stats = fake_stats(model, seed=7)
     cfg = PruneConfig(criterion="reap", keep=4)
     loaded, _ = load_model(str(src), with_tokenizer=False)
-    mem_report = prune_(loaded, stats, cfg)
+    mem_report = prune_(loaded, cfg, stats=stats)
     save_model(loaded, None, tmp_path / "mem")
     disk_report = prune_shards(src, stats, cfg, tmp_path / "disk")
     assert disk_report["layers"] == mem_report["layers"]
@@ -463,12 +463,12 @@ def test_prune_from_real_profile(family):
     from moekit.profile.profile import ProfileConfig, profile
 
     model = tiny_model(family)
-    stats = profile(model, ids(batch=4, length=16, seed=3), ProfileConfig(progress=False))
+    stats = profile(model, ProfileConfig(progress=False), tokens=ids(batch=4, length=16, seed=3))
     counts = {layer.index: stats.get("rank_counts", layer.index).sum(1) for layer in arch.moe_layers(model)}
     for c in CRITERIA:
-        report = prune_(copy.deepcopy(model), stats, PruneConfig(criterion=c, ratio=0.25))
+        report = prune_(copy.deepcopy(model), PruneConfig(criterion=c, ratio=0.25), stats=stats)
         assert report["experts_after"] == 12
-    report = prune_(model, stats, PruneConfig(criterion="frequency", keep=6, allow_super_experts=True))
+    report = prune_(model, PruneConfig(criterion="frequency", keep=6, allow_super_experts=True), stats=stats)
     for r in report["layers"]:
         dropped = [e for e in range(8) if e not in r["kept"]]
         assert min(counts[r["layer"]][r["kept"]]) >= max(counts[r["layer"]][dropped])

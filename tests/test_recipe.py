@@ -77,7 +77,7 @@ steps:
 
 
 def test_run_writes_every_step_and_a_report(tiny_setup):
-    from moekit.pipeline.recipe import run_recipe
+    from moekit.pipeline.runner import run_recipe
     from moekit.pipeline.report import write_report
 
     tmp_path, recipe = tiny_setup
@@ -93,7 +93,7 @@ def test_run_writes_every_step_and_a_report(tiny_setup):
 
 def test_second_run_reuses_the_cached_profile(tiny_setup, monkeypatch):
     import moekit.profile.profile
-    from moekit.pipeline.recipe import run_recipe
+    from moekit.pipeline.runner import run_recipe
 
     tmp_path, recipe = tiny_setup
     run_recipe(load_recipe(recipe), tmp_path / "run1", progress=False)
@@ -105,29 +105,79 @@ def test_second_run_reuses_the_cached_profile(tiny_setup, monkeypatch):
 
 
 def test_interrupted_run_leaves_no_half_checkpoint_and_resumes(tiny_setup, monkeypatch):
-    import moekit.pipeline.recipe as recipe_mod
+    import moekit.pipeline.runner as runner
 
     tmp_path, recipe = tiny_setup
-    real_eval = recipe_mod.STEP_RUNNERS["eval"]
+    real_eval = runner.run_eval
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(recipe_mod.STEP_RUNNERS, "eval", interrupted)
+    monkeypatch.setattr(runner, "run_eval", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        recipe_mod.run_recipe(load_recipe(recipe), tmp_path / "run", progress=False)
+        runner.run_recipe(load_recipe(recipe), tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert (run / "02-prune" / "done.json").exists() and not (run / "03-eval" / "done.json").exists()
     assert not [p for p in run.rglob(".*tmp*")]  # no temporary (half-written) directories or files left
     ran = []
-    monkeypatch.setitem(recipe_mod.STEP_RUNNERS, "prune", lambda *a, **k: ran.append("prune"))
-    monkeypatch.setitem(recipe_mod.STEP_RUNNERS, "eval", real_eval)
-    results = recipe_mod.run_recipe(load_recipe(recipe), run, progress=False)
+    monkeypatch.setattr(runner, "run_method", lambda *a, **k: ran.append("prune") or {})
+    monkeypatch.setattr(runner, "run_eval", real_eval)
+    results = runner.run_recipe(load_recipe(recipe), run, progress=False)
     assert ran == []  # finished steps are not run again
     assert results[2]["model"]["experts_by_layer"] == [6, 6]  # resumed from the pruned checkpoint
+
+
+def test_a_registered_method_is_a_recipe_step_without_touching_the_runner(tmp_path, monkeypatch):
+    """The runner looks steps up in the registry: registering a method makes it a step, with its needs supplied."""
+    from dataclasses import dataclass
+
+    from moekit.core import registry
+
+    @dataclass
+    class ScaleConfig:
+        factor: float = 1.0
+
+        def validate(self):
+            if self.factor <= 0:
+                raise MoekitError("factor must be positive")
+
+    seen = {}
+
+    def scale_(model, cfg, *, stats=None, tokens=None, teacher=None):
+        seen.update(tokens=tuple(tokens.shape), stats=stats is not None)
+        return {"factor": cfg.factor}
+
+    monkeypatch.setitem(registry.METHODS, "scale", registry.Method("scale", ScaleConfig, scale_, needs=("tokens",)))
+    assert load_recipe(write(tmp_path, "model: m\nsteps:\n  - scale: {factor: 2}\n")).steps[0].config.factor == 2
+    with pytest.raises(MoekitError, match=r"r.yaml:3: bad options for step 'scale': factor must be positive"):
+        load_recipe(write(tmp_path, "model: m\nsteps:\n  - scale: {factor: -1}\n"))
+    with pytest.raises(MoekitError, match=r"step 'scale' has no option 'top_k'"):
+        load_recipe(write(tmp_path, "model: m\nsteps:\n  - scale: {top_k: 2}\n"))
 
 
 def test_impossible_combination_is_refused_before_work(tmp_path):
     p = write(tmp_path, "model: m\nsteps:\n  - prune: {keep: 4}\n  - route: {top_k: 6}\n")
     with pytest.raises(MoekitError, match=r"r.yaml:4: top-k 6 is above the 4 experts kept"):
         load_recipe(p)
+
+
+def test_data_paths_expand_environment_variables(tmp_path, monkeypatch):
+    text = "model: smollm2-moe\ndata:\n  calib: $MOEKIT_DATA/calib/c.jsonl\nsteps:\n  - profile: {}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    monkeypatch.delenv("MOEKIT_DATA", raising=False)
+    with pytest.raises(MoekitError, match=r"r.yaml:3: .*MOEKIT_DATA, which is not set"):
+        load_recipe(tmp_path / "r.yaml")
+    monkeypatch.setenv("MOEKIT_DATA", "/data/here")
+    assert load_recipe(tmp_path / "r.yaml").data["calib"] == "/data/here/calib/c.jsonl"
+
+
+def test_shipped_recipes_parse_and_read_data_from_moekit_data(monkeypatch):
+    from moekit.cli.run import RECIPES
+
+    monkeypatch.setenv("MOEKIT_DATA", "/d")
+    shipped = sorted(RECIPES.glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        recipe = load_recipe(path)
+        assert all(v.startswith("/d/") for k, v in recipe.data.items() if k in ("calib", "eval", "tasks_dir")
+                   and isinstance(v, str) and "/" in v), (path, recipe.data)

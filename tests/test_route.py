@@ -18,7 +18,7 @@ from moekit.checkpoint.load import load_model
 from moekit.core.keys import MEAN_OUT
 from moekit.route.route import RouteConfig, route_
 from moekit.profile.stats import ExpertStats
-from tests.tiny import MOE_FAMILIES, ids, tiny_model
+from tiny import MOE_FAMILIES, ids, tiny_model
 
 NORMALISED = {"qwen2_moe": False, "qwen3_moe": True, "mixtral": True, "olmoe": False, "deepseek_v3": True, "gpt_oss": True}
 
@@ -429,7 +429,7 @@ def test_with_the_real_profile(family):
     from moekit.profile.profile import ProfileConfig, profile
 
     model, tokens, layers = setup(family, num_experts_per_tok=4)
-    stats = profile(model, tokens, ProfileConfig(progress=False))
+    stats = profile(model, ProfileConfig(progress=False), tokens=tokens)
     report = route_(model, RouteConfig(top_k=2, mitigations=("compensate", "super"), super_rule="first75"), stats=stats,
                     tokens=tokens)
     assert report["average_active_experts"] >= 2.0

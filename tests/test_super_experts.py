@@ -28,7 +28,7 @@ def planted_model(family: str = "qwen3_moe", scale: float = 300.0):
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_planted_super_expert_is_found(family):
     model = planted_model(family)
-    stats = profile(model, ids(batch=4, length=16), ProfileConfig(progress=False))
+    stats = profile(model, ProfileConfig(progress=False), tokens=ids(batch=4, length=16))
     assert massive_layers(stats) == [PLANTED[0]]
     assert super_experts(stats, rule="paper") == [PLANTED]
     assert PLANTED in super_experts(stats, rule="first75")
@@ -37,7 +37,7 @@ def test_planted_super_expert_is_found(family):
 
 
 def test_no_super_expert_in_a_plain_model():
-    stats = profile(tiny_model("qwen3_moe", num_hidden_layers=4), ids(batch=4, length=16), ProfileConfig(progress=False))
+    stats = profile(tiny_model("qwen3_moe", num_hidden_layers=4), ProfileConfig(progress=False), tokens=ids(batch=4, length=16))
     assert massive_layers(stats) == []
     assert super_experts(stats, rule="paper") == []
 

@@ -42,10 +42,11 @@ from tqdm.auto import tqdm
 
 from moekit.core import arch
 from moekit.core.hooks import Hooks
+from moekit.core.keys import CARVE_KEY as CONFIG_KEY  # the carving record kept in the carved model's config
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 
 CARVE_TARGETS = {"llama": "qwen2_moe", "mistral": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
-CONFIG_KEY = "moekit_carve"  # carving record kept in the carved model's config
 
 
 @dataclass
@@ -64,6 +65,22 @@ class CarveConfig:
     @property
     def routed(self) -> int:
         return self.experts - self.shared
+
+    def validate(self) -> None:
+        """The checks that need no model (:func:`check_config` adds the ones against the dense model)."""
+        n, ns, nk = self.experts, self.shared, self.active
+        if n < 2:
+            raise MoekitError(f"--experts {n}: carve into at least 2 experts")
+        if ns < 0 or ns >= n:
+            raise MoekitError(f"--shared {ns} must be between 0 and experts - 1 = {n - 1}")
+        if nk < 1 or nk > n - ns:
+            raise MoekitError(f"--active {nk} must be between 1 and the {n - ns} routed experts (experts - shared)")
+        if self.k_a < 1:
+            raise MoekitError(f"K_a {self.k_a} must be at least 1")
+        if self.iterations < 0:
+            raise MoekitError(f"iterations {self.iterations} must be >= 0 (0 = until convergence)")
+        if self.batch_size < 1:
+            raise MoekitError(f"batch_size {self.batch_size} must be at least 1")
 
 
 @dataclass
@@ -96,24 +113,17 @@ def dense_mlps(model) -> list:
 
 def check_config(model, cfg: CarveConfig) -> int:
     """Validate ``cfg`` against ``model``; return the expert size m."""
+    cfg.validate()
     mlps = dense_mlps(model)
     d_h = int(mlps[0].gate_proj.weight.shape[0])
-    n, ns, nk = cfg.experts, cfg.shared, cfg.active
-    if n < 2:
-        raise MoekitError(f"--experts {n}: carve into at least 2 experts")
+    n, ns = cfg.experts, cfg.shared
     if d_h % n:
         divisors = [d for d in range(2, min(d_h, 256) + 1) if d_h % d == 0]
         raise MoekitError(f"--experts {n} does not divide the FFN width {d_h}: choose one of {divisors}")
-    if ns < 0 or ns >= n:
-        raise MoekitError(f"--shared {ns} must be between 0 and experts - 1 = {n - 1}")
-    if nk < 1 or nk > n - ns:
-        raise MoekitError(f"--active {nk} must be between 1 and the {n - ns} routed experts (experts - shared)")
     if ns and CARVE_TARGETS[arch.model_type(model)] == "qwen3_moe":
         raise MoekitError("Qwen3 sources carve into Qwen3-MoE, which has no shared expert: pass --shared 0")
-    if cfg.k_a < 1 or cfg.k_a > d_h:
+    if cfg.k_a > d_h:
         raise MoekitError(f"K_a {cfg.k_a} must be between 1 and the FFN width {d_h}")
-    if cfg.iterations < 0:
-        raise MoekitError(f"iterations {cfg.iterations} must be >= 0 (0 = until convergence)")
     return d_h // n
 
 
@@ -283,8 +293,10 @@ def write_layer(layer: arch.MoELayer, mlp, part: Partition, cfg: CarveConfig, ga
         layer.shared_gate.weight.zero_()
 
 
+@register("carve", CarveConfig, needs=("tokens",), new_model=True)
 @torch.no_grad()
-def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, progress: bool = True):
+def carve(dense_model, cfg: CarveConfig | None = None, *, tokens: torch.Tensor | None = None, stats=None, teacher=None,
+          progress: bool = True):
     """Carve ``dense_model`` into an MoE on calibration ``tokens`` [n_seq, seq_len]; returns the new model.
 
     The dense model is left unchanged. The result is a transformers Qwen2-MoE / Qwen3-MoE in fp32 on the
@@ -294,7 +306,7 @@ def carve(dense_model, tokens: torch.Tensor, cfg: CarveConfig | None = None, *, 
 
     cfg = cfg or CarveConfig()
     m = check_config(dense_model, cfg)
-    if tokens.dim() != 2 or tokens.numel() < cfg.k_a:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.numel() < cfg.k_a:
         raise MoekitError("calibration tokens must be a [n_seq, seq_len] tensor with at least a few tokens")
     start, cpu_start = time.perf_counter(), time.process_time()
     mlps = dense_mlps(dense_model)

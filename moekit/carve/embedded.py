@@ -8,6 +8,8 @@ concurrent first uses wait for one build.
 
 from __future__ import annotations
 
+import dataclasses
+
 import fcntl
 import os
 import sys
@@ -81,8 +83,8 @@ def build_embedded(out: Path, source: str) -> Path:
         dense, tok = read_dir(smollm2_path(), torch.float32, False, None)
         dense.eval()
         calib = calibration_tokens(source, tok, n_seq=CALIB_SEQS, seq_len=CALIB_LEN, seed=0, model=dense)
-        moe = carve(dense, calib, CARVE)
-    heal_(moe, dense, calib, HealConfig(**{k: v for k, v in vars(HEAL).items() if k != "report"}))
+        moe = carve(dense, CARVE, tokens=calib)
+    heal_(moe, dataclasses.replace(HEAL), tokens=calib, teacher=dense)
     setattr(moe.config, EMBEDDED_KEY, {"name": "smollm2-moe", "recipe": RECIPE_VERSION, "calibration": os.path.basename(source),
                                   "calibration_tokens": int(calib.numel()),
                                   "build_seconds": round(time.perf_counter() - start, 1)})

@@ -27,16 +27,19 @@ top-k routers: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.hooks import Hooks, inputs_of
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 
 HEAL_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+FINETUNES = ("none", "lora", "router")
 
 
 @dataclass
@@ -61,7 +64,17 @@ class HealConfig:
     batch_size: int = 4  # sequences per forward pass
     seed: int = 0
     layers: list[int] | None = None  # heal only these decoder layers (None: all MoE layers)
-    report: dict = field(default_factory=dict, repr=False)  # filled by heal_: per-layer errors
+
+    def validate(self) -> None:
+        if self.finetune not in FINETUNES:
+            raise MoekitError(f"finetune '{self.finetune}' is not one of {', '.join(FINETUNES)}")
+        if self.router_target not in ("log_energy", "topk"):
+            raise MoekitError(f"router_target '{self.router_target}' is not one of log_energy, topk")
+        for name in ("local_epochs", "distill_steps", "finetune_steps"):
+            if getattr(self, name) < 0:
+                raise MoekitError(f"{name} {getattr(self, name)} must be >= 0 (0 = off)")
+        if self.batch_size < 1 or self.local_batch < 1:
+            raise MoekitError("batch_size and local_batch must be at least 1")
 
 
 # ----------------------------------------------------------------------------- one layer, functionally
@@ -295,33 +308,18 @@ def fit_local(t: LayerTensors, x: torch.Tensor, y: torch.Tensor, epochs: int, lr
 
 
 # ----------------------------------------------------------------------------- the layer walk
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def _first_layer_inputs(model, tokens: torch.Tensor, batch_size: int):
     """Hidden states entering decoder layer 0 and the keyword arguments the model passes, per batch."""
-    layers = arch.decoder_layers(model)
+    first = arch.decoder_layers(model)[0]
     device = next(model.parameters()).device
     states, kwargs = [], []
-
-    def pre(module, args, kw):
+    for b in range(0, tokens.shape[0], batch_size):
+        args, kw = inputs_of(model, first, tokens[b : b + batch_size].to(device), use_cache=False)
+        kw = dict(kw)
         states.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append(dict(kw))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        for b in range(0, tokens.shape[0], batch_size):
-            try:
-                model(tokens[b : b + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    for kw in kwargs:
         kw.pop("hidden_states", None)
+        kwargs.append(kw)
     return states, kwargs
 
 
@@ -329,9 +327,19 @@ def _layer_output(layer_out):
     return layer_out[0] if isinstance(layer_out, tuple) else layer_out
 
 
-def heal_(moe, teacher, tokens: torch.Tensor, cfg: HealConfig | None = None, *, progress: bool = True):
-    """Heal ``moe`` in place toward ``teacher`` (same depth and width) on calibration ``tokens`` [n, L]."""
+@register("heal", HealConfig, needs=("tokens", "teacher"))
+def heal_(moe, cfg: HealConfig | None = None, *, tokens: torch.Tensor | None = None, teacher=None, stats=None,
+          progress: bool = True) -> dict:
+    """Heal ``moe`` in place toward ``teacher`` (same depth and width) on calibration ``tokens`` [n, L].
+
+    Returns the report: per healed layer the relative FFN error before and after each stage
+    (``{"layers": {i: {"before", "router", "lstsq", "local", ...}}}``), and the last distillation /
+    fine-tuning loss when those stages ran.
+    """
+    if tokens is None or teacher is None:
+        raise MoekitError("healing needs tokens=[n, L] calibration ids and teacher=(the dense model it learns from)")
     cfg = cfg or HealConfig()
+    cfg.validate()
     layers = arch.require_moe(moe)
     for layer in layers:
         if layer.family.name not in HEAL_FAMILIES:
@@ -340,12 +348,9 @@ def heal_(moe, teacher, tokens: torch.Tensor, cfg: HealConfig | None = None, *, 
     s_layers = arch.decoder_layers(moe)
     if len(t_layers) != len(s_layers) or teacher.config.hidden_size != moe.config.hidden_size:
         raise MoekitError("the teacher must have the same number of layers and hidden size as the MoE being healed")
-    if cfg.finetune not in ("none", "lora", "router"):
-        raise MoekitError(f"finetune '{cfg.finetune}' is not one of none, lora, router")
     by_index = {layer.index: layer for layer in layers}
     wanted = set(by_index) if cfg.layers is None else set(cfg.layers) & set(by_index)
-    report = cfg.report
-    report.setdefault("layers", {})
+    report: dict = {"layers": {}}
     if cfg.router or cfg.lstsq or cfg.local_epochs > 0:
         states, kwargs = _first_layer_inputs(moe, tokens, cfg.batch_size)
         last = max(wanted) if wanted else -1
@@ -353,11 +358,11 @@ def heal_(moe, teacher, tokens: torch.Tensor, cfg: HealConfig | None = None, *, 
             states = _heal_layer(s_layers[i], t_layers[i], by_index.get(i) if i in wanted else None, states, kwargs,
                                  cfg, report["layers"])
     if cfg.distill_steps > 0:
-        report["distill_kl"] = distill_(moe, teacher, tokens, cfg, progress=progress)
+        report["distill_kl"] = _distill_stage(moe, teacher, tokens, cfg, progress=progress)
     if cfg.finetune != "none" and cfg.finetune_steps > 0:
-        report["finetune_loss"] = finetune_(moe, tokens, cfg, progress=progress)
+        report["finetune_loss"] = _finetune_stage(moe, tokens, cfg, progress=progress)
     moe.eval()
-    return moe
+    return report
 
 
 @torch.no_grad()
@@ -366,11 +371,9 @@ def _heal_layer(s_layer, t_layer, view, states, kwargs, cfg: HealConfig, report:
     if view is None:
         return [_layer_output(s_layer(h, **kw)) for h, kw in zip(states, kwargs, strict=True)]
     captured = []
-    hook = s_layer.mlp.register_forward_hook(lambda m, a, o: captured.append((a[0], _layer_output(o))))
-    try:
+    with Hooks() as hooks:
+        hooks.forward(s_layer.mlp, lambda m, a, o: captured.append((a[0], _layer_output(o))))
         outs = [_layer_output(s_layer(h, **kw)) for h, kw in zip(states, kwargs, strict=True)]
-    finally:
-        hook.remove()
     shapes = [c[0].shape for c in captured]
     mids = [o - c[1] for o, c in zip(outs, captured, strict=True)]  # residual stream before the FFN (pre-norm layers)
     x = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured]).float()
@@ -404,32 +407,22 @@ def _batches(tokens: torch.Tensor, batch_size: int, steps: int, seed: int):
         yield tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=gen)]
 
 
-def distill_(moe, teacher, tokens: torch.Tensor, cfg: HealConfig, *, progress: bool = True) -> float:
-    """Forward-KL distillation of the MoE's experts, shared experts and routers from the teacher's logits."""
-    device = next(moe.parameters()).device
-    params = [p for n, p in moe.named_parameters() if ".mlp." in n]
+def _distill_stage(moe, teacher, tokens: torch.Tensor, cfg: HealConfig, *, progress: bool = True) -> float:
+    """Forward-KL distillation of the experts, shared experts and routers (the ``.mlp.`` parameters) from the
+    teacher's logits, through moekit's one distillation loop (:func:`moekit.train.distill.distill_`)."""
+    from moekit.train.distill import DistillConfig, distill_
+
+    trainable = [p for n, p in moe.named_parameters() if ".mlp." in n]
     for p in moe.parameters():
         p.requires_grad_(False)
-    for p in params:
+    for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.distill_lr, weight_decay=0.0)
-    moe.train()
-    last = float("nan")
-    for batch in tqdm(_batches(tokens, cfg.batch_size, cfg.distill_steps, cfg.seed), total=cfg.distill_steps,
-                      desc="heal: distill", disable=not progress, leave=False):
-        batch = batch.to(device)
-        with torch.no_grad():
-            t_logp = torch.log_softmax(teacher(batch).logits.float(), -1)
-        s_logp = torch.log_softmax(moe(batch).logits.float(), -1)
-        loss = nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") / batch.shape[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        last = loss.item()
-    for p in params:
+    dcfg = DistillConfig(steps=cfg.distill_steps, lr=cfg.distill_lr, batch_size=cfg.batch_size, seq_len=tokens.shape[1],
+                         warmup_steps=0, grad_clip=0.0, seed=cfg.seed, progress=progress)
+    result = distill_(moe, dcfg, tokens=tokens, teacher=teacher)
+    for p in trainable:
         p.requires_grad_(False)
-    moe.eval()
-    return last
+    return result["losses"][-1]
 
 
 class LoadBalancer:
@@ -457,7 +450,7 @@ class LoadBalancer:
             if layer.norm_topk_prob:
                 val = val / val.sum(-1, keepdim=True)
             with torch.no_grad():
-                self.load[layer.index] += torch.bincount(idx.flatten().cpu(), minlength=layer.num_experts).float()
+                self.load[layer.index] += torch.bincount(idx.flatten().cpu(), minlength=self.load[layer.index].numel()).float()
             return logits, val.to(logits.dtype), idx
 
         return forward
@@ -480,28 +473,47 @@ class LoadBalancer:
         return False
 
 
-def finetune_(moe, tokens: torch.Tensor, cfg: HealConfig, *, progress: bool = True) -> float:
+def lora_config(moe, cfg: HealConfig):
+    """LoRA on attention, the shared experts' and dense layers' linears, and the routed experts.
+
+    transformers 5 stores a layer's routed experts as 3-D parameters (``experts.gate_up_proj`` [E, ...]),
+    which ``target_modules`` cannot reach; peft >= 0.17 adapts them through ``target_parameters``.
+    """
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise MoekitError("LoRA fine-tuning needs peft >= 0.17: pip install 'moekit[lora]'") from None
+    expert_params = sorted({n.split(".mlp.", 1)[1] for n, p in moe.named_parameters() if ".mlp.experts." in n and p.dim() == 3})
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      target_parameters=[f"mlp.{n}" for n in expert_params] or None)
+
+
+def get_peft_model(moe, lora):
+    from peft import get_peft_model as wrap
+
+    return wrap(moe, lora)
+
+
+def _finetune_stage(moe, tokens: torch.Tensor, cfg: HealConfig, *, progress: bool = True) -> float:
     """LoRA (merged back afterwards) or router-only fine-tuning on next-token loss, with the balancing bias."""
     device = next(moe.parameters()).device
     layers = arch.require_moe(moe)
     for p in moe.parameters():
         p.requires_grad_(False)
-    model = moe
-    if cfg.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        model = get_peft_model(moe, lora)
-        params = [p for p in model.parameters() if p.requires_grad]
-    else:
-        params = [layer.router.weight for layer in layers]
-        for p in params:
-            p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.0)
-    model.train()
-    last = float("nan")
+    # the balancer reads each layer's expert count now: LoRA on routed experts wraps the experts modules
     with LoadBalancer(layers, cfg.balance_gamma) as balancer:
+        model = moe
+        if cfg.finetune == "lora":
+            model = get_peft_model(moe, lora_config(moe, cfg))
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = [layer.router.weight for layer in layers]
+            for p in params:
+                p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.0)
+        model.train()
+        last = float("nan")
         for batch in tqdm(_batches(tokens, cfg.batch_size, cfg.finetune_steps, cfg.seed), total=cfg.finetune_steps,
                           desc=f"heal: finetune ({cfg.finetune})", disable=not progress, leave=False):
             batch = batch.to(device)

@@ -102,7 +102,10 @@ def read_non_uniform(path: Path, config, dtype):
     from safetensors.torch import load_file
 
     model = empty_model(config)
-    state = load_file(str(path / NON_UNIFORM_WEIGHTS))
+    # Tensors straight from the memory-mapped file start at the header's offset, not on a 64-byte boundary, and
+    # torch's grouped expert matmul takes another (last-bit different) kernel for unaligned weights: own copies
+    # make the reloaded model compute exactly what the saved one did.
+    state = {k: v.clone() for k, v in load_file(str(path / NON_UNIFORM_WEIGHTS)).items()}
     for key, value in state.items():  # moekit-only buffers (e.g. moekit_mean_out) do not exist before loading
         owner, _, leaf = key.rpartition(".")
         if leaf.startswith("moekit_"):

@@ -27,8 +27,9 @@ def _heal_config(router: bool, lstsq: bool, local_epochs: int, distill_steps: in
                       finetune=finetune, finetune_steps=finetune_steps, seed=seed)
 
 
-def _summary(cfg) -> dict:
-    layers = cfg.report.get("layers", {})
+def _summary(report: dict) -> dict:
+    """Mean relative FFN error over the healed layers after each stage."""
+    layers = report.get("layers", {})
     if not layers:
         return {}
     keys = [k for k, v in next(iter(layers.values())).items() if isinstance(v, float)]
@@ -63,12 +64,11 @@ def carve_cmd(
     dense, tok = load(model, dtype, device, trust_remote_code)
     check_config(dense, cfg)
     calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=dense)
-    moe = carve(dense, calib, cfg)
+    moe = carve(dense, cfg, tokens=calib)
     summary = {"carve": moe.config.moekit_carve}
     if heal:
         hcfg = _heal_config(True, True, local_epochs, 0, "none", 0, seed)
-        heal_(moe, dense, calib, hcfg)
-        summary["heal_relative_error"] = _summary(hcfg)
+        summary["heal_relative_error"] = _summary(heal_(moe, hcfg, tokens=calib, teacher=dense))
     save_model(moe.to(dense.dtype), tok, target, overwrite=overwrite)
     print(json.dumps(summary, default=str))
     print(f"carved MoE written to {target}")
@@ -100,7 +100,7 @@ def heal_cmd(
     teach, _ = load(teacher, dtype, device, trust_remote_code)
     calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=teach)
     hcfg = _heal_config(router, lstsq, local_epochs, distill_steps, finetune, finetune_steps, seed)
-    heal_(moe, teach, calib, hcfg)
+    report = heal_(moe, hcfg, tokens=calib, teacher=teach)
     save_model(moe, tok, target, overwrite=overwrite)
-    print(json.dumps({"heal_relative_error": _summary(hcfg)}))
+    print(json.dumps({"heal_relative_error": _summary(report)}))
     print(f"healed MoE written to {target}")

@@ -34,8 +34,13 @@ def field_default(config: type, name: str):
 
 
 def option(config: type, name: str, *flags: str, **kwargs):
-    """``typer.Option`` for the config field ``config.name``, defaulting to that field's default."""
-    return typer.Option(field_default(config, name), *flags, **kwargs)
+    """``typer.Option`` for the config field ``config.name``, defaulting to that field's default.
+
+    The option remembers its field (``.config_field``) so tests/test_cli_defaults.py can check it.
+    """
+    info = typer.Option(field_default(config, name), *flags, **kwargs)
+    info.config_field = (config, name)
+    return info
 
 
 def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):

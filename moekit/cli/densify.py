@@ -17,7 +17,7 @@ from moekit.train.distill import DistillConfig
 @app.command()
 def densify(model: str = MODEL,
             stats: Path = typer.Option(..., "--stats", help="statistics file from `moekit profile` (with --gram for do-acp)"),
-            keep: int = typer.Option(..., "--keep", help="experts per layer concatenated into the dense FFN"),
+            keep: int = option(DensifyConfig, "keep", "--keep", help="experts per layer concatenated into the dense FFN"),
             score: str = option(DensifyConfig, "score", "--score", help="sf, cp, acp, do-acp, reap, ean or random"),
             grouping: str = option(DensifyConfig, "grouping", "--grouping",
                                    help="select (drop the rest) or merge (fold them in)"),
@@ -39,13 +39,13 @@ def densify(model: str = MODEL,
 
     cfg = DensifyConfig(keep=keep, score=score, grouping=grouping, down_scaling=down_scaling, seed=seed,
                         shared_gate=shared_gate)
-    cfg.check()
+    cfg.validate()
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
     m, tok = load(model, dtype, device, trust_remote_code)
     tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
     t0 = time.perf_counter()
-    dense = run_densify(m, st, cfg, tokens=tokens)
+    dense = run_densify(m, cfg, stats=st, tokens=tokens)
     save_model(dense, tok, out, overwrite=overwrite)
     before, after = param_counts(m)["total"], param_counts(dense)["total"]
     print(f"densified {model} ({before:,} parameters) into {dense.config.model_type} with {keep} experts per layer "
@@ -72,7 +72,7 @@ def distill(student: str = MODEL,
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Forward-KL distillation (T = 1) of the whole student from the teacher, with checkpoints and resume."""
     from moekit.train.distill import DistillConfig
-    from moekit.train.distill import distill as run_distill
+    from moekit.train.distill import distill_
     from moekit.errors import MoekitError
     from moekit.checkpoint.save import save_model
 
@@ -82,10 +82,10 @@ def distill(student: str = MODEL,
         raise MoekitError(f"output '{out}' is not empty: pass --resume to continue it or --overwrite to start over")
     cfg = DistillConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup, seed=seed,
                         field=field, out=str(out), checkpoint_every=checkpoint_every, resume=resume)
-    cfg.check()
+    cfg.validate()
     s_model, tok = load(student, "float32", device, trust_remote_code)
     t_model, _ = load(teacher, dtype, device, trust_remote_code)
-    report = run_distill(s_model, t_model, data, cfg, tokenizer=tok)
+    report = distill_(s_model, cfg, tokens=data, teacher=t_model, tokenizer=tok)
     save_model(s_model, tok, final, overwrite=True)
     losses = report.pop("losses")
     report.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)

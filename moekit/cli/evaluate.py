@@ -49,7 +49,7 @@ def eval_cmd(
     data_dir: Path = typer.Option(None, "--data-dir", help="folder with local copies (arc_easy.jsonl ...); default: the hub"),
     data_file: list[str] = typer.Option(None, "--data-file", help="TASK=PATH: one task's local file (repeatable)"),
     limit: int = option(EvalStep, "limit", "--limit", help="score only the first N items of each task"),
-    batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
+    batch_size: int = option(EvalStep, "batch_size", "--batch-size", help="sequences per forward pass"),
     num_fewshot: int = option(EvalStep, "num_fewshot", "--num-fewshot", help="in-context examples per item"),
     out: Path = typer.Option(None, "--out", help="result JSON (a Markdown table is written beside it, .md)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),

@@ -66,7 +66,7 @@ def merge(model: str = MODEL,
     tokens = None
     if data is not None:
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
-    report = merge_(m, st, cfg, tokens)
+    report = merge_(m, cfg, stats=st, tokens=tokens)
     save_model(m, tok, out_path, overwrite=overwrite)
     _write_json(out_path / "merge_report.json", report)
     before, after = report["params_before"]["total"], report["params_after"]["total"]

@@ -71,7 +71,7 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
     cfg = ProfileConfig(batch_size=batch_size, gram_tokens=gram, attn_sink=attn_sink, seed=seed,
                         data=describe_source(data, field, tokens, seed))
     t0 = time.perf_counter()
-    stats = profile_stream(model, tokens, cfg, device=device, dtype=dtype) if stream else run_profile(m, tokens, cfg)
+    stats = profile_stream(model, tokens, cfg, device=device, dtype=dtype) if stream else run_profile(m, cfg, tokens=tokens)
     elapsed = time.perf_counter() - t0
     stats.meta["model"] = str(model)
     stats.save(out)
@@ -126,7 +126,7 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
         else:
             from moekit.profile.profile import ProfileConfig, profile
 
-            st = profile(m, toks, ProfileConfig(batch_size=batch_size))
+            st = profile(m, ProfileConfig(batch_size=batch_size), tokens=toks)
         chosen = super_experts(st, rule=rule)
         if not chosen:
             raise MoekitError(f"no super experts found by the '{rule}' rule; try --rule first75 or name --experts")

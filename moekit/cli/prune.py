@@ -13,7 +13,7 @@ from moekit.prune.prune import DEFAULT_CRITERION, PruneConfig
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 CRITERION_HELP = (
-    "topk_prime (the challenge team's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, random; "
+    "topk_prime (the Samsung AI Challenge 2025 pipeline's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, random; "
     "default reap, or topk_prime with --top-k-prime alone"
 )
 
@@ -87,7 +87,7 @@ def prune(
         report = prune_shards(local_checkpoint(model, purpose="--shardwise"), st, cfg, out, overwrite=overwrite)
     else:
         m, tok = load(model, dtype, device, trust_remote_code)
-        report = prune_(m, st, cfg)
+        report = prune_(m, cfg, stats=st)
         save_model(m, tok, out, overwrite=overwrite)
     _print_report(report, out)
 

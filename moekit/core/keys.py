@@ -15,3 +15,6 @@ KEPT_KEY = "moekit_kept_experts"  # prune: surviving source experts per layer
 CARVE_KEY = "moekit_carve"  # carve: the carving record
 DENSIFIED_KEY = "moekit_densified"  # densify: provenance of the dense model
 EMBEDDED_KEY = "moekit_embedded"  # the embedded default's build record
+
+# safetensors metadata key of a distillation checkpoint's trainer state (step, losses, optimiser layout)
+DISTILL_STATE_KEY = "moekit_distill"

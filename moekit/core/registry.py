@@ -10,9 +10,9 @@ itself with :func:`register`, so the recipe runner and the CLI find a method fro
 
     moekit.apply_(model, PruneConfig(ratio=0.25), stats=stats)    # dispatched by the config's class
 
-``needs`` names the inputs the method cannot run without; the runner supplies them (profiling the current
-model for ``stats``, reading calibration text for ``tokens``, keeping the model before a carve/densify
-as ``teacher``).
+``needs`` names the inputs the method cannot run without, ``uses`` those it takes when they are there; the
+recipe runner supplies both (profiling the current model for ``stats``, reading calibration text for
+``tokens``, keeping the model before a carve/densify as ``teacher``).
 """
 
 from __future__ import annotations
@@ -32,19 +32,23 @@ class Method:
     config: type
     verb: Callable
     needs: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()  # optional inputs, passed when available
     new_model: bool = False  # returns a new model (carve, densify) instead of changing its argument
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config: type, *, needs: tuple[str, ...] = (), new_model: bool = False) -> Callable:
-    unknown = set(needs) - set(INPUTS)
+def register(name: str, config: type, *, needs: tuple[str, ...] = (), uses: tuple[str, ...] = (),
+             new_model: bool = False) -> Callable:
+    unknown = (set(needs) | set(uses)) - set(INPUTS)
     if unknown:
         raise ValueError(f"method '{name}' needs unknown inputs {sorted(unknown)}; known: {INPUTS}")
 
     def wrap(verb: Callable) -> Callable:
-        METHODS[name] = Method(name, config, verb, tuple(needs), new_model)
+        if name in METHODS and METHODS[name].verb is not verb:
+            raise ValueError(f"method '{name}' is registered twice ({METHODS[name].verb.__module__}, {verb.__module__})")
+        METHODS[name] = Method(name, config, verb, tuple(needs), tuple(uses), new_model)
         return verb
 
     return wrap

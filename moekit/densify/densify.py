@@ -38,13 +38,14 @@ from moekit.core.hooks import Hooks
 from moekit.densify.group import group_and_merge
 from moekit.densify.scores import check_score, select_experts
 from moekit.core.dense import dense_config, dense_model_type
+from moekit.core.keys import DENSIFIED_KEY as CONFIG_KEY  # provenance in the dense config (plain transformers ignores it)
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 from moekit.profile.stats import ExpertStats
 
 GROUPINGS = ("select", "merge")
 DOWN_SCALINGS = ("uniform", "score")
 SHARED_GATES = ("auto", "mean", "one")
-CONFIG_KEY = "moekit_densified"  # provenance recorded in the dense config (plain transformers ignores it)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class DensifyConfig:
     fold_routed_mass: bool = True
     shared_gate: str = "auto"  # auto | mean | one (Qwen2-MoE's sigmoid-gated shared expert)
 
-    def check(self) -> None:
+    def validate(self) -> None:
         check_score(self.score)
         if self.keep < 1:
             raise MoekitError(f"keep {self.keep} must be at least 1 expert per layer")
@@ -67,13 +68,17 @@ class DensifyConfig:
                 raise MoekitError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
 
 
+@register("densify", DensifyConfig, needs=("stats",), uses=("tokens",), new_model=True)
 @torch.no_grad()
-def densify(model: nn.Module, stats: ExpertStats, cfg: DensifyConfig, tokens: torch.Tensor | None = None) -> nn.Module:
+def densify(model: nn.Module, cfg: DensifyConfig, *, stats: ExpertStats | None = None, tokens: torch.Tensor | None = None,
+            teacher=None) -> nn.Module:
     """A new dense model built from ``model``'s K best experts per layer (``model`` is left untouched).
 
     ``tokens`` [n, L] are needed only to fold a learned Qwen2-MoE shared-expert gate (``shared_gate="mean"``).
     """
-    cfg.check()
+    if stats is None:
+        raise MoekitError("densifying needs expert statistics: pass stats=moekit.profile.profile(model, tokens=...)")
+    cfg.validate()
     layers = arch.require_moe(model)
     target = dense_model_type(model)
     stats.check_model(model)

@@ -4,7 +4,7 @@ The selected experts are the cluster centres. Each other expert joins the centre
 closest to, and each group is averaged into one expert. Experts' hidden neurons are not in corresponding
 order (an expert is a set of neurons; any permutation computes the same function), so every member is
 first aligned to its centre: neuron n is described by [gate row, up row, down column], and
-``scipy.optimize.linear_sum_assignment`` finds the permutation maximising the summed cosine similarity of
+a linear assignment (:mod:`moekit.core.align`) finds the permutation maximising the summed cosine similarity of
 matched neurons. Closeness of two experts is that mean matched cosine. Members are averaged with weights
 proportional to their selection counts (plus one, so unused experts still count a little).
 Cost: one I x I assignment per (non-selected, selected) pair and layer.
@@ -13,21 +13,18 @@ Cost: one I x I assignment per (non-selected, selected) pair and layer.
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
+
+from moekit.core.align import align_neurons
 
 
-def _neuron_features(w: dict[str, torch.Tensor], e: int) -> torch.Tensor:
-    f = torch.cat([w["gate"][e], w["up"][e], w["down"][e].T], dim=1).double()  # [I, 3H]
-    return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def _expert(w: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+    return {"gate": w["gate"][e], "up": w["up"][e], "down": w["down"][e]}
 
 
 def align(w: dict[str, torch.Tensor], center: int, member: int) -> tuple[torch.Tensor, float]:
     """Permutation p of ``member``'s neurons onto ``center``'s (member neuron p[n] ~ centre neuron n) and
     the mean cosine of the matched neurons."""
-    sim = _neuron_features(w, center) @ _neuron_features(w, member).T
-    rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
-    perm = torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
-    return perm, float(sim[rows, cols].mean())
+    return align_neurons(_expert(w, center), _expert(w, member), similarity="cosine")
 
 
 def group_and_merge(w: dict[str, torch.Tensor], selected: list[int], counts: torch.Tensor):

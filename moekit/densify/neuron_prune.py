@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from moekit.core import arch
 from moekit.core.hooks import Hooks
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 
 
@@ -24,6 +25,10 @@ from moekit.errors import MoekitError
 class NeuronPruneConfig:
     width: int  # FFN neurons kept per layer
     batch_size: int = 4
+
+    def validate(self) -> None:
+        if self.width < 1 or self.batch_size < 1:
+            raise MoekitError(f"width {self.width} and batch_size {self.batch_size} must be at least 1")
 
 
 @torch.no_grad()
@@ -42,9 +47,17 @@ def neuron_importance(model: nn.Module, tokens: torch.Tensor, batch_size: int = 
     return {i: s.cpu() / tokens.numel() for i, s in sums.items()}
 
 
+@register("prune_neurons", NeuronPruneConfig, needs=("tokens",))
 @torch.no_grad()
-def prune_neurons_(model: nn.Module, tokens: torch.Tensor, cfg: NeuronPruneConfig) -> dict[int, torch.Tensor]:
-    """Keep the ``cfg.width`` most important FFN neurons in every layer, in place; returns the kept indices."""
+def prune_neurons_(model: nn.Module, cfg: NeuronPruneConfig, *, tokens: torch.Tensor | None = None, stats=None,
+                   teacher=None) -> dict:
+    """Keep the ``cfg.width`` most important FFN neurons in every layer, in place.
+
+    Returns the report: ``kept`` (decoder layer -> kept neuron indices) and the widths before and after.
+    """
+    if tokens is None:
+        raise MoekitError("neuron pruning needs calibration tokens: pass tokens=[n, L] token ids")
+    cfg.validate()
     if arch.is_moe(model):
         raise MoekitError("neuron pruning is for dense models; use `moekit prune` or `moekit densify` for an MoE")
     arch.check_supported(model)
@@ -64,7 +77,7 @@ def prune_neurons_(model: nn.Module, tokens: torch.Tensor, cfg: NeuronPruneConfi
             mlp.intermediate_size = cfg.width
         kept[i] = keep
     model.config.intermediate_size = cfg.width
-    return kept
+    return {"kept": kept, "width_before": full, "width_after": cfg.width}
 
 
 def _replace(mlp: nn.Module, name: str, weight: torch.Tensor, bias) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moekit.errors import MoekitError
 from moekit.eval.harness import SCHEMA, markdown_table
+from moekit.eval.results import format_table, times
 from moekit.eval.tasks import summary_metric
 
 
@@ -42,17 +43,18 @@ def compare_table(results: list[dict]) -> str:
     if rows:
         keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_forward_bytes", "checkpoint_bytes")
         base = rows[0][1]
-        head = ["model", *keys]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        for name, c in rows:
-            cells = [name]
-            for k in keys:
-                v, b = c.get(k), base.get(k)
-                cells.append("-" if v is None else f"{v:,.0f}" + (f" (x{v / b:.2f})" if b else ""))
-            lines.append("| " + " | ".join(cells) + " |")
+        cells = [[name, *[_with_ratio(c.get(k), base.get(k)) for k in keys]] for name, c in rows]
         text += "\nCosts (absolute figures are machine-dependent; ratios are to the first model; each file was "
-        text += "measured in its own run unless `--baseline` measured both together)\n\n" + "\n".join(lines) + "\n"
+        text += "measured in its own run unless `--baseline` measured both together)\n\n" + format_table(["model", *keys], cells)
     return text
+
+
+def _with_ratio(value, base) -> str | None:
+    """``1,500 (x1.50)``: the figure and its ratio to the first model's."""
+    if value is None:
+        return None
+    ratio = times(value, base)
+    return f"{value:,.0f}" + (f" ({ratio})" if ratio else "")
 
 
 def plot(results: list[dict], out: str | Path, params: str = "total") -> Path:

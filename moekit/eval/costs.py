@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moekit.errors import MoekitError
+from moekit.eval.results import fmt, format_table, mib, millions
 
 RATIO_KEYS = ("params_total", "params_active", "weights_bytes", "checkpoint_bytes", "peak_forward_bytes",
               "prefill_tokens_per_s", "decode_tokens_per_s")
@@ -210,19 +211,13 @@ def costs_table(costs: dict) -> str:
     head = ["figure"] + [r.get("name") or f"model {i}" for i, r in enumerate(rows)]
     if len(rows) > 1:
         head += [f"ratio {h}" for h in head[2:]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for k in RATIO_KEYS:
-        vals = [_fmt(k, r.get(k)) for r in rows]
-        rat = [("-" if q[k] is None else f"{q[k]:.3f}") for q in costs["ratio"][1:]]
-        lines.append("| " + " | ".join([k, *vals, *rat]) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[k, *[None if r.get(k) is None else _figure(k, r[k]) for r in rows],
+              *[fmt(q[k], ".3f") for q in costs["ratio"][1:]]] for k in RATIO_KEYS]
+    return format_table(head, cells)
 
 
-def _fmt(key: str, v) -> str:
-    if v is None:
-        return "-"
+def _figure(key: str, v) -> str:
+    """Bytes in MiB, parameter counts in millions, rates to one decimal."""
     if key.endswith("bytes"):
-        return f"{v / 2**20:.1f} MiB"
-    if key.startswith("params"):
-        return f"{v / 1e6:.2f}M"
-    return f"{v:.1f}"
+        return mib(v)
+    return millions(v, digits=2) if key.startswith("params") else f"{v:.1f}"

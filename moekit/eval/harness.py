@@ -5,19 +5,8 @@ compressed in this process is scored without being saved), through :class:`moeki
 which runs a question's shared context once. With ``data_dir`` the tasks read local JSON-lines copies (records
 with the Hugging Face dataset's fields) through the configs in ``moekit/tasks``; without it the hub datasets.
 
-The result is a plain dict with a stable schema (``SCHEMA``), written by :func:`write_result` as JSON plus a
-Markdown table::
-
-    {"schema": "moekit.eval/1", "moekit_version", "harness_version", "created",
-     "model": {"name", "fingerprint", "model_type", "dtype", "device", "params": {"total", "experts", "active"}},
-     "tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "summary", "summary_metric", "n"}},
-     "data": {task: {"source": "local" | "hub", "path", "sha256", "records"} | {"source": "hub", "dataset"}},
-     "settings": {"limit", "num_fewshot", "batch_size", "reuse_context", "backend", "data_dir", "data_files"},
-     "costs": {...} | None, "perplexity": {...} | None, "seconds": float}
-
-``acc`` / ``acc_norm`` are the harness's own numbers (``None`` where a task defines no such metric);
-``summary`` is the one metric a table shows: ``acc_norm`` for hellaswag, click, ARC and OpenBookQA, ``acc``
-otherwise.
+The result is a plain dict with a stable schema (``SCHEMA``, described in :mod:`moekit.eval.results`),
+written by :func:`write_result` as JSON plus a Markdown table.
 """
 
 from __future__ import annotations
@@ -33,9 +22,9 @@ from pathlib import Path
 
 from moekit.checkpoint.paths import data_dir
 from moekit.errors import MoekitError
+from moekit.eval.results import SCHEMA, fmt, format_table, millions, write_json, write_text
 from moekit.eval.tasks import DEV_TASKS, KNOWN_TASKS, TASKS, TASKS_DIR, summary_metric
 
-SCHEMA = "moekit.eval/1"
 METRICS = ("acc", "acc_norm")
 
 __all__ = ["DEV_TASKS", "KNOWN_TASKS", "SCHEMA", "dev_data_dir", "evaluate", "evaluate_checkpoint", "markdown_table",
@@ -101,7 +90,7 @@ def check_tasks(tasks, data_dir=None, data_files: dict | None = None) -> list[st
 def evaluate(model, tokenizer, tasks=DEV_TASKS, data_dir=None, limit: int | float | None = None, batch_size: int = 16,
              num_fewshot: int = 0, *, data_files: dict | None = None, reuse_context: bool = True,
              model_name: str | None = None, verbose: bool = False) -> dict:
-    """Run the harness on ``model`` in process; return the result dict (schema in the module docstring).
+    """Run the harness on ``model`` in process; return the result dict (schema in :mod:`moekit.eval.results`).
 
     ``data_dir``: a folder with the local copies (``arc_easy.jsonl`` ...); ``data_files``: task -> file, overriding
     it per task. Neither: the hub datasets. ``limit``: the first N items of each task (the harness's ``--limit``).
@@ -331,47 +320,27 @@ def markdown_table(results: list[dict]) -> str:
         tasks += [t for t in r["tasks"] if t not in tasks]
     has_ppl = any(r.get("perplexity") for r in results)
     head = ["model", "params", "active"] + [f"{t} ({summary_metric(t)})" for t in tasks] + (["ppl"] if has_ppl else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows = []
     for r in results:
         m = r["model"]
-        row = [m.get("name") or m["fingerprint"], _millions(m["params"]["total"]), _millions(m["params"]["active"])]
+        row = [m.get("name") or m["fingerprint"], millions(m["params"]["total"]), millions(m["params"]["active"])]
         for t in tasks:
             v = r["tasks"].get(t)
             # the column's metric, not the file's summary: files written under another summary choice still line up
             x = None if v is None else v.get(summary_metric(t), v["summary"])
-            row.append("-" if x is None else f"{x:.4f} (n={v['n']})")
+            row.append(None if x is None else f"{x:.4f} (n={v['n']})")
         if has_ppl:
-            p = r.get("perplexity")
-            row.append(f"{p['value']:.2f}" if p else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M"
+            row.append(fmt((r.get("perplexity") or {}).get("value"), ".2f"))
+        rows.append(row)
+    return format_table(head, rows)
 
 
 def write_result(result: dict, out: str | Path) -> tuple[Path, Path]:
     """Write ``out`` (JSON) and the Markdown table beside it (same name, ``.md``), each atomically."""
-    import json
-    import os
-    import tempfile
-
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md = out.with_suffix(".md")
     text = markdown_table([result])
     if result.get("costs"):
         from moekit.eval.costs import costs_table
 
         text += "\n" + costs_table(result["costs"])
-    for path, content in ((out, json.dumps(result, indent=2) + "\n"), (md, text)):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(content)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return out, md
+    return write_json(out, result), write_text(out.with_suffix(".md"), text)

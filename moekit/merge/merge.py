@@ -1,13 +1,13 @@
 """Expert merging: fewer experts per layer, each merged from a cluster of similar ones.
 
-``merge_(model, stats, MergeConfig(...), calib_tokens)`` groups each MoE layer's experts
+``merge_(model, MergeConfig(...), stats=stats, tokens=calib)`` groups each MoE layer's experts
 (:mod:`moekit.grouping`: hierarchical clustering of h_e = weighted_out / weight_sum, MC-SMoE or REAM
 grouping; super experts are never merged), merges every cluster into ONE expert, gives it ONE router
 row, and rewrites the layer with ``MoELayer.replace_experts`` — the model is genuinely smaller.
 
 Merge rules (:mod:`moekit.merge_rules`; every projection P of gate / up / down, members i of a cluster):
 ``avg`` (HC-SMoE, P = sum_i a_i P_i, a_i = activation-frequency ratios, optional neuron alignment),
-``svd`` (challenge team, Sub-MoE: [P_1 .. P_n] = U S [V_1 .. V_n], P = U S sum_i a_i V_i — equal to ``avg``
+``svd`` (the Samsung AI Challenge 2025 pipeline, Sub-MoE: [P_1 .. P_n] = U S [V_1 .. V_n], P = U S sum_i a_i V_i — equal to ``avg``
 unless ``rank`` truncates) and ``select`` (keep the members' most important neurons).
 
 Every rule is linear in the coefficients a (one per member and projection). With ``learn=True`` they
@@ -38,6 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moekit.core import arch
+from moekit.core.keys import KEPT_KEY  # prune's record of surviving source experts
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 from moekit.merge.grouping import centre_groups, check_feasible, hc_groups, hc_heights
 from moekit.merge.fit import BlockFit, capture_inputs, fit_coefficients, split_holdout
@@ -47,7 +49,6 @@ from moekit.profile.stats import ExpertStats, super_experts
 GROUPINGS = ("hc", "mcsmoe", "ream")
 RULES = ("avg", "svd", "select")
 ROUTERS = ("dominant", "average", "fitted", "auto")
-PRUNE_RECORD = "moekit_kept_experts"  # moekit.prune's config record of surviving source experts
 
 
 @dataclass
@@ -298,12 +299,17 @@ def _fit_row(layer: arch.MoELayer, x: torch.Tensor, w: torch.Tensor, b, avg: tor
 
 
 # ---------------------------------------------------------------------------------------------- the verb
-def merge_(model, stats: ExpertStats, cfg: MergeConfig, calib_tokens: torch.Tensor | None = None, *,
-           inputs: dict[int, torch.Tensor] | None = None) -> dict:
+@register("merge", MergeConfig, needs=("stats",), uses=("tokens",))
+def merge_(model, cfg: MergeConfig, *, stats: ExpertStats | None = None, tokens: torch.Tensor | None = None,
+           teacher=None, inputs: dict[int, torch.Tensor] | None = None) -> dict:
     """Merge experts in place; return a report (groups, router choice, reconstruction errors, loss curves).
 
-    ``inputs``: the MoE blocks' inputs on ``calib_tokens`` from :func:`moekit.merge_fit.capture_inputs` on this
+    ``tokens`` [n, L]: calibration text, needed for learned coefficients and fitted router rows.
+    ``inputs``: the MoE blocks' inputs on ``tokens`` from :func:`moekit.merge.fit.capture_inputs` on this
     (unmerged) model, to reuse one capture when merging several copies of a model."""
+    if stats is None:
+        raise MoekitError("merging needs expert statistics: pass stats=moekit.profile.profile(model, tokens=...)")
+    calib_tokens = tokens
     cfg.validate()
     layers = arch.require_moe(model)
     stats.check_model(model)
@@ -325,8 +331,8 @@ def merge_(model, stats: ExpertStats, cfg: MergeConfig, calib_tokens: torch.Tens
     report = {"config": asdict(cfg), "params_before": before, "layers": []}
     for layer in tqdm(layers, desc="merge layers"):
         report["layers"].append(_merge_layer(layer, plan[layer.index], stats, cfg, inputs, split))
-    if hasattr(model.config, PRUNE_RECORD):  # merged experts are no longer a subset of the pruned source's
-        delattr(model.config, PRUNE_RECORD)
+    if hasattr(model.config, KEPT_KEY):  # merged experts are no longer a subset of the pruned source's
+        delattr(model.config, KEPT_KEY)
     report["params_after"] = arch.param_counts(model)
     report["experts_after"] = {layer.index: layer.num_experts for layer in layers}
     return report

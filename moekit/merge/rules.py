@@ -7,7 +7,7 @@
   norm, or a weight-norm proxy times frequency). Made for experts whose neurons are unrelated — experts carved
   from one dense FFN hold disjoint neurons, so averaging them mixes unrelated neurons — and exact for
   one member. Coefficients start at 1 (they scale each member's kept neurons).
-* ``svd`` (challenge team, Sub-MoE): [P_1 .. P_n] = U S [V_1 .. V_n] and the bases are U S V_i, so that
+* ``svd`` (the Samsung AI Challenge 2025 pipeline, Sub-MoE): [P_1 .. P_n] = U S [V_1 .. V_n] and the bases are U S V_i, so that
   P = U S sum_i a_i V_i. With every singular value kept U S V_i = P_i exactly (the SVD merge IS the
   average); with ``rank`` r the bases are projected onto the members' shared top-r output subspace.
 """
@@ -18,18 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.core.align import align_neurons
+
 PROJ = ("gate", "up", "down")
 
 
 def align_to(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
     """Permutation of ``other``'s intermediate neurons that best matches ``ref``'s (canonical single-expert
     weights gate [I,H], up [I,H], down [H,I]); maximises the summed inner products of the neurons' weights."""
-    from scipy.optimize import linear_sum_assignment
-
-    sim = ref["gate"].double() @ other["gate"].double().T + ref["up"].double() @ other["up"].double().T
-    sim = sim + ref["down"].double().T @ other["down"].double()
-    _, cols = linear_sum_assignment(-sim.numpy())
-    return torch.as_tensor(cols, dtype=torch.long)
+    return align_neurons(ref, other, similarity="dot")[0]
 
 
 def permute_expert(w: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:

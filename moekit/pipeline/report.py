@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moekit.eval.results import format_table, millions, write_text
 from moekit.profile.plots import _pyplot, _save
+
+_MISSING = "—"  # this report's mark for a figure not measured
 
 
 def eval_rows(results: list[dict]) -> list[dict]:
@@ -29,30 +32,25 @@ def _step_label(record: dict) -> str:
     return f"{record['step']}({bits})" if bits else record["step"]
 
 
-def _fmt(v, spec: str = ".3f") -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def table(rows: list[dict]) -> str:
     tasks = sorted({t for r in rows for t in (r.get("tasks") or {})})
     head = ["model", "experts/layer", "top-k", "params total", "params active", "perplexity", *tasks,
             "prefill tok/s", "decode tok/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         m = r.get("model", {})
         sp = r.get("speed") or {}
-        ppl = (r.get("perplexity") or {}).get("value")
-        cells = [r["label"], _span(m.get("experts_per_layer")), _span(m.get("top_k")),
-                 f"{m.get('params_total', 0) / 1e6:.1f}M", f"{m.get('params_active', 0) / 1e6:.1f}M", _fmt(ppl, ".2f"),
-                 *[_fmt((r.get("tasks") or {}).get(t)) for t in tasks],
-                 _fmt(sp.get("prefill_tokens_per_s"), ".0f"), _fmt(sp.get("decode_tokens_per_s"), ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([r["label"], _span(m.get("experts_per_layer")), _span(m.get("top_k")),
+                      millions(m.get("params_total", 0)), millions(m.get("params_active", 0)),
+                      (r.get("perplexity") or {}).get("value"), *[(r.get("tasks") or {}).get(t) for t in tasks],
+                      sp.get("prefill_tokens_per_s"), sp.get("decode_tokens_per_s")])
+    formats = [None] * 5 + [".2f"] + [".3f"] * len(tasks) + [".0f", ".1f"]
+    return format_table(head, cells, formats=formats, missing=_MISSING).rstrip("\n")
 
 
 def _span(values) -> str:
     if not values:
-        return "—"
+        return _MISSING
     return str(values[0]) if len(values) == 1 else f"{min(values)}–{max(values)}"
 
 
@@ -136,8 +134,4 @@ def write_report(results: list[dict], run_dir: str | Path, *, title: str = "moek
     lines += list(notes)
     for caption, path in figures:
         lines += ["", f"## {caption[:1].upper() + caption[1:]}", "", f"![{caption}]({Path(path).relative_to(run_dir) if Path(path).is_relative_to(run_dir) else path})"]
-    out = run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 """One-pass expert profiling: every statistic in :mod:`moekit.stats` from one forward pass.
 
-    stats = profile(model, tokens, ProfileConfig(gram_tokens=256))
+    stats = profile(model, ProfileConfig(gram_tokens=256), tokens=tokens)
     stats.save("stats.safetensors")
 
 Each expert runs only on the tokens the router sent to it (:mod:`moekit.observe`), so profiling costs
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from moekit.profile.ablate import ablate, ablated
 from moekit.core.arch import decoder_layers, require_moe
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 from moekit.profile.observe import LayerAccumulator, ModelAccumulator, eager_attention, observe_layer, observe_model
 from moekit.profile.stats import ExpertStats
@@ -31,6 +32,12 @@ class ProfileConfig:
     seed: int = 0  # picks the Gram sample
     progress: bool = True
     data: dict = field(default_factory=dict)  # description of the calibration data, kept in the metadata
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise MoekitError(f"batch_size {self.batch_size} must be at least 1")
+        if self.gram_tokens < 0:
+            raise MoekitError(f"gram_tokens {self.gram_tokens} must be 0 (off) or a positive token count")
 
 
 def check_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -86,10 +93,16 @@ def model_meta(model, layers, router_weights=None) -> dict:
     }
 
 
+@register("profile", ProfileConfig, needs=("tokens",))
 @torch.no_grad()
-def profile(model, tokens: torch.Tensor, config: ProfileConfig | None = None) -> ExpertStats:
-    """Run ``tokens`` [n_seq, seq_len] through ``model`` once and return every expert statistic."""
-    config = config or ProfileConfig()
+def profile(model, cfg: ProfileConfig | None = None, *, tokens: torch.Tensor | None = None, stats=None,
+            teacher=None) -> ExpertStats:
+    """Run ``tokens`` [n_seq, seq_len] through ``model`` once and return every expert statistic (its report).
+
+    ``model`` is not changed (hence no trailing underscore); ``stats`` and ``teacher`` are unused.
+    """
+    config = cfg or ProfileConfig()
+    config.validate()
     layers = require_moe(model)
     tokens = check_tokens(tokens)
     device = next(model.parameters()).device

@@ -11,7 +11,6 @@ Peak memory: one layer, the embedding table during the first pass, and the hidde
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 

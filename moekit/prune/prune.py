@@ -1,11 +1,11 @@
 """Expert pruning: remove whole routed experts, chosen from the statistics file (no new calibration pass).
 
-    report = prune_(model, stats, PruneConfig(criterion="reap", ratio=0.25))
+    report = prune_(model, PruneConfig(criterion="reap", ratio=0.25), stats=stats)
 
 Criteria (one score per expert, higher = keep; all sums in the statistics file, see ``moekit.stats``):
 
 ======================  ==============================================================================
-``topk_prime``          the challenge team's rule: times selected within the top-k' (sum rank_counts[:, :k'];
+``topk_prime``          the Samsung AI Challenge 2025 pipeline's rule: times selected within the top-k' (sum rank_counts[:, :k'];
                         k' = ``top_k_prime``, default the model's top-k)
 ``frequency``           times selected at any rank (sum rank_counts)
 ``prob_mass``           router probability mass over all tokens
@@ -27,7 +27,7 @@ Budgets (how many experts stay):
   count it puts exactly half of every layer above 1.0, so a 50% global budget equals the uniform one.
   Every layer keeps at least top-k experts. Per-layer counts then differ (moekit's non-uniform form,
   made standard again by :func:`make_uniform`).
-* ``top_k_prime=K'`` alone (threshold mode, the challenge team's rule): keep every expert selected within
+* ``top_k_prime=K'`` alone (threshold mode, the Samsung AI Challenge 2025 pipeline's rule): keep every expert selected within
   the top-K' at least ``tau`` times; per-layer counts follow from the data.
 
 Super experts (``moekit.stats.super_experts``) are always kept unless ``allow_super_experts``. The router
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from moekit.core import arch
+from moekit.core.keys import KEPT_KEY  # per MoE layer, the source experts that survive (and the source's fingerprint)
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 from moekit.profile.stats import ExpertStats, super_experts
 
@@ -57,8 +59,6 @@ NEEDS = {
 }
 BUDGETS = ("uniform", "global")
 DEFAULT_CRITERION = "reap"
-# config key recording, per MoE layer, which experts of the source model survive (and the source's fingerprint)
-KEPT_KEY = "moekit_kept_experts"
 
 
 @dataclass
@@ -286,8 +286,15 @@ def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[in
 
 
 # ---------------------------------------------------------------------------------------------- verbs
-def prune_(model, stats: ExpertStats, cfg: PruneConfig) -> dict:
-    """Remove the experts ``cfg`` selects from ``model`` in place; return the report (see :func:`build_report`)."""
+@register("prune", PruneConfig, needs=("stats",))
+def prune_(model, cfg: PruneConfig, *, stats: ExpertStats | None = None, tokens=None, teacher=None) -> dict:
+    """Remove the experts ``cfg`` selects from ``model`` in place; return the report (see :func:`build_report`).
+
+    ``stats`` come from :func:`moekit.profile.profile` on this model (or its unpruned source).
+    """
+    if stats is None:
+        raise MoekitError("pruning needs expert statistics: pass stats=moekit.profile.profile(model, tokens=...)")
+    cfg.validate()
     from moekit.profile.stats import fingerprint
     from moekit.prune.report import build_report, snapshot
 
@@ -380,7 +387,7 @@ def make_uniform(
             "pruning cannot add experts back"
         )
     cfg = PruneConfig(criterion=criterion, keep=n, budget="uniform", allow_super_experts=allow_super_experts, seed=seed)
-    report = prune_(model, stats, cfg)
+    report = prune_(model, cfg, stats=stats)
     if not arch.is_uniform(model):
         raise MoekitError("the model is still non-uniform (per-layer top-k differs); set one top-k first")
     return report

@@ -1,19 +1,17 @@
 """What pruning did: experts and parameters per layer before and after, as JSON, a table and a plot.
 
-The table follows the challenge team's form: one row per MoE layer with ``# experts`` and
+The table follows the Samsung AI Challenge 2025 pipeline's form: one row per MoE layer with ``# experts`` and
 ``# parameters`` (of the whole MoE block: routed experts, router, shared experts), before -> after,
 and a total row with the whole model's parameters.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from moekit.core import arch
+from moekit.eval.results import atomic_open, format_table, millions, write_json, write_text
 
 
 def snapshot(model) -> dict:
@@ -54,7 +52,7 @@ def build_report(before: dict, after: dict, keep: dict[int, list[int]], cfg) -> 
 
 
 def _m(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+    return millions(n, digits=2, exact_below=1e5)
 
 
 def report_markdown(report: dict) -> str:
@@ -66,28 +64,19 @@ def report_markdown(report: dict) -> str:
         if c.get("ratio") is not None
         else f"top-{c['top_k_prime']} >= {c['tau']}"
     )
-    lines = [
-        f"# Expert pruning: criterion {c['criterion']}, {how}, budget {c['budget']}",
-        "",
-        "| layer | # experts | # parameters |",
-        "|---:|---:|---:|",
+    rows = [
+        [str(r["layer"]), f"{r['experts_before']} -> {r['experts_after']}",
+         f"{_m(r['params_before'])} -> {_m(r['params_after'])}"]
+        for r in report["layers"]
     ]
-    for r in report["layers"]:
-        lines.append(
-            f"| {r['layer']} | {r['experts_before']} -> {r['experts_after']} | "
-            f"{_m(r['params_before'])} -> {_m(r['params_after'])} |"
-        )
     pb, pa = report["params_before"], report["params_after"]
-    lines.append(
-        f"| **total** | {report['experts_before']} -> {report['experts_after']} | "
-        f"{_m(pb['total'])} -> {_m(pa['total'])} |"
+    rows.append(["**total**", f"{report['experts_before']} -> {report['experts_after']}", f"{_m(pb['total'])} -> {_m(pa['total'])}"])
+    return (
+        f"# Expert pruning: criterion {c['criterion']}, {how}, budget {c['budget']}\n\n"
+        + format_table(["layer", "# experts", "# parameters"], rows, align="right")
+        + f"\nActive parameters per token: {_m(pb['active'])} -> {_m(pa['active'])}; "
+        f"in routed experts: {_m(pb['experts'])} -> {_m(pa['experts'])}.\n"
     )
-    lines += [
-        "",
-        f"Active parameters per token: {_m(pb['active'])} -> {_m(pa['active'])}; "
-        f"in routed experts: {_m(pb['experts'])} -> {_m(pa['experts'])}.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def plot_experts(report: dict, path: str | Path) -> Path:
@@ -112,24 +101,17 @@ def plot_experts(report: dict, path: str | Path) -> Path:
     ax.set_ylim(0, max(r["experts_before"] for r in rows) * 1.25)  # room for the legend above the bars
     ax.legend(loc="upper right", ncol=2, frameon=False)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_report(report: dict, out_dir: str | Path, stem: str = "prune_report") -> list[Path]:
     """``stem``.json, ``stem``.md and ``experts_per_layer.png`` in ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", report_markdown(report))):
-        p = out_dir / f"{stem}{suffix}"
-        tmp = out_dir / f".{p.name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, p)
-        paths.append(p)
-    paths.append(plot_experts(report, out_dir / "experts_per_layer.png"))
-    return paths
+    return [write_json(out_dir / f"{stem}.json", report, indent=1),
+            write_text(out_dir / f"{stem}.md", report_markdown(report)),
+            plot_experts(report, out_dir / "experts_per_layer.png")]

@@ -172,7 +172,7 @@ def prune_shards(
         raise MoekitError(
             f"no expert tensors found on disk for MoE layers {missing}; is '{src}' a standard checkpoint?"
         )
-    report = prune_(model, stats, cfg)
+    report = prune_(model, cfg, stats=stats)
     if not arch.is_uniform(model):
         raise MoekitError(
             "this pruning leaves different expert counts per layer, which shard-wise pruning cannot write; "

@@ -115,7 +115,7 @@ class RouteConfig:
 
 
 # ---------------------------------------------------------------------------------------------- the verb
-@register("route", RouteConfig, needs=("stats",))
+@register("route", RouteConfig, needs=("stats",), uses=("tokens",))
 @torch.no_grad()
 def route_(model, cfg: RouteConfig, *, stats: ExpertStats | None = None, tokens: torch.Tensor | None = None,
            teacher=None) -> dict:

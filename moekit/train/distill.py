@@ -6,7 +6,7 @@ needed and packed into ``seq_len`` windows (or rows of a token tensor are served
 is replayed on resume. AdamW, linear warm-up then cosine decay to 10%, gradient clipping.
 
 Checkpoints (every ``checkpoint_every`` steps and at the end) go to ``out/checkpoint-STEP/``: the student
-saved with :func:`moekit.export.save_model` (safetensors, verified) plus ``trainer_state.safetensors``
+saved with :func:`moekit.checkpoint.save.save_model` (safetensors, verified) plus ``trainer_state.safetensors``
 (optimizer tensors; step, position in the data and loss history as JSON metadata). Each checkpoint is
 written into a hidden temporary directory and renamed into place, so a crash never leaves a half
 checkpoint; ``resume=True`` continues from the newest complete one. Nothing is ever unpickled.
@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moekit.core.keys import DISTILL_STATE_KEY
+from moekit.core.registry import register
 from moekit.errors import MoekitError
 
 STATE_FILE = "trainer_state.safetensors"
@@ -55,7 +57,7 @@ class DistillConfig:
     gradient_checkpointing: bool | None = None  # None: on for CUDA
     progress: bool = True
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise MoekitError("distillation needs steps >= 1, batch size >= 1 and seq_len >= 2")
         if not self.lr > 0:
@@ -121,12 +123,19 @@ def batches(data, tokenizer, cfg: DistillConfig, skip: int = 0) -> Iterator[torc
         yield torch.stack([next(stream) for _ in range(cfg.batch_size)])
 
 
-def distill(student, teacher, data, cfg: DistillConfig, tokenizer=None) -> dict:
-    """Train ``student`` in place to match ``teacher`` on ``data`` (a [n, L] token tensor or a text source).
+@register("distill", DistillConfig, needs=("tokens", "teacher"))
+def distill_(student, cfg: DistillConfig, *, tokens=None, teacher=None, stats=None, tokenizer=None) -> dict:
+    """Train ``student`` in place to match ``teacher``'s logits (forward KL) on ``tokens``.
 
-    Returns what happened: steps run, tokens seen (this run and in total), seconds, tokens/s, losses.
+    ``tokens`` is a [n, L] token tensor, or a text source (a file, 'c4', 'hf:NAME') streamed through
+    ``tokenizer`` into ``cfg.seq_len`` windows. The parameters that train are those with ``requires_grad``
+    (all of a freshly loaded model; heal freezes all but the FFNs first). Returns what happened: steps run,
+    tokens seen (this run and in total), seconds, tokens/s, losses.
     """
-    cfg.check()
+    if tokens is None or teacher is None:
+        raise MoekitError("distillation needs tokens=(a [n, L] tensor or a text source) and teacher=(a model)")
+    data = tokens
+    cfg.validate()
     device = torch.device(cfg.device) if cfg.device else next(student.parameters()).device
     cuda = device.type == "cuda"
     student.to(device=device, dtype=torch.float32)
@@ -136,8 +145,10 @@ def distill(student, teacher, data, cfg: DistillConfig, tokenizer=None) -> dict:
     use_gc = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     if use_gc:
         student.gradient_checkpointing_enable()
-    student.config.use_cache = False
+    use_cache, student.config.use_cache = getattr(student.config, "use_cache", True), False
     params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise MoekitError("the student has no trainable parameters (every requires_grad is False)")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = 0, []
     if cfg.resume:
@@ -169,6 +180,9 @@ def distill(student, teacher, data, cfg: DistillConfig, tokenizer=None) -> dict:
         if out is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             _save_checkpoint(student, tokenizer, opt, out, done, history + losses, cfg)
     student.eval()
+    if use_gc:
+        student.gradient_checkpointing_disable()
+    student.config.use_cache = use_cache
     seconds = time.perf_counter() - t0
     return {"start_step": start, "steps": cfg.steps, "steps_run": len(losses), "tokens_run": len(losses) * per_step,
             "tokens_total": cfg.steps * per_step, "seconds": seconds,
@@ -199,7 +213,7 @@ def _save_checkpoint(student, tokenizer, opt, out: Path, step: int, losses: list
         save_model(student, tokenizer, tmp / "model", overwrite=True, verify=True)
         tensors, groups = _flatten_optimizer(opt)
         meta = {"step": step, "losses": losses, "config": asdict(cfg), "param_groups": groups}
-        save_file(tensors, str(tmp / STATE_FILE), metadata={"moekit_distill": json.dumps(meta)})
+        save_file(tensors, str(tmp / STATE_FILE), metadata={DISTILL_STATE_KEY: json.dumps(meta)})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -227,19 +241,19 @@ def _flatten_optimizer(opt) -> tuple[dict[str, torch.Tensor], list[dict]]:
 def _resume(student, opt, out: Path) -> tuple[int, list[float]]:
     from safetensors import safe_open
 
-    from moekit.checkpoint.load import load_model
+    from moekit.checkpoint.read import read_dir  # a checkpoint directory: no model names, no embedded builds
 
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise MoekitError(f"no complete checkpoint under '{out}' to resume from: run without --resume first")
     ref = next(student.parameters())
-    saved, _ = load_model(str(ckpt / "model"), dtype=ref.dtype, device=str(ref.device), with_tokenizer=False)
+    saved, _ = read_dir(ckpt / "model", ref.dtype, False, None)
     missing, unexpected = student.load_state_dict(saved.state_dict(), strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise MoekitError(f"checkpoint '{ckpt}' does not fit this student (missing {missing[:2]}, unexpected "
                           f"{unexpected[:2]}): resume with the same student model")
     with safe_open(str(ckpt / STATE_FILE), "pt") as f:
-        meta = json.loads(f.metadata()["moekit_distill"])
+        meta = json.loads(f.metadata()[DISTILL_STATE_KEY])
         state: dict[int, dict] = {}
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             _, idx, name = key.split(".", 2)
