@@ -60,3 +60,21 @@ def smollm2_moe():
     path = embedded_moe_path()
     model, tok = load_model(str(path), dtype="float32", device="cpu")
     return path, model, tok
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run ``moekit ARGS...`` in process: returns (exit code, stdout, stderr); exit code 0 for success."""
+    from moekit.cli import main
+
+    def run(*argv: str):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

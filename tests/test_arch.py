@@ -143,7 +143,7 @@ def test_non_uniform_checkpoint_round_trip(family, tmp_path):
     layers[0].keep_experts([1, 3, 4, 6])
     layers[-1].set_top_k(1)
     moekit.save_model(model, None, tmp_path / "m")
-    assert (tmp_path / "m" / "moekit-model.safetensors").exists()
+    assert (tmp_path / "m" / "moekit-model.st").exists()
     reloaded, _ = moekit.load_model(str(tmp_path / "m"), with_tokenizer=False)
     assert [layer.num_experts for layer in moe_layers(reloaded)] == [layer.num_experts for layer in layers]
     assert [layer.top_k for layer in moe_layers(reloaded)] == [layer.top_k for layer in layers]

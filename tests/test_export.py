@@ -84,7 +84,7 @@ def test_non_uniform_form_with_tied_embeddings_saves_and_reloads(tmp_path, famil
     arch.sync_config(model)
     assert getattr(model.config, PER_LAYER_EXPERTS_KEY)
     out = moekit.save_model(model, None, tmp_path / "m")
-    assert (out / "moekit-model.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert (out / "moekit-model.st").exists() and not (out / "model.safetensors").exists()
     back, _ = moekit.load_model(str(out), with_tokenizer=False, device="cpu")
     assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
     x = ids(back.config.vocab_size)

@@ -247,11 +247,15 @@ def moe_config(dense_config, cfg: CarveConfig, m: int):
         if getattr(src, "layer_types", None) is not None and target == "qwen2_moe":
             kw["layer_types"] = list(src.layer_types)
     if target == "qwen2_moe":
-        kw.update(shared_expert_intermediate_size=cfg.shared * m,
-                  qkv_bias=bool(getattr(src, "attention_bias", src.model_type == "qwen2")))
+        # always with q/k/v biases (zero when the source has none): vLLM's qwen2_moe builds them regardless and
+        # leaves absent ones uninitialised (see moekit.checkpoint.forms)
+        kw.update(shared_expert_intermediate_size=cfg.shared * m, qkv_bias=True)
     else:
         kw.update(attention_bias=bool(getattr(src, "attention_bias", False)))
     return AutoConfig.for_model(target, **kw)
+
+
+_QKV_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
 
 
 def _copy_non_ffn(dense, moe) -> None:
@@ -263,6 +267,9 @@ def _copy_non_ffn(dense, moe) -> None:
             continue
         if key not in src:
             if key == "lm_head.weight" and moe.config.tie_word_embeddings:
+                continue
+            if key.endswith(_QKV_BIASES) and moe.config.model_type == "qwen2_moe":
+                t.zero_()  # a source without attention biases: zero ones compute the same
                 continue
             raise MoekitError(f"cannot map '{key}' from the dense model: its attention differs from {moe.config.model_type}'s")
         if src[key].shape != t.shape:

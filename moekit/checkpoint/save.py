@@ -3,7 +3,7 @@
 * Same expert count and top-k in every layer -> ``save_pretrained`` form that plain
   ``AutoModelForCausalLM.from_pretrained`` loads (and so vLLM / SGLang serve).
 * Differing counts or top-k per layer, a moekit routing rule or moekit-only tensors -> moekit's opt-in form:
-  the config records what moekit needs and the weights go to ``moekit-model.safetensors`` (a name plain
+  the config records what moekit needs and the weights go to ``moekit-model.st`` (safetensors content under a name plain
   transformers will not pick up by mistake, so it cannot run a different model silently);
   :func:`moekit.load_model` rebuilds it. vLLM does not serve this form as-is: make it uniform first.
 
@@ -23,7 +23,7 @@ import torch
 
 from moekit.core import arch
 from moekit.errors import MoekitError
-from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS
+from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS, non_uniform_weights
 from moekit.checkpoint.read import read_dir
 
 VERIFY_PROMPTS = (
@@ -136,7 +136,7 @@ def untied_state_dict(model) -> dict[str, torch.Tensor]:
 
 def verify_checkpoint(model, tokenizer, path: Path, atol: float = 1e-4) -> None:
     """Reload ``path`` and compare keys and logits with the in-memory ``model``."""
-    if not (path / NON_UNIFORM_WEIGHTS).exists():
+    if non_uniform_weights(path) is None:
         from transformers import AutoModelForCausalLM
 
         _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=model.dtype)

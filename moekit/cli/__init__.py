@@ -27,6 +27,7 @@ from moekit.cli import profile
 from moekit.cli import prune
 from moekit.cli import route
 from moekit.cli import run
+from moekit.cli import serve
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,10 +16,13 @@ from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
 def info(model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
     """Architecture, layers, experts per layer, top-k, shared experts and parameter counts."""
+    from moekit.checkpoint.forms import checkpoint_form
+    from moekit.checkpoint.load import resolve
     from moekit.core.arch import describe
 
+    form = checkpoint_form(resolve(model))
     m, _ = load(model, dtype, device, trust_remote_code)
-    d = describe(m)
+    d = {**describe(m), "form": form.line()}
     if as_json:
         print(json.dumps(d, indent=2))
         return

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from moekit.core import arch
 from moekit.errors import MoekitError
 from moekit.checkpoint.save import _swap_into_place, check_output_dir
-from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS
+from moekit.checkpoint.paths import non_uniform_weights
 from moekit.checkpoint.read import restore_moekit_state
 from moekit.prune.prune import PruneConfig, prune_
 from moekit.checkpoint.safetensors_io import read_header, write_subset
@@ -162,7 +162,7 @@ def prune_shards(
         raise MoekitError(
             f"'{src}' is not a checkpoint directory (no config.json); shard-wise pruning needs a local directory"
         )
-    if (src / NON_UNIFORM_WEIGHTS).exists():
+    if non_uniform_weights(src) is not None:
         raise MoekitError(f"'{src}' is in moekit's non-uniform form; prune it in memory (drop --shardwise)")
     out = check_output_dir(out, overwrite)
     model, wmap, layout = load_meta(src)

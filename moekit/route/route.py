@@ -45,7 +45,7 @@ form                                        loads with
 global top-k, with or without ``rescale``   plain transformers (standard checkpoint)
 per-layer top-k (``allocate``)              moekit (plain transformers would run the largest k everywhere)
 ``renorm`` / ``adaptive`` / ``super``       moekit: config key ``moekit_route``, re-applied on load
-``compensate``                              moekit: ``moekit_mean_out`` buffers in ``moekit-model.safetensors``
+``compensate``                              moekit: ``moekit_mean_out`` buffers in ``moekit-model.st``
 ==========================================  ===========================================================
 """
 

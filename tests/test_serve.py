@@ -1,0 +1,270 @@
+"""Checkpoints and the engines that serve them: forms, the q/k/v-bias repair, and `serve-check` in a real vLLM.
+
+The tests marked ``vllm`` run vLLM's offline engine (the separate environment of `moekit vllm-env`) on every
+standard form moekit writes, derived from the embedded default ``smollm2-moe``; they skip with the reason when
+there is no vLLM environment (CI creates one first: .ci/run).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny import ids, tiny_model
+
+from moekit.checkpoint.forms import checkpoint_form, repair_for_engines
+from moekit.checkpoint.save import save_model
+from moekit.errors import MoekitError
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _write_config(path, **config):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"")
+
+
+# ---------------------------------------------------------------------------------------------- forms, no engine
+def test_repair_adds_zero_qkv_biases_and_keeps_the_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2_moe", qkv_bias=False)
+    x = ids()
+    before = logits(model, x)
+    model.save_pretrained(tmp_path / "old")  # the form moekit wrote before: vLLM runs it with garbage biases
+    assert not checkpoint_form(tmp_path / "old").servable
+    assert "qkv_bias false" in checkpoint_form(tmp_path / "old").reason
+    assert repair_for_engines(model, quiet=True)
+    assert model.config.qkv_bias is True
+    attn = model.model.layers[0].self_attn
+    assert all(getattr(attn, n).bias is not None and not getattr(attn, n).bias.any() for n in ("q_proj", "k_proj", "v_proj"))
+    torch.testing.assert_close(logits(model, x), before, rtol=0, atol=0)
+    assert not repair_for_engines(model, quiet=True)  # nothing left to repair
+    save_model(model, None, tmp_path / "new")
+    assert checkpoint_form(tmp_path / "new").servable
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
+    torch.testing.assert_close(logits(reloaded, x), before, rtol=0, atol=1e-6)
+
+
+def test_loading_the_old_form_repairs_it_and_says_so(tmp_path, capsys):
+    from moekit import load_model
+
+    tiny_model("qwen2_moe", qkv_bias=False).save_pretrained(tmp_path / "old")
+    capsys.readouterr()
+    model, _ = load_model(str(tmp_path / "old"), with_tokenizer=False)
+    assert model.config.qkv_bias is True
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moekit:")]
+    assert len(lines) == 1 and "added zero biases" in lines[0]
+
+
+def test_carving_writes_zero_qkv_biases():
+    from moekit.carve.carve import CarveConfig, carve
+
+    dense = tiny_model("llama")
+    moe = carve(dense, CarveConfig(experts=8, shared=2, active=2, k_a=4), tokens=ids(batch=4, length=32), progress=False)
+    assert moe.config.model_type == "qwen2_moe" and moe.config.qkv_bias is True
+    q = moe.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and not q.bias.any()
+
+
+@pytest.mark.parametrize("keys, servable, words", [
+    ({"model_type": "qwen3_moe"}, True, ""),
+    ({"model_type": "qwen2_moe", "qkv_bias": True}, True, ""),
+    ({"model_type": "qwen2_moe"}, False, "qkv_bias false"),
+    ({"model_type": "qwen3_moe", "moekit_top_k_per_layer": {"0": 2, "1": 4}}, False, "top-k per layer"),
+    ({"model_type": "qwen3_moe", "moekit_experts_per_layer": {"0": 6, "1": 8}}, False, "moekit uniform"),
+    ({"model_type": "qwen3_moe", "moekit_route": {"0": {}}}, False, "routing rule"),
+])
+def test_form_from_the_files(tmp_path, keys, servable, words):
+    _write_config(tmp_path / "c", **keys)
+    form = checkpoint_form(tmp_path / "c")
+    assert form.servable is servable
+    assert words in form.line()
+
+
+def test_moekit_form_is_not_servable_and_info_says_so(tmp_path, cli, char_tokenizer):
+    from moekit.core.arch import moe_layers
+
+    model = tiny_model("qwen3_moe", vocab_size=len(char_tokenizer))
+    moe_layers(model)[0].set_top_k(1)  # per-layer top-k: moekit's form
+    save_model(model, char_tokenizer, tmp_path / "m")
+    form = checkpoint_form(tmp_path / "m")
+    assert form.name == "moekit" and not form.servable and "moekit route" in form.fix
+    code, out, err = cli("info", tmp_path / "m", "--json")
+    assert code == 0, err
+    assert "not servable by vLLM" in json.loads(out)["form"]
+    save_model(tiny_model("qwen3_moe", vocab_size=len(char_tokenizer)), char_tokenizer, tmp_path / "std")
+    code, out, _ = cli("info", tmp_path / "std", "--json")
+    assert json.loads(out)["form"].startswith("standard (plain transformers loads it; vLLM serves it)")
+
+
+def test_the_earlier_name_of_moekit_form_still_loads(tmp_path):
+    from moekit import load_model
+    from moekit.checkpoint.paths import LEGACY_NON_UNIFORM_WEIGHTS, NON_UNIFORM_WEIGHTS
+    from moekit.core.arch import moe_layers
+
+    model = tiny_model("qwen3_moe")
+    moe_layers(model)[1].keep_experts([0, 2, 5])
+    save_model(model, None, tmp_path / "m")
+    (tmp_path / "m" / NON_UNIFORM_WEIGHTS).rename(tmp_path / "m" / LEGACY_NON_UNIFORM_WEIGHTS)
+    back, _ = load_model(str(tmp_path / "m"), with_tokenizer=False)
+    assert [layer.num_experts for layer in moe_layers(back)] == [8, 3]
+    torch.testing.assert_close(logits(back, ids()), logits(model, ids()), rtol=0, atol=0)
+    assert checkpoint_form(tmp_path / "m").name == "moekit"
+
+
+def test_serve_check_refuses_unservable_forms_without_starting_vllm(tmp_path, monkeypatch):
+    from moekit.serve.check import serve_check
+
+    monkeypatch.setenv("MOEKIT_VLLM_PYTHON", str(tmp_path / "no-such-python"))  # would fail if it were used
+    model = tiny_model("qwen3_moe")
+    for layer in __import__("moekit").moe_layers(model)[:1]:
+        layer.keep_experts([0, 1, 2, 3])
+    save_model(model, None, tmp_path / "nonuniform")
+    (v,) = serve_check([tmp_path / "nonuniform"])
+    assert not v.ok and v.form == "moekit" and "moekit uniform" in v.reason
+
+
+def test_engine_args_parse_json_and_pairs():
+    from moekit.cli.serve import engine_args
+
+    assert engine_args('{"tensor_parallel_size": 2}') == {"tensor_parallel_size": 2}
+    assert engine_args("tensor_parallel_size=2,kv_cache_dtype=fp8") == {"tensor_parallel_size": 2, "kv_cache_dtype": "fp8"}
+    with pytest.raises(MoekitError, match="key=value"):
+        engine_args("tensor_parallel_size")
+    with pytest.raises(MoekitError, match="not valid JSON"):
+        engine_args("{bad")
+
+
+def test_missing_vllm_environment_is_one_line(tmp_path, monkeypatch):
+    from moekit.serve.vllm_env import find_vllm_python
+
+    monkeypatch.delenv("MOEKIT_VLLM_PYTHON", raising=False)
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    with pytest.raises(MoekitError, match="moekit vllm-env"):
+        find_vllm_python()
+    with pytest.raises(MoekitError, match="--vllm-python"):
+        find_vllm_python(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------- the real engine
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The vLLM environment's python; CI (CI=true) creates it when absent, elsewhere the tests skip."""
+    import os
+
+    from moekit.serve.vllm_env import create_env, find_vllm_python
+
+    try:
+        return find_vllm_python()
+    except MoekitError as e:
+        if not os.environ.get("CI"):
+            pytest.skip(f"{e} (CI creates it)")
+    try:
+        return create_env()
+    except MoekitError as e:
+        pytest.skip(f"the vLLM environment could not be made: {e}")
+
+
+@pytest.fixture(scope="session")
+def served_forms(tmp_path_factory, smollm2_moe, smollm2):
+    """Every standard form moekit writes, from the embedded default (and a carve of a small dense model)."""
+    from moekit.carve.carve import CarveConfig, carve
+    from moekit.carve.heal import HealConfig, heal_
+    from moekit.densify.densify import DensifyConfig, densify
+    from moekit.merge.merge import MergeConfig, merge_
+    from moekit.profile.profile import ProfileConfig, profile
+    from moekit.prune.prune import PruneConfig, make_uniform, prune_
+    from moekit.route.route import RouteConfig, route_
+    from moekit.train.distill import DistillConfig, distill_
+
+    root = tmp_path_factory.mktemp("forms")
+    path, moe, tok = smollm2_moe
+    calib = torch.randint(3, moe.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    stats = profile(moe, ProfileConfig(progress=False), tokens=calib)
+    forms = {"smollm2-moe (carved + healed)": path}
+
+    def save(name, model, tokenizer=tok):
+        save_model(model, tokenizer, root / name.split(" ")[0])
+        forms[name] = root / name.split(" ")[0]
+
+    m = copy.deepcopy(moe)
+    prune_(m, PruneConfig(criterion="reap", ratio=0.25), stats=stats)
+    save("pruned-uniform (reap -25%, uniform budget)", m)
+    m = copy.deepcopy(moe)
+    prune_(m, PruneConfig(criterion="reap", ratio=0.25, budget="global"), stats=stats)
+    make_uniform(m, stats)
+    save("pruned-global-made-uniform (global budget, then moekit uniform)", m)
+    m = copy.deepcopy(moe)
+    merge_(m, MergeConfig(target=18), stats=stats, tokens=calib)
+    save("merged (REAM + select to 18)", m)
+    for name, mits in (("top4-plain", ()), ("top4-rescale", ("rescale",))):
+        m = copy.deepcopy(moe)
+        route_(m, RouteConfig(top_k=4, mitigations=mits), stats=stats, tokens=calib)
+        save(f"{name} (re-routed 8 -> 4)", m)
+    dense = densify(moe, DensifyConfig(keep=4, score="reap"), stats=stats)
+    save("densified (4 experts -> dense Llama)", dense)
+    distill_(dense, DistillConfig(steps=2, batch_size=2, seq_len=64, progress=False), tokens=calib, teacher=moe)
+    save("distilled (densified + 2 steps)", dense)
+    small, _ = smollm2
+    carved = carve(small, CarveConfig(experts=32, shared=8, active=8, k_a=10), tokens=calib[:2], progress=False)
+    save("carved (SmolLM2 -> Qwen2-MoE)", carved)
+    heal_(carved, HealConfig(router=True, lstsq=True, local_epochs=0), tokens=calib[:2], teacher=small, progress=False)
+    save("healed", carved)
+    return forms
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_every_standard_form_serves_identically_in_vllm(served_forms, vllm_python, tmp_path):
+    from moekit.serve.check import ServeCheckConfig, serve_check
+
+    names = list(served_forms)
+    verdicts = serve_check([served_forms[n] for n in names], ServeCheckConfig(), vllm_python=vllm_python)
+    report = {n: v.line() for n, v in zip(names, verdicts, strict=True)}
+    assert all(v.ok for v in verdicts), report
+    assert all(v.steps == 4 * 32 for v in verdicts)
+    # near-ties aside, vLLM reproduces transformers' own greedy text
+    assert all(v.greedy_match >= 0.9 * v.steps for v in verdicts), report
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_old_qkv_form_breaks_in_vllm_and_serve_check_catches_it(tmp_path, smollm2_moe, vllm_python, cli):
+    """The NaN case: the embedded default as recipe v1 wrote it (Qwen2-MoE, qkv_bias false)."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.serve.check import ServeCheckConfig, compare, prompt_ids, run_vllm
+
+    path, _, tok = smollm2_moe
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    for layer in plain.model.layers:
+        for n in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.self_attn, n).bias = None
+    plain.config.qkv_bias = False
+    plain.save_pretrained(tmp_path / "v1-form")
+    tok.save_pretrained(tmp_path / "v1-form")
+    code, out, err = cli("serve-check", tmp_path / "v1-form", "--vllm-python", vllm_python)  # refused from the files
+    assert code == 2 and "qkv_bias false" in out and err.startswith("moekit: error:")
+    # the same model in moekit's own form (per-layer top-k): vLLM must not find weights to load by mistake
+    from moekit.checkpoint.load import load_model
+    from moekit.core.arch import moe_layers
+
+    model, _ = load_model(str(path), with_tokenizer=False)
+    moe_layers(model)[0].set_top_k(4)
+    save_model(model, tok, tmp_path / "moekit-form", verify=False)
+    cfg = ServeCheckConfig(check_form=False, max_tokens=4, prompts=2)
+    prompts = prompt_ids(tmp_path / "v1-form", cfg.prompts, plain.config.vocab_size)
+    requests = [{"model": str(p), "prompts": prompts, "max_tokens": cfg.max_tokens, "logprobs": 1, "dtype": cfg.dtype,
+                 "engine": {"gpu_memory_utilization": cfg.gpu_memory_utilization}}
+                for p in (tmp_path / "v1-form", tmp_path / "moekit-form")]
+    old, own = run_vllm(requests, vllm_python, cfg.timeout_s)
+    v = compare(tmp_path / "v1-form", prompts, old, cfg)
+    assert not v.ok and ("non-finite" in v.reason or "log-probability" in v.reason), v.line()
+    assert "error" in own, own  # no *.safetensors: vLLM refuses to load it
