@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import DATA, needs_data
 from tiny import ids, tiny_model
 
 from moekit.checkpoint.forms import checkpoint_form, repair_for_engines
@@ -268,3 +269,25 @@ def test_the_old_qkv_form_breaks_in_vllm_and_serve_check_catches_it(tmp_path, sm
     v = compare(tmp_path / "v1-form", prompts, old, cfg)
     assert not v.ok and ("non-finite" in v.reason or "log-probability" in v.reason), v.line()
     assert "error" in own, own  # no *.safetensors: vLLM refuses to load it
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_data
+def test_eval_through_vllm_scores_the_same_items_as_in_process(smollm2_moe, vllm_python, tmp_path, cli):
+    """`moekit eval --backend vllm` (the harness's vLLM backend, in the vLLM environment) against the HF backend."""
+    path, _, _ = smollm2_moe
+    args = ["eval", path, "--tasks", "arc_easy,openbookqa,social_iqa", "--data-dir", DATA / "dev", "--limit", "50"]
+    code, _, err = cli(*args, "--out", tmp_path / "hf.json")
+    assert code == 0, err
+    code, _, err = cli(*args, "--backend", "vllm", "--vllm-python", vllm_python, "--model-args",
+                       "gpu_memory_utilization=0.15,max_model_len=1024", "--out", tmp_path / "vllm.json")
+    assert code == 0, err
+    hf, vl = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hf", "vllm"))
+    assert vl["settings"]["backend"] == "vllm"
+    for task, h in hf["tasks"].items():
+        v = vl["tasks"][task]
+        assert v["n"] == h["n"] == 50
+        for metric in ("acc", "acc_norm"):
+            if h.get(metric) is not None:
+                assert abs(v[metric] - h[metric]) * h["n"] <= max(1, h["n"] / 100) + 1e-9, (task, metric, h[metric], v[metric])

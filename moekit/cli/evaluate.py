@@ -53,7 +53,13 @@ def eval_cmd(
     num_fewshot: int = option(EvalStep, "num_fewshot", "--num-fewshot", help="in-context examples per item"),
     out: Path = typer.Option(None, "--out", help="result JSON (a Markdown table is written beside it, .md)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out"),
-    backend: str = typer.Option("hf", "--backend", help="hf: in process; vllm: hand a saved checkpoint to the harness's vLLM backend"),
+    backend: str = typer.Option("hf", "--backend", help="hf: in process; vllm: a saved checkpoint through the harness's "
+                                "vLLM backend, run in the vLLM environment (`moekit vllm-env`)"),
+    model_args: str = typer.Option(None, "--model-args", help="vllm backend: vllm arguments as JSON or key=value,... "
+                                   "(tensor_parallel_size, gpu_memory_utilization, max_model_len; on a CPU-only "
+                                   "machine gpu_memory_utilization defaults to 0.15: the share of RAM vLLM reserves)"),
+    vllm_python: Path = typer.Option(None, "--vllm-python", envvar="MOEKIT_VLLM_PYTHON",
+                                     help="python of the vLLM environment (default: the one `moekit vllm-env` made)"),
     costs: bool = typer.Option(False, "--costs", help="also measure parameters, bytes, peak forward memory, prefill/decode speed"),
     baseline: str = typer.Option(None, "--baseline", help="original model: its costs are measured in the same run (ratios)"),
     ppl_data: str = typer.Option(None, "--ppl-data", help="also perplexity on this text (e.g. ../shared/data/dev/c4_valid_dev.jsonl)"),
@@ -77,10 +83,23 @@ def eval_cmd(
     if backend == "vllm":
         from moekit.eval.harness import evaluate_checkpoint
 
+        import torch
+
+        from moekit.checkpoint.load import resolve
+        from moekit.cli.serve import engine_args
+
         if costs or ppl_data:
             raise MoekitError("--costs and --ppl-data need the model in process: use --backend hf for them")
-        result = evaluate_checkpoint(model, task_list, data_dir, limit, num_fewshot=num_fewshot, data_files=files,
-                                     dtype=dtype, trust_remote_code=trust_remote_code)
+        margs = engine_args(model_args)
+        if not torch.cuda.is_available():
+            margs.setdefault("gpu_memory_utilization", 0.15)
+        path = resolve(model)
+        if isinstance(path, str) or not Path(path).is_dir():
+            raise MoekitError(f"--backend vllm evaluates a saved checkpoint directory; '{model}' is not one")
+        result = evaluate_checkpoint(str(path), task_list, data_dir, limit, batch_size, num_fewshot=num_fewshot,
+                                     data_files=files, dtype="float32" if dtype == "auto" and not torch.cuda.is_available()
+                                     else dtype, trust_remote_code=trust_remote_code, model_args=margs,
+                                     vllm_python=vllm_python)
     else:
         from moekit.eval.harness import evaluate
 

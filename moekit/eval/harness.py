@@ -117,16 +117,29 @@ def evaluate(model, tokenizer, tasks=DEV_TASKS, data_dir=None, limit: int | floa
 def evaluate_checkpoint(path: str, tasks=DEV_TASKS, data_dir=None, limit: int | float | None = None,
                         batch_size: int | str = "auto", num_fewshot: int = 0, *, backend: str = "vllm",
                         data_files: dict | None = None, dtype: str = "auto", trust_remote_code: bool = False,
-                        model_args: dict | None = None) -> dict:
+                        model_args: dict | None = None, vllm_python: str | None = None) -> dict:
     """A saved checkpoint through one of the harness's own backends (``vllm`` on GPU machines): a pass-through.
 
     Same tasks, offline configs and result schema as :func:`evaluate`; the model never enters this process, so
     ``model.fingerprint`` is None and the parameter counts come from the config (built on the meta device).
+    ``model_args`` go to the backend as they are (vLLM: tensor_parallel_size, gpu_memory_utilization,
+    max_model_len, ...). Where this environment has no vLLM, the job runs in the vLLM environment
+    (:mod:`moekit.serve.remote_eval`; ``vllm_python`` as for ``moekit serve-check``).
     """
     import importlib.util
 
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise MoekitError("the vLLM backend is not installed: pip install 'moekit[vllm]' (GPU machines), or use --backend hf")
+        # vLLM lives in its own environment (it pins torch and transformers): run there, same code and schema
+        from moekit.serve.remote_eval import evaluate_in_vllm_env
+        from moekit.serve.vllm_env import find_vllm_python
+
+        python = find_vllm_python(vllm_python)
+        kwargs = {"path": str(Path(path).resolve()), "tasks": list(tasks),
+                  "data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "limit": limit,
+                  "batch_size": batch_size, "num_fewshot": num_fewshot, "dtype": dtype,
+                  "trust_remote_code": trust_remote_code, "model_args": model_args,
+                  "data_files": {k: str(Path(v).resolve()) for k, v in (data_files or {}).items()} or None}
+        return evaluate_in_vllm_env(python, kwargs)
     tasks = check_tasks(tasks, data_dir, data_files)
     metadata = _metadata(data_dir, data_files)
     args = {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code, **(model_args or {})}

@@ -7,7 +7,10 @@ moekit finds its Python, in this order: the ``--vllm-python`` option, ``$MOEKIT_
 * CUDA: ``vllm`` (the newest release for the machine's CUDA),
 
 then removes torchvision, torchaudio and torchcodec, which pip brings along built for another torch and
-which vLLM's text models do not need (their import fails and takes vLLM down with it).
+which vLLM's text models do not need (their import fails and takes vLLM down with it), and installs moekit
+itself with lm-eval (``moekit[eval]``: this checkout, editable, or the same release from the index), so that
+``moekit eval --backend vllm`` runs the same task configs there. pip keeps vLLM's torch and transformers:
+moekit's requirements are ranges they satisfy.
 """
 
 from __future__ import annotations
@@ -69,11 +72,22 @@ def create_env(path: Path | None = None, *, cuda: bool = False, python: str = sy
     _run([str(py), "-m", "pip", "install", "-q", package], f"pip install {package}")
     _run([str(py), "-m", "pip", "uninstall", "-y", "-q", *UNWANTED], "removing torchvision/torchaudio/torchcodec",
          ok_codes=(0, 1))
+    _run([str(py), "-m", "pip", "install", "-q", *moekit_requirement()], "pip install moekit[eval]")
     version = vllm_version(py)
     if version is None:
         raise MoekitError(f"vLLM does not import in {path} after installing {package}: see `{py} -c 'import vllm'`")
     print(f"moekit: vLLM {version} ready in {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return py
+
+
+def moekit_requirement() -> list[str]:
+    """pip arguments that install this moekit with its eval extra: the source checkout when it is one."""
+    import moekit
+
+    root = Path(moekit.__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "moekit" / "__init__.py").is_file():
+        return ["-e", f"{root}[eval]"]
+    return [f"moekit[eval]=={moekit.__version__}"]
 
 
 def _run(cmd: list[str], what: str, ok_codes=(0,)) -> None:

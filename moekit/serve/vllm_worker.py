@@ -10,6 +10,10 @@ RESPONSE: {"results": [{"vllm_version", "load_seconds", "generate_seconds",
                         "outputs": [{"tokens": [...], "logprobs": [{token id: logprob}, ...]}, ...]}
                        or {"error": "one line"}, ...]}
           or {"error": "one line"} when vLLM itself does not import
+
+A check with ``"speed": {"batches": [1, 16], "prompt_len": P, "decode_tokens": D, "repeats": R, "vocab": V}``
+measures throughput instead: per batch size, the median over R of prefill tokens/s (B prompts of P tokens, one
+generated token) and decode tokens/s (B x D generated tokens over the time beyond that prefill).
 """
 
 import json
@@ -33,6 +37,8 @@ def check(req: dict) -> dict:
         start = time.perf_counter()
         llm = LLM(model=req["model"], skip_tokenizer_init=True, **engine)
         load_s = time.perf_counter() - start
+        if "speed" in req:
+            return {"vllm_version": vllm.__version__, "load_seconds": load_s, "speed": speed(llm, req["speed"])}
         params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], logprobs=req.get("logprobs", 1),
                                 ignore_eos=True, detokenize=False)
         start = time.perf_counter()
@@ -55,6 +61,38 @@ def check(req: dict) -> dict:
                 pass
             del llm
         gc.collect()
+
+
+def speed(llm, spec: dict) -> dict:
+    """Prefill and decode throughput per batch size (see the module doc)."""
+    import random
+    import statistics
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(0)
+    out = {}
+    for batch in spec["batches"]:
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, spec["vocab"]) for _ in range(spec["prompt_len"])])
+                   for _ in range(batch)]
+
+        def timed(n_tokens: int, prompts=prompts) -> float:
+            params = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True, detokenize=False)
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            return time.perf_counter() - start
+
+        timed(2)  # warm-up
+        prefill, decode = [], []
+        for _ in range(spec["repeats"]):
+            t1 = timed(1)
+            td = timed(spec["decode_tokens"] + 1)
+            prefill.append(batch * spec["prompt_len"] / t1)
+            decode.append(batch * spec["decode_tokens"] / max(td - t1, 1e-9))
+        out[str(batch)] = {"prefill_tokens_per_s": statistics.median(prefill),
+                           "decode_tokens_per_s": statistics.median(decode)}
+    return out
 
 
 def main(request_path: str, response_path: str) -> int:
