@@ -127,6 +127,24 @@ def test_interrupted_run_leaves_no_half_checkpoint_and_resumes(tiny_setup, monke
     assert results[2]["model"]["experts_by_layer"] == [6, 6]  # resumed from the pruned checkpoint
 
 
+def test_changed_step_is_run_again_not_resumed(tiny_setup, capsys):
+    """Rerunning into the same directory with other options redoes the changed step and those after it."""
+    from moekit.pipeline.runner import run_recipe
+
+    tmp_path, recipe = tiny_setup
+    run = tmp_path / "run"
+    first = run_recipe(load_recipe(recipe), run, progress=False)
+    assert first[2]["model"]["experts_by_layer"] == [6, 6]
+    recipe.write_text(recipe.read_text().replace("keep: 6", "keep: 4"))
+    capsys.readouterr()
+    second = run_recipe(load_recipe(recipe), run, progress=False)
+    assert second[2]["model"]["experts_by_layer"] == [4, 4]  # not the old model
+    assert second[0]["key"] == first[0]["key"] and second[1]["key"] != first[1]["key"]
+    assert "step 2 (prune)" in capsys.readouterr().err
+    third = run_recipe(load_recipe(recipe), run, progress=False)  # unchanged: everything reused
+    assert [r["key"] for r in third] == [r["key"] for r in second]
+
+
 def test_a_registered_method_is_a_recipe_step_without_touching_the_runner(tmp_path, monkeypatch):
     """The runner looks steps up in the registry: registering a method makes it a step, with its needs supplied."""
     from dataclasses import dataclass

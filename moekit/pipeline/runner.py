@@ -101,6 +101,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, *, progress: bool = True) ->
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keys = step_keys(recipe)
+    _drop_stale_steps(run_dir, recipe, keys)
     (run_dir / "recipe.yaml").write_text(recipe.path.read_text(encoding="utf-8"), encoding="utf-8")
     ctx = Context(recipe=recipe, run_dir=run_dir, progress=progress)
     # resume: the newest finished checkpoint is the model; the one before the last new-model step is the teacher
@@ -123,7 +125,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, *, progress: bool = True) ->
             ctx.results.append(json.loads(done.read_text()))
             continue
         sdir.mkdir(parents=True, exist_ok=True)
-        record = {"step": step.name, "index": i, "options": step.options}
+        record = {"step": step.name, "index": i, "options": step.options, "key": keys[i]}
         if step.name == "eval":
             record.update(run_eval(ctx, step.config, sdir))
         elif step.name == "profile":
@@ -138,6 +140,40 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, *, progress: bool = True) ->
 
 def step_dir(run_dir: Path, i: int, step: Step) -> Path:
     return run_dir / f"{i + 1:02d}-{step.name}"
+
+
+def step_keys(recipe: Recipe) -> list[str]:
+    """Per step, a hash of everything its output depends on: the model, data, seed, dtype, and this step's and
+    every earlier step's name and options. A finished step is reused only when its key is unchanged."""
+    base = {"model": recipe.model, "data": recipe.data, "seed": recipe.seed, "dtype": recipe.dtype}
+    keys, chain = [], [json.dumps(base, sort_keys=True, default=str)]
+    for step in recipe.steps:
+        chain.append(json.dumps({"step": step.name, "options": step.options}, sort_keys=True, default=str))
+        keys.append(hashlib.sha256("\n".join(chain).encode()).hexdigest()[:16])
+    return keys
+
+
+def _drop_stale_steps(run_dir: Path, recipe: Recipe, keys: list[str]) -> None:
+    """Remove the first finished step whose inputs or options changed since it ran, and every step after it."""
+    import shutil
+    import sys
+
+    for i, step in enumerate(recipe.steps):
+        done = step_dir(run_dir, i, step) / "done.json"
+        if not done.exists():
+            continue
+        try:
+            old_key = json.loads(done.read_text()).get("key")
+        except (OSError, ValueError):
+            old_key = None
+        if old_key == keys[i]:
+            continue
+        print(f"moekit: step {i + 1} ({step.name}) in {run_dir} was run with other inputs or options: running it and "
+              "the steps after it again", file=sys.stderr)
+        for stale in sorted(run_dir.glob("[0-9][0-9]-*")):
+            if stale.is_dir() and int(stale.name[:2]) >= i + 1:
+                shutil.rmtree(stale)
+        return
 
 
 def run_method(ctx: Context, step: Step) -> dict:
