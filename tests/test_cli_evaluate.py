@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -63,8 +62,7 @@ def test_eval_writes_result_and_table_then_compare(saved, tmp_path, capsys):
     (["--tasks", "openbookqa"], "openbookqa.jsonl' does not exist"),
     (["--tasks", "arc_easy", "--data-file", "arc_easy"], "is not TASK=PATH"),
     (["--tasks", "arc_easy", "--backend", "tgi"], "unknown backend 'tgi'"),
-    pytest.param(["--tasks", "arc_easy", "--backend", "vllm"], "vLLM backend is not installed",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")),
+    (["--tasks", "arc_easy", "--backend", "vllm", "--vllm-python", "/no/such/python"], "is not a file"),
 ])
 def test_bad_input_is_one_line_exit_2(saved, tmp_path, capsys, args, message):
     code, _, err = run(["eval", str(saved / "model"), "--data-dir", str(saved), "--out", str(tmp_path / "x.json"), *args],

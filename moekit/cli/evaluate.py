@@ -76,8 +76,9 @@ def eval_cmd(
     out = Path(out) if out else Path(f"eval_{Path(model).name or 'model'}.json")
     if out.is_dir():
         raise MoekitError(f"--out '{out}' is a directory: give a file name such as {out / 'result.json'}")
-    if out.exists() and not overwrite:
-        raise MoekitError(f"'{out}' exists: pass --overwrite to replace it, or choose another --out")
+    for existing in (out, out.with_suffix(".md")):  # the JSON result and the Markdown table beside it
+        if existing.exists() and not overwrite:
+            raise MoekitError(f"'{existing}' exists: pass --overwrite to replace it, or choose another --out")
     if backend not in ("hf", "vllm"):
         raise MoekitError(f"unknown backend '{backend}': use hf (in process) or vllm (saved checkpoints, GPU)")
     if backend == "vllm":
@@ -136,10 +137,15 @@ def eval_cmd(
 @app.command()
 def compare(results: list[Path] = typer.Argument(..., help="result JSON files written by `moekit eval --out`"),
             plot: Path = typer.Option(Path("compare.png"), "--plot", help="PNG of accuracy (and perplexity) vs parameters"),
-            params: str = typer.Option("total", "--params", help="x axis: total or active parameters")):
+            params: str = typer.Option("total", "--params", help="x axis: total or active parameters"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --plot image")):
     """Side-by-side table of several results and a plot of accuracy against parameters."""
+    from moekit.errors import MoekitError
     from moekit.eval.compare import compare_table, load_results
     from moekit.eval.compare import plot as draw
+
+    if plot.exists() and not overwrite:
+        raise MoekitError(f"'{plot}' exists: pass --overwrite to replace it, or choose another --plot")
 
     loaded = load_results(results)
     print(compare_table(loaded), end="")

@@ -17,6 +17,10 @@ from moekit.errors import MoekitError
 
 def windows(tokenizer, source: str, *, max_tokens: int = 65536, window: int = 1024, field: str = "text") -> torch.Tensor:
     """[n_windows, window] token ids from ``source`` (documents in file order, joined by blank lines)."""
+    if max_tokens < 1:
+        raise MoekitError(f"--max-tokens {max_tokens} must be at least one window ({window}): perplexity over nothing is undefined")
+    if window < 2:
+        raise MoekitError(f"--window {window} must be at least 2 tokens (one prediction)")
     texts = load_texts(source, field=field)
     stream = tokenize_stream(tokenizer, texts, max_tokens=max_tokens)
     n = stream.numel() // window
@@ -28,6 +32,8 @@ def windows(tokenizer, source: str, *, max_tokens: int = 65536, window: int = 10
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, *, batch_size: int = 4, progress: bool = True, desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) over every window in ``tokens`` [n, L] (each window scored on its own)."""
+    if batch_size < 1:
+        raise MoekitError(f"--batch-size {batch_size} must be at least 1")
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in tqdm(range(0, tokens.shape[0], batch_size), desc=desc, disable=not progress, leave=False):

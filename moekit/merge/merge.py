@@ -156,6 +156,9 @@ def _cluster_counts(layers, stats, cfg: MergeConfig, free) -> dict[int, int]:
         if cfg.merges_per_layer is not None:
             n = len(mergeable) - cfg.merges_per_layer
         elif cfg.target is not None:
+            if cfg.target >= layer.num_experts:
+                raise MoekitError(f"--target {cfg.target} is not below layer {layer.index}'s {layer.num_experts} experts: "
+                                  f"nothing to merge; choose a target below {layer.num_experts}")
             n = cfg.target - len(keep)
         else:
             n = len(mergeable)

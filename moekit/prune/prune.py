@@ -145,6 +145,10 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
         raise MoekitError(
             f"statistics for layer {layer.index} cover {s.shape[0]} experts, the model has {e}; profile this model"
         )
+    if not torch.isfinite(s).all():
+        bad = torch.nonzero(~torch.isfinite(s)).flatten().tolist()
+        raise MoekitError(f"the statistics give layer {layer.index} non-finite '{c}' scores (experts {bad[:5]}): the "
+                          "statistics file is damaged or was made on a diverged model; profile the model again")
     return s
 
 
