@@ -97,8 +97,19 @@ def main(argv=None) -> None:
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))
-    write_json(RESULTS / "serve_speed.json", {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                                              "columns": cols, "rows": rows})
+    import datetime
+
+    table_rows = [[r[0], *[f"{r[i]:.1f} ({r[i + 1]:.2f}×)" for i in range(1, len(r), 2)]] for r in rows]
+    table_cols = ["model", *[c for c in cols[1:] if c != "ratio"]]
+    write_json(RESULTS / "tables" / "serve_speed.json", {
+        "title": "Serving speed in vLLM (ratio to the original in brackets)",
+        "command": "python bench/serve_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": f"{args.model} and three compressed standard checkpoints of it",
+        "data": f"random prompts of {args.prompt_len} tokens, {args.decode_tokens} greedy tokens; median of "
+                f"{args.rounds} rounds alternating the model order, one vLLM process per round",
+        "machine": f"2-core development CPU, vLLM (CPU build) with one engine thread, {args.dtype}",
+        "recorded": datetime.date.today().isoformat(),
+        "columns": table_cols, "formats": [""] * len(table_cols), "rows": table_rows, "runs": runs})
 
 
 if __name__ == "__main__":  # vLLM's engine spawns processes

@@ -64,6 +64,15 @@ def test_loading_the_old_form_repairs_it_and_says_so(tmp_path, capsys):
     assert len(lines) == 1 and "added zero biases" in lines[0]
 
 
+def test_saving_writes_the_form_every_engine_reads(tmp_path):
+    model = tiny_model("qwen2_moe", qkv_bias=False)
+    before = logits(model, ids())
+    save_model(model, None, tmp_path / "m")  # verified: the reload computes what the model did
+    assert checkpoint_form(tmp_path / "m").servable
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["qkv_bias"] is True
+    torch.testing.assert_close(logits(model, ids()), before, rtol=0, atol=0)
+
+
 def test_carving_writes_zero_qkv_biases():
     from moekit.carve.carve import CarveConfig, carve
 

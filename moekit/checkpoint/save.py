@@ -23,6 +23,7 @@ import torch
 
 from moekit.core import arch
 from moekit.errors import MoekitError
+from moekit.checkpoint.forms import repair_for_engines
 from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS, non_uniform_weights
 from moekit.checkpoint.read import read_dir
 
@@ -109,6 +110,7 @@ def _write(model, tokenizer, path: Path) -> None:
     from safetensors.torch import save_file
 
     arch.sync_config(model)
+    repair_for_engines(model, source="the model being saved")  # every engine then reads it the same way
     if is_standard(model):
         model.save_pretrained(path, safe_serialization=True)
     else:
