@@ -64,6 +64,8 @@ def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if hasattr(args, "data_dir"):
         args.data_dir = data_root(args.data_dir)
+        if args.data_dir.is_dir():  # the embedded default is the one built on this folder's calibration text
+            os.environ.setdefault("MOEKIT_DATA", str(args.data_dir.resolve()))
         if hasattr(args, "calib") and args.calib is None:
             args.calib = str(args.data_dir / CALIB_FILE)
         if hasattr(args, "dev") and args.dev is None:

@@ -33,7 +33,7 @@ def build_models(args, out: Path) -> dict[str, Path]:
     from moekit.route.route import RouteConfig, route_
 
     names = {"original": None, "pruned -25% (reap)": "pruned", "top-4 (rescale)": "top4-rescale",
-             "densified (K=8)": "densified"}
+             "densified (K=8, reap)": "densified"}
     model, tok = load(args.model)
     from moekit.carve.embedded import embedded_moe_path
 
@@ -49,7 +49,8 @@ def build_models(args, out: Path) -> dict[str, Path]:
         m = copy.deepcopy(model)
         route_(m, RouteConfig(top_k=4, mitigations=("rescale",)), stats=stats, tokens=calib)
         save_model(m, tok, out / "top4-rescale", overwrite=True)
-        save_model(densify(model, DensifyConfig(keep=8), stats=stats), tok, out / "densified", overwrite=True)
+        save_model(densify(model, DensifyConfig(keep=8, score="reap"), stats=stats), tok, out / "densified",
+                   overwrite=True)
     return {**paths, **{n: out / d for n, d in names.items() if d}}
 
 
