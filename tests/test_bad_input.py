@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from merge_helpers import tiny_stats
 from tiny import ids, tiny_model
 

@@ -142,7 +142,7 @@ def test_serve_check_refuses_unservable_forms_without_starting_vllm(tmp_path, mo
 
 
 def test_engine_args_parse_json_and_pairs():
-    from moekit.cli.serve import engine_args
+    from moekit.cli.common import engine_args
 
     assert engine_args('{"tensor_parallel_size": 2}') == {"tensor_parallel_size": 2}
     assert engine_args("tensor_parallel_size=2,kv_cache_dtype=fp8") == {"tensor_parallel_size": 2, "kv_cache_dtype": "fp8"}

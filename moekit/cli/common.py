@@ -8,6 +8,7 @@ an option that stands for a field takes its default from there, so the CLI and t
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import typer
 
@@ -47,3 +48,29 @@ def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_cod
     from moekit.checkpoint.load import load_model
 
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def engine_args(text: str | None) -> dict:
+    """``--engine-args '{"tensor_parallel_size": 2}'`` or ``key=value,key=value`` -> a dict."""
+    from moekit.errors import MoekitError
+
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MoekitError(f"--engine-args is not valid JSON ({e.msg}): pass '{{\"key\": value}}' or key=value,...") from None
+        if not isinstance(value, dict):
+            raise MoekitError("--engine-args must be a JSON object")
+        return value
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key:
+            raise MoekitError(f"--engine-args item '{part}' is not key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out

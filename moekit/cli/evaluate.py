@@ -87,7 +87,7 @@ def eval_cmd(
         import torch
 
         from moekit.checkpoint.load import resolve
-        from moekit.cli.serve import engine_args
+        from moekit.cli.common import engine_args
 
         if costs or ppl_data:
             raise MoekitError("--costs and --ppl-data need the model in process: use --backend hf for them")

@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load, option
+from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, engine_args, load, option
 from moekit.serve.check import ServeCheckConfig
-
-
-def engine_args(text: str | None) -> dict:
-    """``--engine-args '{"tensor_parallel_size": 2}'`` or ``key=value,key=value`` -> a dict."""
-    from moekit.errors import MoekitError
-
-    if not text:
-        return {}
-    if text.lstrip().startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoekitError(f"--engine-args is not valid JSON ({e.msg}): pass '{{\"key\": value}}' or key=value,...") from None
-        if not isinstance(value, dict):
-            raise MoekitError("--engine-args must be a JSON object")
-        return value
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, raw = part.partition("=")
-        if not sep or not key:
-            raise MoekitError(f"--engine-args item '{part}' is not key=value")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 @app.command("serve-check")
