@@ -14,9 +14,11 @@ it into place. An existing non-empty directory is refused unless ``overwrite=Tru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,26 +47,35 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 def save_model(model, tokenizer, out: str | Path, *, overwrite: bool = False, verify: bool = True,
                atol: float = 1e-4) -> Path:
     """Save ``model`` (and tokenizer, generation config) atomically to ``out``; verify by reloading."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / WRITER_FILE).write_text(str(os.getpid()))
+    with staged_dir(out, overwrite) as tmp:
         _write(model, tokenizer, tmp)
-        (tmp / WRITER_FILE).unlink()
-        apply_umask(tmp)
         if verify:
             try:
                 verify_checkpoint(model, tokenizer, tmp, atol=atol)
             except MoekitError as e:  # name the target, not the temporary directory that is about to go
                 raise MoekitError(f"'{out}' was not written: the checkpoint did not verify ({str(e).replace(str(tmp), str(out))}); "
                                   "nothing was changed; this is a moekit bug, please report it") from None
+    return Path(out).expanduser()
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to fill; on a clean exit it takes ``out``'s place in one rename (an
+    existing ``out`` only with ``overwrite``), with the modes the user's umask asks for. On any exception, or a
+    kill, ``out`` is untouched; what a killed writer left is removed by the next writer of the same target."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / WRITER_FILE).write_text(str(os.getpid()))
+        yield tmp
+        (tmp / WRITER_FILE).unlink()
+        apply_umask(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 WRITER_FILE = ".moekit-writer"  # pid of the process writing a temporary directory; removed before the rename

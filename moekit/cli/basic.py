@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -37,10 +38,34 @@ def ppl(model: str = MODEL, data: str = typer.Option(..., "--data", help="text s
         field: str = FIELD, max_tokens: int = typer.Option(65536, help="score the first N tokens"),
         window: int = typer.Option(1024, help="non-overlapping window length"),
         batch_size: int = typer.Option(4, help="windows per forward pass"),
+        backend: str = typer.Option("hf", "--backend", help="hf (transformers, in process) or vllm (a saved checkpoint "
+                                    "in vLLM's engine, e.g. a compressed-tensors quantization)"),
+        engine: str = typer.Option(None, "--engine-args", help="with --backend vllm: more vllm.LLM arguments (JSON or key=value,...)"),
+        vllm_python: Path = typer.Option(None, "--vllm-python", envvar="MOEKIT_VLLM_PYTHON", help="python of the vLLM environment"),
         dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Perplexity over fixed non-overlapping windows."""
+    from moekit.errors import MoekitError
     from moekit.eval.perplexity import perplexity, windows
 
+    if backend == "vllm":
+        from moekit.checkpoint.load import resolve
+        from moekit.checkpoint.read import read_tokenizer
+        from moekit.cli.common import engine_args
+        from moekit.serve.perplexity import vllm_perplexity
+
+        path = resolve(model)
+        if isinstance(path, str) or not Path(path).is_dir():
+            raise MoekitError(f"--backend vllm scores a saved checkpoint directory; '{model}' is not one")
+        tok = read_tokenizer(path)
+        if tok is None:
+            raise MoekitError(f"'{model}' has no tokenizer files: perplexity on text needs one")
+        toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
+        r = vllm_perplexity(path, toks, dtype=dtype, engine=engine_args(engine), vllm_python=vllm_python)
+        print(f"perplexity {r['value']:.3f} over {toks.numel():,} tokens ({toks.shape[0]} windows of {window}) of {data} "
+              f"in vLLM {r['vllm_version']}")
+        return
+    if backend != "hf":
+        raise MoekitError(f"unknown backend '{backend}': use hf (in process) or vllm (a saved checkpoint)")
     m, tok = load(model, dtype, device, trust_remote_code)
     toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
     value = perplexity(m, toks, batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""`moekit serve-check`, `moekit vllm-env` and `moekit convert`."""
+"""`moekit serve-check`, `moekit vllm-env`, `moekit convert`, `moekit quantize` and `moekit llmc-env`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from moekit.cli import app
 from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, engine_args, load, option
 from moekit.serve.check import ServeCheckConfig
+from moekit.serve.quantize import QuantizeConfig
 
 
 @app.command("serve-check")
@@ -68,3 +69,37 @@ def convert(model: str = MODEL, out: Path = typer.Option(..., "--out", help="out
     m, tok = load(model, dtype, device, trust_remote_code)
     save_model(m, tok, out, overwrite=overwrite)
     print(f"written {out}: {checkpoint_form(out).line()}")
+
+
+@app.command()
+def quantize(model: str = MODEL, out: Path = typer.Option(..., "--out", help="output directory (compressed-tensors)"),
+             scheme: str = option(QuantizeConfig, "scheme", "--scheme", help="llm-compressor preset: W8A8, FP8_DYNAMIC, W4A16, ..."),
+             experts: bool = option(QuantizeConfig, "experts", "--experts/--no-experts",
+                                    help="quantize the routed experts too (vLLM on CPU without AMX: --no-experts)"),
+             timeout: int = option(QuantizeConfig, "timeout_s", "--timeout", help="seconds for the llm-compressor run"),
+             overwrite: bool = OVERWRITE,
+             llmc_python: Path = typer.Option(None, "--llmc-python", envvar="MOEKIT_LLMC_PYTHON",
+                                              help="python of the llm-compressor environment (default: the one `moekit llmc-env` made)")):
+    """Quantize a saved checkpoint with llm-compressor (data-free) into a checkpoint vLLM serves."""
+    from moekit.checkpoint.load import resolve
+    from moekit.checkpoint.save import check_output_dir
+    from moekit.errors import MoekitError
+    from moekit.serve.quantize import quantize as run
+
+    check_output_dir(out, overwrite)
+    path = resolve(model)
+    if isinstance(path, str) or not Path(path).is_dir():
+        raise MoekitError(f"quantize reads a saved checkpoint directory; '{model}' is not one (save it with `moekit convert`)")
+    r = run(path, out, QuantizeConfig(scheme=scheme, experts=experts, timeout_s=timeout), overwrite=overwrite,
+            llmc_python=llmc_python)
+    print(f"wrote {out}: {r['quantized_modules']} modules in {r['scheme']} ({r['format']}) by llm-compressor "
+          f"{r['llmcompressor']} in {r['seconds']:.0f} s")
+
+
+@app.command("llmc-env")
+def llmc_env(path: Path = typer.Option(None, "--path", help="where (default: <moekit cache>/llmc-env)"),
+             cuda: bool = typer.Option(False, "--cuda", help="keep pip's default (CUDA) torch instead of the CPU wheel")):
+    """Create the separate environment llm-compressor runs in (it pins its own transformers)."""
+    from moekit.serve.quantize import create_env
+
+    print(create_env(path, cuda=cuda))

@@ -11,6 +11,9 @@ RESPONSE: {"results": [{"vllm_version", "load_seconds", "generate_seconds",
                        or {"error": "one line"}, ...]}
           or {"error": "one line"} when vLLM itself does not import
 
+A check with ``"windows": [[token ids], ...]`` scores them instead (perplexity): {"nll": summed negative
+log-likelihood of every token after each window's first, "tokens": how many}.
+
 A check with ``"speed": {"batches": [1, 16], "prompt_len": P, "decode_tokens": D, "repeats": R, "vocab": V}``
 measures throughput instead: per batch size, the median over R of prefill tokens/s (B prompts of P tokens, one
 generated token) and decode tokens/s (B x D generated tokens over the time beyond that prefill).
@@ -39,6 +42,8 @@ def check(req: dict) -> dict:
         load_s = time.perf_counter() - start
         if "speed" in req:
             return {"vllm_version": vllm.__version__, "load_seconds": load_s, "speed": speed(llm, req["speed"])}
+        if "windows" in req:
+            return {"vllm_version": vllm.__version__, "load_seconds": load_s, **prompt_nll(llm, req["windows"])}
         params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], logprobs=req.get("logprobs", 1),
                                 ignore_eos=True, detokenize=False)
         start = time.perf_counter()
@@ -61,6 +66,22 @@ def check(req: dict) -> dict:
                 pass
             del llm
         gc.collect()
+
+
+def prompt_nll(llm, windows: list[list[int]]) -> dict:
+    """Summed negative log-likelihood of every token of each window after its first (vLLM's prompt logprobs)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    start = time.perf_counter()
+    results = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for window, r in zip(windows, results, strict=True):
+        for token, step in zip(window[1:], r.prompt_logprobs[1:], strict=True):
+            nll -= step[token].logprob
+            count += 1
+    return {"nll": nll, "tokens": count, "score_seconds": time.perf_counter() - start}
 
 
 def speed(llm, spec: dict) -> dict:
