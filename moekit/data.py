@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, reading
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 HUB_ALIASES = {"c4": ("allenai/c4", "en", "train"), "c4-validation": ("allenai/c4", "en", "validation")}
@@ -40,7 +40,8 @@ def load_texts(source: str, *, field: str = "text", max_docs: int | None = None,
         raise MoekitError(f"data '{source}' is not a supported file: use one of {', '.join(LOCAL_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise MoekitError(f"data file '{source}' is empty: give a file with at least one document")
-    texts = _read_local(path, field, max_docs)
+    with reading(path, "data file", "give UTF-8 text (.txt) or JSON records (.jsonl/.json) or parquet"):
+        texts = _read_local(path, field, max_docs)
     if not texts:
         raise MoekitError(f"data file '{source}' holds no non-empty '{field}' text")
     return texts

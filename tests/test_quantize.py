@@ -83,7 +83,7 @@ def test_prune_then_quantize_serves_in_vllm_with_perplexity_close_to_unquantized
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "I8"
     assert all(d != "I8" for k, d in dtypes.items() if ".experts." in k or k.endswith("mlp.gate.weight"))
     assert oct((out / "config.json").stat().st_mode & 0o777) != "0o600"  # the user's umask, not mkdtemp's

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 
 import pytest
 
 from moekit.errors import MoekitError
 from moekit.eval import results
-from moekit.eval.results import (MISSING, atomic_open, fmt, format_table, mib, millions, times, write_json,
-                                 write_text)
+from moekit.eval.results import MISSING, fmt, format_table, mib, millions, times
 
 
 def test_table_keeps_column_and_row_order():
@@ -57,78 +53,6 @@ def test_number_helpers():
     assert times(150, 100) == "x1.50" and times(1, 3, digits=3) == "x0.333"
     assert times(None, 100) is None and times(5, 0) is None and times(5, None) is None
     assert fmt(None) == MISSING and fmt(None, ".2f", missing="—") == "—" and fmt(2.0, ".2f") == "2.00"
-
-
-def test_write_json_and_text(tmp_path):
-    p = write_json(tmp_path / "sub" / "r.json", {"a": [1, 2], "b": None})
-    assert p.read_text() == json.dumps({"a": [1, 2], "b": None}, indent=2) + "\n"
-    assert json.loads(write_json(tmp_path / "one.json", {"a": 1}, indent=1).read_text()) == {"a": 1}
-    t = write_text(tmp_path / "r.md", "| é |\n")
-    assert t.read_bytes() == "| é |\n".encode()
-    write_text(t, "new\n")
-    assert t.read_text() == "new\n"
-    assert sorted(os.listdir(tmp_path)) == ["one.json", "r.md", "sub"]
-
-
-def test_new_files_get_the_permissions_of_a_plain_open(tmp_path):
-    plain = tmp_path / "plain"
-    plain.write_text("x")
-    assert stat.S_IMODE(write_text(tmp_path / "atomic", "x").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
-
-
-def test_a_failure_mid_write_leaves_the_old_file(tmp_path):
-    p = write_json(tmp_path / "r.json", {"old": True})
-    before = p.read_text()
-    # json.dump streams: "{"a": 1, "b": " is already in the temporary file when the object fails to serialise
-    with pytest.raises(TypeError):
-        write_json(p, {"a": 1, "b": object()})
-    assert p.read_text() == before
-    assert os.listdir(tmp_path) == ["r.json"]
-
-
-def test_a_failing_serialiser_leaves_the_old_file(tmp_path, monkeypatch):
-    p = write_json(tmp_path / "r.json", {"old": True})
-    before = p.read_text()
-
-    def half_then_fail(obj, fh, **kw):
-        fh.write('{"half": ')
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(results.json, "dump", half_then_fail)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        write_json(p, {"new": True})
-    assert p.read_text() == before
-    assert os.listdir(tmp_path) == ["r.json"]
-    # a target that did not exist stays absent
-    with pytest.raises(RuntimeError):
-        write_json(tmp_path / "fresh.json", {"new": True})
-    assert os.listdir(tmp_path) == ["r.json"]
-
-
-def test_a_failed_rename_leaves_the_old_file(tmp_path, monkeypatch):
-    p = write_text(tmp_path / "r.md", "old\n")
-
-    def no_replace(src, dst):
-        raise OSError("rename failed")
-
-    monkeypatch.setattr(results.os, "replace", no_replace)
-    with pytest.raises(OSError, match="rename failed"):
-        write_text(p, "new\n")
-    assert p.read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["r.md"]
-
-
-def test_atomic_open_binary_and_fsync(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(results.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    with atomic_open(tmp_path / "b.bin", "wb") as fh:
-        fh.write(b"\x89PNG")
-        assert not (tmp_path / "b.bin").exists()  # nothing at the target until the block ends
-    assert (tmp_path / "b.bin").read_bytes() == b"\x89PNG"
-    assert synced  # the data was fsynced before the rename
-    with pytest.raises(MoekitError, match="mode"), atomic_open(tmp_path / "c", "a"):
-        pass
 
 
 def test_results_module_imports_only_errors_and_version():

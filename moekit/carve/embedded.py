@@ -59,7 +59,7 @@ def embedded_moe_path() -> Path:
     if _ready(out):
         return out
     lock = cache_dir("models") / f".{out.name}.lock"
-    with open(lock, "w") as f:
+    with open(lock, "w") as f:  # not an output: a lock file that orders concurrent builds
         fcntl.flock(f, fcntl.LOCK_EX)  # a second process waits here until the first build is in place
         try:
             if not _ready(out):

@@ -13,8 +13,9 @@ import torch
 from moekit.core import arch
 from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY
 from moekit.checkpoint.paths import PICKLE_SUFFIXES, non_uniform_weights
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, reading
 
+FIX = "re-download it or save it again (a copy cut short or edited by hand does not load)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -50,15 +51,17 @@ def read_dir(path: Path, dtype, trust_remote_code: bool, device_map):
                 "only: convert it with transformers' save_pretrained(safe_serialization=True) in a trusted environment"
             )
         raise MoekitError(f"'{path}' has no *.safetensors weights")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with reading(path, "checkpoint", FIX):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     arch.check_supported(config)
     tok = read_tokenizer(path, trust_remote_code=trust_remote_code)
-    if non_uniform_weights(path) is not None:
-        model = read_non_uniform(path, config, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map
-        )
+    with reading(path, "checkpoint", FIX):
+        if non_uniform_weights(path) is not None:
+            model = read_non_uniform(path, config, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map
+            )
     restore_moekit_state(model)
     return model, tok
 
@@ -84,7 +87,8 @@ def read_gguf(file: Path, dtype):
 
     if not file.exists():
         raise MoekitError(f"GGUF file '{file}' does not exist")
-    gguf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    with reading(file, "GGUF file", "re-download it, or convert the checkpoint again"):
+        gguf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     config_dict = gguf.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)

@@ -41,8 +41,17 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict | None, i
             header = json.loads(f.read(n))
         except ValueError:
             raise MoekitError(f"'{path}' is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise MoekitError(f"'{path}' is not a safetensors file (bad header)")
     meta = header.pop("__metadata__", None)
-    tensors = {k: TensorInfo(v["dtype"], list(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+    try:
+        tensors = {k: TensorInfo(v["dtype"], list(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+    except (KeyError, TypeError, ValueError):
+        raise MoekitError(f"'{path}' is not a safetensors file (bad header)") from None
+    end = 8 + n + max((t.end for t in tensors.values()), default=0)
+    size = os.path.getsize(path)
+    if size < end:
+        raise MoekitError(f"'{path}' is cut short ({size:,} of {end:,} bytes): re-download or re-save the checkpoint")
     return tensors, meta, 8 + n
 
 
@@ -84,7 +93,7 @@ def write_subset(
             merged[-1][1] = e
         else:
             merged.append([b, e])
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
+    with open(src, "rb") as fi, open(dst, "wb") as fo:  # writes inside a staged_dir
         fo.write(struct.pack("<Q", len(blob)))
         fo.write(blob)
         fo.flush()

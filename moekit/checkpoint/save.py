@@ -14,11 +14,6 @@ it into place. An existing non-empty directory is refused unless ``overwrite=Tru
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,20 +23,13 @@ from moekit.errors import MoekitError
 from moekit.checkpoint.forms import repair_for_engines
 from moekit.checkpoint.paths import NON_UNIFORM_WEIGHTS, non_uniform_weights
 from moekit.checkpoint.read import read_dir
+from moekit.outputs import staged_dir
 
 VERIFY_PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:",
     "Mixture-of-experts models route each token to",
 )
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty existing output before any work starts."""
-    out = Path(out).expanduser()
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise MoekitError(f"output '{out}' already exists and is not empty: choose another path or pass --overwrite")
-    return out
 
 
 def save_model(model, tokenizer, out: str | Path, *, overwrite: bool = False, verify: bool = True,
@@ -56,58 +44,6 @@ def save_model(model, tokenizer, out: str | Path, *, overwrite: bool = False, ve
                 raise MoekitError(f"'{out}' was not written: the checkpoint did not verify ({str(e).replace(str(tmp), str(out))}); "
                                   "nothing was changed; this is a moekit bug, please report it") from None
     return Path(out).expanduser()
-
-
-@contextlib.contextmanager
-def staged_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out`` to fill; on a clean exit it takes ``out``'s place in one rename (an
-    existing ``out`` only with ``overwrite``), with the modes the user's umask asks for. On any exception, or a
-    kill, ``out`` is untouched; what a killed writer left is removed by the next writer of the same target."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / WRITER_FILE).write_text(str(os.getpid()))
-        yield tmp
-        (tmp / WRITER_FILE).unlink()
-        apply_umask(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-WRITER_FILE = ".moekit-writer"  # pid of the process writing a temporary directory; removed before the rename
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Remove what a killed save of the same target left (``.NAME.tmp-*``), saying so in one line. A temporary
-    whose writer process is still alive is left alone."""
-    import os
-    import sys
-
-    for leftover in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int((leftover / WRITER_FILE).read_text())
-            os.kill(pid, 0)
-            continue  # its writer is still running
-        except (OSError, ValueError):
-            pass
-        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
-        shutil.rmtree(leftover, ignore_errors=True)
-        print(f"moekit: removed {leftover.name} ({size / 2**20:.0f} MiB), left by an interrupted save of '{out}'",
-              file=sys.stderr)
-
-
-def apply_umask(root: Path) -> None:
-    """``mkdtemp`` creates 0700 directories: give the output the modes the user's umask asks for, so that a
-    serving container running as another user can read it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    root.chmod(0o777 & ~mask)
-    for path in root.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def is_standard(model) -> bool:
@@ -126,7 +62,8 @@ def _write(model, tokenizer, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)
     else:
         model.config.save_pretrained(path)
-        save_file(untied_state_dict(model), str(path / NON_UNIFORM_WEIGHTS), metadata={"format": "pt", "moekit": "non-uniform"})
+        save_file(untied_state_dict(model), str(path / NON_UNIFORM_WEIGHTS),  # writes inside a staged_dir
+                  metadata={"format": "pt", "moekit": "non-uniform"})
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
     if tokenizer is not None:
@@ -174,19 +111,3 @@ def _verify_ids(tokenizer, vocab_size: int, device) -> torch.Tensor:
     rows = [tokenizer(p)["input_ids"][:12] for p in VERIFY_PROMPTS]
     n = min(len(r) for r in rows)
     return torch.tensor([r[:n] for r in rows], device=device)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

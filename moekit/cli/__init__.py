@@ -28,13 +28,23 @@ from moekit.cli import prune
 from moekit.cli import route
 from moekit.cli import run
 from moekit.cli import serve
+from moekit.cli.checks import checked
+
+for _command in app.registered_commands:  # every command's inputs are checked before its body runs
+    _command.callback = checked(_command.callback)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from moekit.errors import MoekitError
+    from moekit.errors import MoekitError, explain
 
     try:
         app(args=argv, standalone_mode=True)
     except MoekitError as e:
         print(f"moekit: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a full disk, a read-only folder, CUDA memory: one line; anything else is a bug
+        line = explain(e)
+        if line is None:
+            raise
+        print(f"moekit: error: {line}", file=sys.stderr)
         sys.exit(2)

@@ -56,7 +56,8 @@ def carve_cmd(
     """Carve a dense Llama/Mistral/Qwen2/Qwen3 model into a standard MoE checkpoint (CMoE), optionally healed."""
     from moekit.carve.carve import CarveConfig, carve, check_config
     from moekit.data import calibration_tokens
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.carve.heal import heal_
 
     target = check_output_dir(out, overwrite)
@@ -92,7 +93,8 @@ def heal_cmd(
 ):
     """Heal an MoE (carved, pruned or merged) toward a teacher, layer by layer, and save it."""
     from moekit.data import calibration_tokens
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.carve.heal import heal_
 
     target = check_output_dir(out, overwrite)

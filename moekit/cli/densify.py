@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import typer
 
 from moekit.cli import app
+from moekit.outputs import write_json
 from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
 from moekit.densify.densify import DensifyConfig
 from moekit.train.distill import DistillConfig
@@ -34,7 +34,8 @@ def densify(model: str = MODEL,
     from moekit.data import calibration_tokens
     from moekit.densify.densify import DensifyConfig
     from moekit.densify.densify import densify as run_densify
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.profile.stats import ExpertStats
 
     cfg = DensifyConfig(keep=keep, score=score, grouping=grouping, down_scaling=down_scaling, seed=seed,
@@ -89,7 +90,7 @@ def distill(student: str = MODEL,
     save_model(s_model, tok, final, overwrite=True)
     losses = report.pop("losses")
     report.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
-    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "distill_report.json", report, overwrite=True)  # beside the model it just wrote
     print(f"distilled {report['steps_run']} steps ({report['tokens_run']:,} tokens) in {report['seconds']:.0f}s "
           f"({report['tokens_per_s']:.0f} tokens/s); loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; "
           f"model -> {final}")

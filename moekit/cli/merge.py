@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
 
 import typer
 
 from moekit.cli import app
+from moekit.outputs import write_json
 from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
 from moekit.merge.merge import MergeConfig
 
@@ -52,7 +49,8 @@ def merge(model: str = MODEL,
           overwrite: bool = OVERWRITE):
     """Merge experts (one expert and one router row per cluster) and save the smaller model."""
     from moekit.data import calibration_tokens
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.merge.merge import MergeConfig, merge_
     from moekit.profile.stats import ExpertStats
 
@@ -68,7 +66,7 @@ def merge(model: str = MODEL,
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
     report = merge_(m, cfg, stats=st, tokens=tokens)
     save_model(m, tok, out_path, overwrite=overwrite)
-    _write_json(out_path / "merge_report.json", report)
+    write_json(out_path / "merge_report.json", report, indent=1, default=str, overwrite=True)  # beside the model it just wrote
     before, after = report["params_before"]["total"], report["params_after"]["total"]
     errs = [rec for rec in report["layers"] if "error_init" in rec]
     print(f"merged: {sum(r['experts_before'] for r in report['layers'])} -> "
@@ -78,10 +76,3 @@ def merge(model: str = MODEL,
         print(f"block reconstruction error (held-back, mean over layers): init "
               f"{sum(r['error_init'] for r in errs) / len(errs):.4f}, final {sum(learned) / len(learned):.4f}")
     print(f"saved to {out_path} (report: merge_report.json)")
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)

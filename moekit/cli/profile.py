@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import typer
 
 from moekit.cli import app
+from moekit.outputs import write_json
 from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load, option
 from moekit.profile.profile import ProfileConfig
 
@@ -74,7 +74,7 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
     stats = profile_stream(model, tokens, cfg, device=device, dtype=dtype) if stream else run_profile(m, cfg, tokens=tokens)
     elapsed = time.perf_counter() - t0
     stats.meta["model"] = str(model)
-    stats.save(out)
+    stats.save(out, overwrite=overwrite)
     print(f"profiled {len(stats.layers)} MoE layers on {stats.tokens:,} tokens in {elapsed:.1f}s"
           f"{' (stream)' if stream else ''} -> {out}")
     print(f"massive activations form at layers {massive_layers(stats)}; super experts ({rule} rule): "
@@ -140,8 +140,4 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
         d = ", ".join(f"{i}:{v:+.3f}" for i, v in enumerate(r.d_sink))
         print(f"{name}: experts {r.experts} -> perplexity {r.ppl_after:.3f} ({r.ppl_after / r.ppl_before:.2f}x); D_sink {d}")
     if json_out is not None:
-        json_out = Path(json_out)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps({k: r.as_dict() for k, r in runs.items()}, indent=1))
-        tmp.replace(json_out)
+        write_json(json_out, {k: r.as_dict() for k, r in runs.items()}, indent=1)

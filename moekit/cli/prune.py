@@ -62,7 +62,8 @@ def prune(
     trust_remote_code: bool = TRUST,
 ):
     """Remove whole routed experts chosen from the statistics file; write the checkpoint and a report."""
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.prune.prune import PruneConfig, prune_
     from moekit.profile.stats import ExpertStats
 
@@ -106,7 +107,8 @@ def uniform(
     trust_remote_code: bool = TRUST,
 ):
     """Turn a model with different expert counts per layer into a standard (uniform) checkpoint."""
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.prune.prune import make_uniform
     from moekit.profile.stats import ExpertStats
 

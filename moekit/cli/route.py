@@ -54,7 +54,8 @@ def route(model: str = MODEL,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Lower the experts each token activates (globally, per layer or per token) and save the model."""
     from moekit.data import calibration_tokens
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
     from moekit.route.route import RouteConfig, route_
     from moekit.profile.stats import ExpertStats
 

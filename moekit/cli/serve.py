@@ -31,7 +31,7 @@ def serve_check_cmd(
                               help="refuse a standard-looking form known to break vLLM, or run it to see the failure"),
 ):
     """Generate greedily in vLLM and compare with transformers; exit 2 on a mismatch or a form vLLM cannot serve."""
-    from moekit.eval.results import write_json
+    from moekit.outputs import write_json
     from moekit.errors import MoekitError
     from moekit.serve.check import serve_check, verdict_dict
 
@@ -63,7 +63,8 @@ def convert(model: str = MODEL, out: Path = typer.Option(..., "--out", help="out
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
     """Load a checkpoint (directory, .gguf, hub id, embedded name) and save it in moekit's checked form."""
     from moekit.checkpoint.forms import checkpoint_form
-    from moekit.checkpoint.save import check_output_dir, save_model
+    from moekit.checkpoint.save import save_model
+    from moekit.outputs import check_output_dir
 
     check_output_dir(out, overwrite)
     m, tok = load(model, dtype, device, trust_remote_code)
@@ -82,7 +83,7 @@ def quantize(model: str = MODEL, out: Path = typer.Option(..., "--out", help="ou
                                               help="python of the llm-compressor environment (default: the one `moekit llmc-env` made)")):
     """Quantize a saved checkpoint with llm-compressor (data-free) into a checkpoint vLLM serves."""
     from moekit.checkpoint.load import resolve
-    from moekit.checkpoint.save import check_output_dir
+    from moekit.outputs import check_output_dir
     from moekit.errors import MoekitError
     from moekit.serve.quantize import quantize as run
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, reading
 from moekit.eval.harness import SCHEMA, markdown_table
 from moekit.eval.results import format_table, times
 from moekit.eval.tasks import summary_metric
@@ -23,10 +23,8 @@ def load_results(paths) -> list[dict]:
     for p in map(Path, paths):
         if not p.is_file():
             raise MoekitError(f"result file '{p}' does not exist")
-        try:
+        with reading(p, "result file", "pass JSON files written by `moekit eval --out`"):
             r = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise MoekitError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(r, dict) or r.get("schema") != SCHEMA:
             raise MoekitError(f"{p} is not a moekit evaluation result (schema '{SCHEMA}'): write it with `moekit eval --out`")
         r.setdefault("model", {}).setdefault("name", None)

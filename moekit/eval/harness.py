@@ -22,7 +22,8 @@ from pathlib import Path
 
 from moekit.checkpoint.paths import data_dir
 from moekit.errors import MoekitError
-from moekit.eval.results import SCHEMA, fmt, format_table, millions, write_json, write_text
+from moekit.eval.results import SCHEMA, fmt, format_table, millions
+from moekit.outputs import write_json, write_text
 from moekit.eval.tasks import DEV_TASKS, KNOWN_TASKS, TASKS, TASKS_DIR, summary_metric
 
 METRICS = ("acc", "acc_norm")

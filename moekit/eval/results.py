@@ -1,10 +1,8 @@
-"""The one results formatter: Markdown tables, number formatting, and atomic JSON / text files.
+"""The one results formatter: Markdown tables and number formatting.
 
 Every report moekit writes (``moekit eval`` results, ``moekit compare``, cost figures, the prune report, the
-run report) builds its tables with :func:`format_table` and its files with :func:`write_text` /
-:func:`write_json` / :func:`atomic_open`, so a table looks the same everywhere and no file is ever half-written:
-the content goes to a temporary file in the target's folder, is flushed and fsynced, then ``os.replace``\\ s the
-target in one step. A failure at any point leaves the old file as it was and no temporary file behind.
+run report) builds its tables with :func:`format_table`, so a table looks the same everywhere; the files
+themselves are written by :mod:`moekit.outputs`.
 
 This module imports nothing from moekit but :mod:`moekit.errors`, so any part of the package can use it.
 
@@ -25,13 +23,8 @@ otherwise.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from moekit.errors import MoekitError
 
@@ -43,8 +36,7 @@ _ALIGN = {"left": ":---", "right": "---:", "center": ":---:", None: "---"}
 
 Format = str | Callable[[Any], str] | None
 
-__all__ = ["MISSING", "SCHEMA", "atomic_open", "format_table", "fmt", "mib", "millions", "times", "write_json",
-           "write_text"]
+__all__ = ["MISSING", "SCHEMA", "format_table", "fmt", "mib", "millions", "times"]
 
 
 # ---------------------------------------------------------------- numbers
@@ -113,72 +105,3 @@ def _cell(value, spec: Format, missing: str) -> str:
     if callable(spec):
         return spec(value)
     return format(value, spec) if spec else str(value)
-
-
-# ---------------------------------------------------------------- files
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on a clean exit it replaces ``path`` in one step.
-
-    ``mode``: ``"w"`` (text) or ``"wb"`` (binary). The data is flushed and fsynced before the rename; on any
-    exception the temporary file is removed and ``path`` keeps its old content (or stays absent). The parent
-    folder is created when missing. The new file gets the permissions a plain ``open`` would give it.
-    """
-    if mode not in ("w", "wb"):
-        raise MoekitError(f"atomic_open writes whole files: mode 'w' or 'wb', not '{mode}'")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
-    with atomic_open(path) as fh:
-        fh.write(text)
-    return Path(path)
-
-
-def write_json(path: str | Path, obj, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON (and a final newline) to ``path`` atomically; returns the path."""
-    with atomic_open(path) as fh:
-        json.dump(obj, fh, indent=indent)
-        fh.write("\n")
-    return Path(path)
-
-
-def _temp_beside(path: Path) -> tuple[int, Path]:
-    """A new file ``.<name>.<random>.tmp`` in ``path``'s folder, created with 0o666 less the umask (as ``open``)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable where the platform allows it (POSIX); best effort."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

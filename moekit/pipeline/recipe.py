@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, reading
 
 TOP_LEVEL = {"model", "data", "steps", "name", "seed", "dtype", "device"}
 DATA_DEFAULTS = {"calib_seqs": 16, "calib_seq_len": 512}  # calibration sequences and their length
@@ -97,7 +97,8 @@ def load_recipe(path: str | Path, *, expand_env: bool = True) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise MoekitError(f"recipe '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+    with reading(path, "recipe", "a recipe is a UTF-8 YAML file"):
+        text = path.read_text(encoding="utf-8")
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as e:
@@ -111,7 +112,12 @@ def load_recipe(path: str | Path, *, expand_env: bool = True) -> Recipe:
             raise MoekitError(f"{path}:{knode.start_mark.line + 1}: unknown top-level key '{key}' (use {', '.join(sorted(TOP_LEVEL))})")
     if "model" not in top or "steps" not in top:
         raise MoekitError(f"{path}:1: a recipe needs 'model' and 'steps'")
-    plain = yaml.safe_load(text)
+    try:
+        plain = yaml.safe_load(text)  # safe: a Python tag (!!python/...) is refused, never constructed
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+        raise MoekitError(f"{path}:{line}: not valid YAML for a recipe ({getattr(e, 'problem', e)}); "
+                          "Python tags are never run") from None
     data = plain.get("data") or {}
     for key in data:
         if key not in DATA_KEYS:

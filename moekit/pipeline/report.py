@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moekit.eval.results import format_table, millions, write_text
+from moekit.eval.results import format_table, millions
+from moekit.outputs import write_text
 from moekit.profile.plots import _pyplot, _save
 
 _MISSING = "—"  # this report's mark for a figure not measured

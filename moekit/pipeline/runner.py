@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import MoekitError
-from moekit.eval.results import write_json
+from moekit.outputs import write_json, write_text
 from moekit.pipeline.recipe import EvalStep, Recipe, Step
 
 
@@ -103,7 +103,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, *, progress: bool = True) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     keys = step_keys(recipe)
     _drop_stale_steps(run_dir, recipe, keys)
-    (run_dir / "recipe.yaml").write_text(recipe.path.read_text(encoding="utf-8"), encoding="utf-8")
+    write_text(run_dir / "recipe.yaml", recipe.path.read_text(encoding="utf-8"), overwrite=True)  # the run folder is the run's own
     ctx = Context(recipe=recipe, run_dir=run_dir, progress=progress)
     # resume: the newest finished checkpoint is the model; the one before the last new-model step is the teacher
     source, teacher_source = str(recipe.model), None
@@ -197,7 +197,7 @@ def run_profile(ctx: Context, cfg, sdir: Path) -> dict:
 
     ctx.stats = None
     stats = ctx.current_stats(cfg)
-    stats.save(sdir / "stats.safetensors")
+    stats.save(sdir / "stats.safetensors", overwrite=True)
     figures = [str(p) for p in write_plots(stats, sdir)]
     return {"stats": str(sdir / "stats.safetensors"), "figures": figures,
             "super_experts": [list(p) for p in super_experts(stats)], "tokens": stats.tokens}

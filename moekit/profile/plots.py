@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.outputs import save_figure
 from moekit.profile.stats import ExpertStats, massive_layers, super_expert_threshold, super_experts
 
 
@@ -24,14 +25,8 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write atomically: a temporary file beside the target, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    tmp.replace(path)
-    return path
+    """Through moekit's one writer; the command decided beforehand whether the plots folder may be replaced."""
+    return save_figure(fig, path, overwrite=True)
 
 
 def selection_frequency(stats: ExpertStats) -> torch.Tensor:

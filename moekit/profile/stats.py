@@ -99,17 +99,12 @@ class ExpertStats:
             self.meta["collected"].append(name)
 
     # ------------------------------------------------------------- files
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write atomically (:func:`moekit.outputs.save_tensors`); an existing file only with ``overwrite``."""
+        from moekit.outputs import save_tensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, moekit_version=__version__)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.tensors, str(tmp), metadata={"moekit": json.dumps(meta)})
-        tmp.replace(path)
-        return path
+        return save_tensors(self.tensors, path, {"moekit": json.dumps(meta)}, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertStats:
@@ -126,7 +121,22 @@ class ExpertStats:
             raise MoekitError(f"'{path}' is not a moekit statistics file (safetensors with moekit metadata)") from None
         if not isinstance(meta, dict):
             raise MoekitError(f"'{path}' is not a moekit statistics file (no moekit metadata)")
+        check_shapes(path, meta, tensors)
         return cls(meta=meta, tensors=tensors)
+
+
+def check_shapes(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every per-layer, per-expert tensor (``NAME.LAYER``; ``shared_*`` are per shared expert) has one row per
+    expert of its layer, as the file's own metadata counts them: a tampered or damaged file is refused here,
+    not met later as a shape error in the middle of a computation."""
+    experts = meta.get("num_experts_per_layer") or {}
+    for key, tensor in tensors.items():
+        name, _, layer = key.rpartition(".")
+        if not layer.isdigit() or name.startswith("shared_") or layer not in experts:
+            continue
+        if tensor.dim() == 0 or tensor.shape[0] != int(experts[layer]):
+            raise MoekitError(f"'{path}': '{key}' has shape {list(tensor.shape)}, but layer {layer} has {experts[layer]} "
+                              "experts: the file is damaged or was edited; profile the model again")
 
 
 def massive_layers(stats: ExpertStats, *, ratio: float = 10.0, jump: float = 2.0) -> list[int]:

@@ -11,7 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moekit.core import arch
-from moekit.eval.results import atomic_open, format_table, millions, write_json, write_text
+from moekit.eval.results import format_table, millions
+from moekit.outputs import save_figure, write_json, write_text
 
 
 def snapshot(model) -> dict:
@@ -101,12 +102,7 @@ def plot_experts(report: dict, path: str | Path) -> Path:
     ax.set_ylim(0, max(r["experts_before"] for r in rows) * 1.25)  # room for the legend above the bars
     ax.legend(loc="upper right", ncol=2, frameon=False)
     fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_report(report: dict, out_dir: str | Path, stem: str = "prune_report") -> list[Path]:

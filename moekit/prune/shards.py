@@ -21,15 +21,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from moekit.core import arch
-from moekit.errors import MoekitError
-from moekit.checkpoint.save import _swap_into_place, check_output_dir
+from moekit.errors import MoekitError, reading
+from moekit.outputs import check_output_dir, staged_dir, write_json
 from moekit.checkpoint.paths import non_uniform_weights
 from moekit.checkpoint.read import restore_moekit_state
 from moekit.prune.prune import PruneConfig, prune_
@@ -143,7 +142,10 @@ def load_meta(src: str | Path):
 
     src = Path(src).expanduser()
     wmap = shard_map(src)
-    family = arch.MOE_FAMILIES.get(arch.model_type(AutoConfig.from_pretrained(src)))
+    for shard in sorted(set(wmap.values())):
+        read_header(src / shard)  # a shard cut short or with a bad header is refused before any work
+    with reading(src, "checkpoint", "re-download it or save it again"):
+        family = arch.MOE_FAMILIES.get(arch.model_type(AutoConfig.from_pretrained(src)))
     if family is None:
         raise MoekitError(
             f"'{src}' is not an MoE checkpoint moekit supports; shard-wise pruning needs one of "
@@ -180,9 +182,7 @@ def prune_shards(
         )
     keep = {r["layer"]: r["kept"] for r in report["layers"] if r["experts_after"] != r["experts_before"]}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out, overwrite) as tmp:
         new_map, total = {}, 0
         shards = sorted(set(wmap.values()))
         for shard in tqdm(shards, desc="pruning shards", leave=False):
@@ -198,14 +198,10 @@ def prune_shards(
             index = json.loads((src / INDEX).read_text())
             index["metadata"] = dict(index.get("metadata") or {}, total_size=total)
             index["weight_map"] = dict(sorted(new_map.items()))
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            write_json(tmp / INDEX, index)
         model.config.save_pretrained(tmp)
         _copy_other_files(src, tmp)
         _check_written(new_map, model)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -97,10 +97,10 @@ def run_vllm(requests: list[dict], python: Path, timeout_s: int) -> list[dict]:
     """Run the worker once over ``requests`` (one per checkpoint); one response each."""
     with tempfile.TemporaryDirectory(prefix="moekit-serve-") as tmp:
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
-        req.write_text(json.dumps({"checks": requests}))
+        req.write_text(json.dumps({"checks": requests}))  # not an output: the worker's request, in a private folder
         log = Path(tmp) / "vllm.log"
         try:
-            with open(log, "w") as f:
+            with open(log, "w") as f:  # not an output: the worker's log, in a private folder
                 proc = subprocess.run([str(python), str(WORKER), str(req), str(resp)], stdout=f, stderr=subprocess.STDOUT,
                                       timeout=timeout_s, cwd=tmp)
         except subprocess.TimeoutExpired:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from moekit.checkpoint.forms import checkpoint_form
 from moekit.checkpoint.paths import cache_dir
-from moekit.checkpoint.save import staged_dir
+from moekit.outputs import staged_dir, write_json
 from moekit.errors import MoekitError
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
@@ -104,10 +104,10 @@ def quantize(model: str | Path, out: str | Path, cfg: QuantizeConfig | None = No
     python = find_llmc_python(llmc_python)
     with staged_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(prefix="moekit-quantize-") as work:
         req, resp, log = Path(work) / "request.json", Path(work) / "response.json", Path(work) / "llmc.log"
-        req.write_text(json.dumps({"model": str(model.resolve()), "out": str(tmp), "scheme": cfg.scheme,
-                                   "ignore": cfg.ignore()}))
+        request = {"model": str(model.resolve()), "out": str(tmp), "scheme": cfg.scheme, "ignore": cfg.ignore()}
+        req.write_text(json.dumps(request))  # not an output: the worker's request, in a private folder
         try:
-            with open(log, "w") as f:
+            with open(log, "w") as f:  # not an output: the worker's log, in a private folder
                 proc = subprocess.run([str(python), str(WORKER), str(req), str(resp)], stdout=f, stderr=subprocess.STDOUT,
                                       timeout=cfg.timeout_s, cwd=work)
         except subprocess.TimeoutExpired:
@@ -121,5 +121,5 @@ def quantize(model: str | Path, out: str | Path, cfg: QuantizeConfig | None = No
         if not report.get("quantized_modules"):
             raise MoekitError(f"llm-compressor quantized no module of '{model}' with scheme {cfg.scheme}; nothing written")
         report.update(scheme=cfg.scheme, experts=cfg.experts, ignore=cfg.ignore(), source=str(model))
-        (tmp / "moekit_quantize.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(tmp / "moekit_quantize.json", report)
     return report

@@ -20,8 +20,8 @@ def evaluate_in_vllm_env(python: Path, kwargs: dict, timeout_s: int = 24 * 3600)
     """Run ``evaluate_checkpoint(**kwargs, backend="vllm")`` with the vLLM environment's Python; its result."""
     with tempfile.TemporaryDirectory(prefix="moekit-eval-") as tmp:
         req, resp, log = Path(tmp) / "request.json", Path(tmp) / "response.json", Path(tmp) / "eval.log"
-        req.write_text(json.dumps(kwargs))
-        with open(log, "w") as f:
+        req.write_text(json.dumps(kwargs))  # not an output: the worker's request, in a private folder
+        with open(log, "w") as f:  # not an output: the worker's log, in a private folder
             try:
                 proc = subprocess.run([str(python), "-m", "moekit.eval.vllm_entry", str(req), str(resp)], stdout=f,
                                       stderr=subprocess.STDOUT, timeout=timeout_s, cwd=tmp, env=_env())

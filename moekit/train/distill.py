@@ -201,25 +201,17 @@ def _save_checkpoint(student, tokenizer, opt, out: Path, step: int, losses: list
     from safetensors.torch import save_file
 
     from moekit.checkpoint.save import save_model
+    from moekit.outputs import staged_dir
 
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"{CKPT_PREFIX}{step:06d}"
-    tmp = out / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     was_training = student.training
     student.eval()
     try:
-        save_model(student, tokenizer, tmp / "model", overwrite=True, verify=True)
-        tensors, groups = _flatten_optimizer(opt)
-        meta = {"step": step, "losses": losses, "config": asdict(cfg), "param_groups": groups}
-        save_file(tensors, str(tmp / STATE_FILE), metadata={DISTILL_STATE_KEY: json.dumps(meta)})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(final, overwrite=True) as tmp:  # a resumed run may write the same step again
+            save_model(student, tokenizer, tmp / "model", overwrite=True, verify=True)
+            tensors, groups = _flatten_optimizer(opt)
+            meta = {"step": step, "losses": losses, "config": asdict(cfg), "param_groups": groups}
+            save_file(tensors, str(tmp / STATE_FILE), metadata={DISTILL_STATE_KEY: json.dumps(meta)})  # writes inside a staged_dir
     finally:
         student.train(was_training)
     old = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX):].isdigit())
