@@ -256,6 +256,11 @@ CASES = [  # (command line with {placeholders}, words the one error line must co
     ("serve-check {model} --gpu-memory-utilization 1.5", "--gpu-memory-utilization 1.5"),
     ("serve-check {model} --timeout 0", "--timeout 0"),
     ("quantize {model} --scheme INT3 --out {tmp}/o", "INT3"),
+    ("ppl {model} --data {text} --window abc", "Invalid value for '--window'"),
+    ("prune {model} --stats {stats} --ratio a-quarter --out {tmp}/o", "Invalid value for '--ratio'"),
+    ("info {model} --bogus 1", "No such option: --bogus"),
+    ("prune {model} --ratio 0.25 --out {tmp}/o", "Missing option '--stats'"),
+    ("nosuch {model}", "No such command"),
     # devices and dtypes
     ("info {model} --device cuda:99", "cuda"),
     ("ppl {model} --data {text} --device cuda", "cuda"),

@@ -62,7 +62,7 @@ def test_eval_writes_result_and_table_then_compare(saved, tmp_path, capsys):
     (["--tasks", "openbookqa"], "openbookqa.jsonl' does not exist"),
     (["--tasks", "arc_easy", "--data-file", "arc_easy"], "is not TASK=PATH"),
     (["--tasks", "arc_easy", "--backend", "tgi"], "unknown backend 'tgi'"),
-    (["--tasks", "arc_easy", "--backend", "vllm", "--vllm-python", "/no/such/python"], "is not a file"),
+    (["--tasks", "arc_easy", "--backend", "vllm", "--vllm-python", "/no/such/python"], "does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2(saved, tmp_path, capsys, args, message):
     code, _, err = run(["eval", str(saved / "model"), "--data-dir", str(saved), "--out", str(tmp_path / "x.json"), *args],

@@ -60,7 +60,7 @@ def test_bad_result_files(tmp_path):
     with pytest.raises(MoekitError, match="does not exist"):
         load_results([tmp_path / "nope.json"])
     (tmp_path / "bad.json").write_text("{\n  oops")
-    with pytest.raises(MoekitError, match="bad.json: line 2: not valid JSON"):
+    with pytest.raises(MoekitError, match=r"bad.json' is not valid JSON \(line 2"):
         load_results([tmp_path / "bad.json"])
     (tmp_path / "other.json").write_text(json.dumps({"results": {}}))
     with pytest.raises(MoekitError, match="not a moekit evaluation result"):

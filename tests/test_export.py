@@ -7,6 +7,7 @@ import torch
 from tiny import ids, tiny_model
 
 import moekit
+from moekit import outputs
 from moekit.checkpoint import save as export
 from moekit.errors import MoekitError
 
@@ -113,14 +114,14 @@ def test_a_killed_save_is_cleaned_on_the_next_run_and_a_live_one_is_not(tmp_path
     proc = subprocess.Popen(["sleep", "30"])
     live = tmp_path / ".m.tmp-live1234"
     live.mkdir()
-    (live / export.WRITER_FILE).write_text(str(proc.pid))
+    (live / outputs.WRITER_FILE).write_text(str(proc.pid))
     try:
         moekit.save_model(tiny_model("qwen3_moe"), None, tmp_path / "m")
     finally:
         proc.kill()
     assert not dead.exists() and live.exists()
     assert ".m.tmp-dead1234" in capsys.readouterr().err
-    assert not (tmp_path / "m" / export.WRITER_FILE).exists()
+    assert not (tmp_path / "m" / outputs.WRITER_FILE).exists()
     assert os.getpid() > 0
 
 

@@ -51,14 +51,14 @@ def test_quantize_refuses_forms_it_would_misread_before_any_work(tmp_path, cli):
     moekit_form = tmp_path / "moekit-form"
     moekit_form.mkdir()
     (moekit_form / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", PER_LAYER_EXPERTS_KEY: [4, 2]}))
-    code, _, err = cli("quantize", moekit_form, "--out", tmp_path / "q", "--llmc-python", "/nonexistent")
+    code, _, err = cli("quantize", moekit_form, "--out", tmp_path / "q")
     assert code == 2 and "moekit uniform" in err and not (tmp_path / "q").exists()
 
     done = tmp_path / "already"
     done.mkdir()
     (done / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "quantization_config": {"format": "int-quantized"}}))
     save_file({"x": torch.zeros(1)}, str(done / "model.safetensors"))
-    code, _, err = cli("quantize", done, "--out", tmp_path / "q", "--llmc-python", "/nonexistent")
+    code, _, err = cli("quantize", done, "--out", tmp_path / "q")
     assert code == 2 and "already quantized" in err
 
     code, _, err = cli("quantize", done, "--out", tmp_path / "q", "--scheme", "INT3")

@@ -35,10 +35,23 @@ for _command in app.registered_commands:  # every command's inputs are checked b
 
 
 def main(argv: list[str] | None = None) -> None:
+    from typer.exceptions import TyperException
+
     from moekit.errors import MoekitError, explain
 
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=argv, standalone_mode=False)
+    except typer.Abort:  # Ctrl-C: the writers already left every output whole
+        print("moekit: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except TyperException as e:  # the parser's own: an unknown option, a missing one, "abc" where a number goes
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            sys.exit(0)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"moekit: error: {e.format_message()}{where}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
     except MoekitError as e:
         print(f"moekit: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -48,3 +61,4 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"moekit: error: {line}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -118,7 +118,8 @@ def check_inputs(command: str, args: dict, flags: dict[str, str | None] | None =
     for name in OUTPUTS:
         if args.get(name) is not None:
             check_output(Path(args[name]), flag(name), overwrite=bool(args.get("overwrite")), inputs=inputs,
-                         must_be_new=command not in RESUMING or name != "out",
+                         must_be_new=(command not in RESUMING and not args.get("resume")) or name != "out",
+                         resumable="resume" in args and name == "out",
                          expected_bytes=expected if name == "out" and command in MODEL_WRITERS else 0)
 
 
@@ -251,7 +252,7 @@ def weights_size(path: Path) -> int:
 
 
 def check_output(out: Path, what: str, *, overwrite: bool, inputs: list[Path] = (), must_be_new: bool = True,
-                 expected_bytes: int = 0) -> None:
+                 expected_bytes: int = 0, resumable: bool = False) -> None:
     """An output path that can be written whole (see the module doc)."""
     path = out.expanduser()
     if path.is_symlink() and not path.exists():
@@ -264,7 +265,8 @@ def check_output(out: Path, what: str, *, overwrite: bool, inputs: list[Path] = 
         if resolved == inp.resolve() or resolved in inp.resolve().parents:
             raise MoekitError(f"{what} '{out}' would replace the input '{inp}': choose another path")
     if must_be_new and path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise MoekitError(f"{what} '{out}' already exists: pass --overwrite to replace it, or choose another path")
+        how = "--resume to continue it, --overwrite to replace it" if resumable else "--overwrite to replace it"
+        raise MoekitError(f"{what} '{out}' already exists: pass {how}, or choose another path")
     folder = resolved.parent
     while not folder.exists():
         folder = folder.parent
