@@ -265,6 +265,7 @@ CASES = [  # (command line with {placeholders}, words the one error line must co
     ("info {model} --device cuda:99", "cuda"),
     ("ppl {model} --data {text} --device cuda", "cuda"),
     ("info {model} --device tpu", "unknown device"),
+    ("info --families --vllm-python {bad}/nowhere", "--vllm-python"),
     ("info {model} --dtype int3", "unknown dtype"),
     # the file system
     ("profile {model} --data {text} --out {bad}/readonly/s.safetensors", "not writable"),

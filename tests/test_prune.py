@@ -70,9 +70,12 @@ def masked_routers(model, pruned: dict[int, list[int]]):
         m = torch.zeros(layer.num_experts)
         m[pruned.get(layer.index, [])] = float("-inf")
         masks[layer.router.weight.data_ptr()] = m
-        if layer.correction_bias is not None:
-            saved[layer.index] = layer.correction_bias
-            layer.router.e_score_correction_bias = layer.correction_bias + m
+        owner = layer.selection_bias_owner
+        if owner is not None:
+            old = getattr(*owner)
+            saved[layer.index] = (*owner, old)
+            new = (old.detach() + m.to(old.dtype))
+            setattr(owner[0], owner[1], torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new)
 
     def linear(x, w, b=None):
         y = real_linear(x, w, b)
@@ -83,9 +86,8 @@ def masked_routers(model, pruned: dict[int, list[int]]):
         with mock.patch.object(torch.nn.functional, "linear", linear):
             yield
     finally:
-        for layer in arch.moe_layers(model):
-            if layer.index in saved:
-                layer.router.e_score_correction_bias = saved[layer.index]
+        for module, name, value in saved.values():
+            setattr(module, name, value)
 
 
 def _pruned_sets(model, keep):

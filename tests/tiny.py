@@ -35,7 +35,51 @@ def tiny_config(family: str, **over):
         if family == "qwen3":
             kw.update(head_dim=8)
     else:
-        raise ValueError(family)
+        return generic_tiny_config(family, **over)
+    kw.update(over)
+    return AutoConfig.for_model(family, **kw)
+
+
+# Every other family: its own config class's defaults, with each size key it has shrunk to tiny values and every
+# layer made sparse where the config says which layers are (derived from the config, not written per family).
+TINY = dict(
+    vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    intermediate_size=64, max_position_embeddings=128,
+    num_experts=8, num_local_experts=8, n_routed_experts=8, num_experts_per_tok=2, num_experts_per_token=2,
+    moe_intermediate_size=16, shared_expert_intermediate_size=24, n_shared_experts=1,
+    n_group=2, topk_group=1, first_k_dense_replace=0, decoder_sparse_step=1, mlp_only_layers=[],
+    kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    index_head_dim=8, index_n_heads=2, index_topk=4,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_conv_kernel_dim=4, full_attention_interval=2,
+    mamba_d_state=8, mamba_dt_rank=8, mamba_expand=2, use_mamba_kernels=False, mamba_n_heads=4, mamba_d_head=16,
+    mamba_n_groups=1, mamba_chunk_size=8, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+    expert_layer_offset=0, num_dense_layers=0, sliding_window=16, use_cache=True, tie_word_embeddings=False,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type")
+FROM_NONE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "head_dim",
+             "num_key_value_heads", "mlp_only_layers", "num_experts_per_tok", "n_shared_experts")
+HYBRID = {  # hybrid families: one layer of each kind
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+}
+
+
+def generic_tiny_config(family: str, **over):
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(family).to_dict()
+    kw = {k: v for k, v in TINY.items() if k in default and (default[k] is not None or k in FROM_NONE)}
+    if "kv_lora_rank" in default:  # multi-head latent attention: every head its own key/value, rope dims agree
+        kw.update(num_key_value_heads=TINY["num_attention_heads"], head_dim=TINY["qk_rope_head_dim"])
+    n = TINY["num_hidden_layers"]
+    for key in PER_LAYER_LISTS:  # keep the family's pattern over the first layers, every kind represented
+        value = default.get(key)
+        if isinstance(value, list) and value:
+            kinds = list(dict.fromkeys(value))
+            kw[key] = (kinds + value)[:n] if len(kinds) <= n else value[:n]
+    kw.update(HYBRID.get(family, {}))
     kw.update(over)
     return AutoConfig.for_model(family, **kw)
 
@@ -59,7 +103,8 @@ def tiny_model(family: str, seed: int = 0, **over):
     return model.eval()
 
 
-MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")  # the classic six, every test
+ALL_MOE_FAMILIES = tuple(__import__("moekit.core.arch", fromlist=["MOE_FAMILIES"]).MOE_FAMILIES)
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 

@@ -137,8 +137,12 @@ def resize_empty(layer: arch.MoELayer, n: int) -> None:
     r.weight = torch.nn.Parameter(torch.empty((n, r.weight.shape[1]), device="meta", dtype=r.weight.dtype))
     if getattr(r, "bias", None) is not None:
         r.bias = torch.nn.Parameter(torch.empty(n, device="meta", dtype=r.bias.dtype))
-    if hasattr(r, "e_score_correction_bias"):
-        r.e_score_correction_bias = torch.empty(n, device="meta")
+    owner = layer.selection_bias_owner
+    if owner is not None:
+        module, name = owner
+        old = getattr(module, name)
+        new = torch.empty(n, device="meta", dtype=old.dtype)
+        setattr(module, name, torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new)
     r.num_experts = n
 
 

@@ -14,12 +14,23 @@ from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load
 
 
 @app.command()
-def info(model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
-         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
+def info(model: str = typer.Argument(None, help="local checkpoint directory, .gguf file, hub id, or 'smollm2' / "
+                                            "'smollm2-moe' (not needed with --families)"),
+         dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+         families: bool = typer.Option(False, "--families", help="the supported MoE families and what each command "
+                                       "does with them (and whether the vLLM environment's registry has each)"),
+         vllm_python: Path = typer.Option(None, "--vllm-python", envvar="MOEKIT_VLLM_PYTHON", help="python of the vLLM environment")):
     """Architecture, layers, experts per layer, top-k, shared experts and parameter counts."""
     from moekit.checkpoint.forms import checkpoint_form
     from moekit.checkpoint.load import resolve
     from moekit.core.arch import describe
+    from moekit.errors import MoekitError
+
+    if families:
+        return print_families(as_json, vllm_python)
+    if model is None:
+        raise MoekitError("no model given: pass MODEL, or --families for the supported families")
 
     form = checkpoint_form(resolve(model))
     m, _ = load(model, dtype, device, trust_remote_code)
@@ -70,3 +81,25 @@ def ppl(model: str = MODEL, data: str = typer.Option(..., "--data", help="text s
     toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
     value = perplexity(m, toks, batch_size=batch_size)
     print(f"perplexity {value:.3f} over {toks.numel():,} tokens ({toks.shape[0]} windows of {window}) of {data}")
+
+
+def print_families(as_json: bool, vllm_python: Path | None) -> None:
+    from moekit.core.arch import family_table
+    from moekit.errors import MoekitError
+    from moekit.serve.vllm_env import vllm_architectures
+
+    rows = family_table()
+    try:
+        archs = vllm_architectures(vllm_python)
+    except MoekitError:
+        archs = None
+    for row in rows:
+        row["in vLLM's registry"] = "?" if archs is None else ("yes" if row["architecture"] in archs else "no")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from moekit.eval.results import format_table
+
+    print(f"{len(rows)} supported MoE families (transformers' own model classes; the vLLM column: the vLLM "
+          "environment's model registry lists the architecture)\n")
+    print(format_table(list(rows[0]), [list(r.values()) for r in rows]), end="")

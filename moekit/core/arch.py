@@ -22,6 +22,8 @@ from torch import nn
 from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY
 from moekit.errors import MoekitError
 
+SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -31,8 +33,10 @@ class Family:
     router_attr: str = "gate"  # attribute of the MoE block holding the router
     num_experts_key: str = "num_experts"  # config key for routed experts per layer
     expert_size_key: str = "moe_intermediate_size"  # config key for one expert's intermediate size
+    top_k_key: str = "num_experts_per_tok"  # config key for the experts each token activates
+    block_attr: str = "mlp"  # attribute of a decoder layer holding its MoE block (when the layer is sparse)
     layout: str = "concat"  # "concat": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": [E,H,2I] interleaved, [E,I,H]
-    scoring: str = "softmax"  # "softmax" over all experts, "sigmoid" (DeepSeek-V3), "topk_softmax" (GPT-OSS)
+    scoring: str = "softmax"  # "softmax" over all experts, "sigmoid" (DeepSeek-V3), "topk_softmax" (top-k on logits first)
     shared_attr: str | None = None  # shared expert module on the block
     shared_gate_attr: str | None = None  # sigmoid gate of the shared expert (Qwen2-MoE)
     dense_model_type: str | None = None  # the dense family an MoE of this kind densifies into
@@ -40,25 +44,92 @@ class Family:
     norm_topk_default: bool = True
 
 
+def _family(name: str, **kw) -> Family:
+    return Family(name, **kw)
+
+
+# The canonical layout is Qwen3-MoE's: a sparse layer's ``mlp`` holds a router ``gate`` (``weight [E, H]``, ``top_k``)
+# whose forward returns (logits, weights, indices), and fused ``experts`` (``gate_up_proj [E, 2I, H]``,
+# ``down_proj [E, H, I]``) called as ``experts(x, indices, weights)``. A family record says only where it differs.
+# Selection biases (``e_score_correction_bias`` on the router or the block, LFM2's ``expert_bias``) are found on the
+# modules themselves (:attr:`MoELayer.selection_bias_owner`). Each family is checked on a tiny model built from its
+# own config class by tests/test_families.py.
+_DEEPSEEK_LIKE = dict(num_experts_key="n_routed_experts", scoring="sigmoid", shared_attr="shared_experts")
 MOE_FAMILIES: dict[str, Family] = {
-    "qwen2_moe": Family(
-        "qwen2_moe", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate", dense_model_type="qwen2",
-        dense_model_type_unbiased="llama",
-    ),
-    "qwen3_moe": Family("qwen3_moe", dense_model_type="qwen3"),
-    "mixtral": Family(
-        "mixtral", num_experts_key="num_local_experts", expert_size_key="intermediate_size", dense_model_type="mistral"
-    ),
+    # -- softmax routing, no shared expert
+    "qwen3_moe": _family("qwen3_moe", dense_model_type="qwen3"),
+    "mixtral": _family("mixtral", num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+                       dense_model_type="mistral"),
     # OLMoE (pre-norm, full-width q/k norms) has no dense twin in transformers (OLMo2 is post-norm): no dense type.
-    "olmoe": Family("olmoe", expert_size_key="intermediate_size", norm_topk_default=False),
-    "deepseek_v3": Family(
-        "deepseek_v3", num_experts_key="n_routed_experts", scoring="sigmoid", shared_attr="shared_experts",
-        dense_model_type="deepseek_v3",
-    ),
-    "gpt_oss": Family(
-        "gpt_oss", router_attr="router", num_experts_key="num_local_experts", expert_size_key="intermediate_size",
-        layout="gpt_oss", scoring="topk_softmax",
-    ),
+    "olmoe": _family("olmoe", expert_size_key="intermediate_size", norm_topk_default=False),
+    "flex_olmo": _family("flex_olmo", expert_size_key="intermediate_size", norm_topk_default=False),
+    "minimax": _family("minimax", num_experts_key="num_local_experts", expert_size_key="intermediate_size"),
+    "mellum": _family("mellum", num_experts_key="num_local_experts"),
+    "jamba": _family("jamba", block_attr="feed_forward", router_attr="router", expert_size_key="intermediate_size"),
+    # -- softmax over the top-k logits only
+    "granitemoe": _family("granitemoe", block_attr="block_sparse_moe", router_attr="router",
+                          num_experts_key="num_local_experts", expert_size_key="intermediate_size", scoring="topk_softmax"),
+    # the shared MLP of these two runs beside the block on the decoder layer: the view leaves it alone
+    "granitemoeshared": _family("granitemoeshared", block_attr="block_sparse_moe", router_attr="router",
+                                num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+                                scoring="topk_softmax"),
+    "granitemoehybrid": _family("granitemoehybrid", block_attr="block_sparse_moe", router_attr="router",
+                                num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+                                scoring="topk_softmax"),
+    "gpt_oss": _family("gpt_oss", router_attr="router", num_experts_key="num_local_experts",
+                       expert_size_key="intermediate_size", layout="gpt_oss", scoring="topk_softmax"),
+    # -- softmax routing, shared experts (gated by a sigmoid in the Qwen line)
+    "qwen2_moe": _family("qwen2_moe", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate",
+                         dense_model_type="qwen2", dense_model_type_unbiased="llama"),
+    "qwen3_next": _family("qwen3_next", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate"),
+    "qwen3_5_moe_text": _family("qwen3_5_moe_text", shared_attr="shared_expert", shared_gate_attr="shared_expert_gate"),
+    "lara_mini": _family("lara_mini", shared_attr="shared_expert"),
+    "deepseek_v2": _family("deepseek_v2", num_experts_key="n_routed_experts", shared_attr="shared_experts"),
+    # -- sigmoid scores, a selection bias, shared experts (the DeepSeek-V3 line)
+    "deepseek_v3": _family("deepseek_v3", **_DEEPSEEK_LIKE, dense_model_type="deepseek_v3"),
+    "deepseek_v32": _family("deepseek_v32", **_DEEPSEEK_LIKE),
+    "dots1": _family("dots1", **_DEEPSEEK_LIKE),
+    "glm4_moe": _family("glm4_moe", **_DEEPSEEK_LIKE),
+    "glm4_moe_lite": _family("glm4_moe_lite", **_DEEPSEEK_LIKE),
+    "glm_moe_dsa": _family("glm_moe_dsa", **_DEEPSEEK_LIKE),
+    "solar_open": _family("solar_open", **_DEEPSEEK_LIKE),
+    "axk1": _family("axk1", **_DEEPSEEK_LIKE),
+    "axk2": _family("axk2", **_DEEPSEEK_LIKE),
+    "kimi_linear": _family("kimi_linear", **{**_DEEPSEEK_LIKE, "num_experts_key": "num_experts"},
+                           top_k_key="num_experts_per_token"),
+    "exaone_moe": _family("exaone_moe", **{**_DEEPSEEK_LIKE, "num_experts_key": "num_experts"}),
+    # -- sigmoid scores and a selection bias, no shared expert
+    "mimo_v2_flash": _family("mimo_v2_flash", num_experts_key="n_routed_experts", scoring="sigmoid"),
+    "minimax_m2": _family("minimax_m2", num_experts_key="num_local_experts", expert_size_key="intermediate_size",
+                          scoring="sigmoid"),
+    "lfm2_moe": _family("lfm2_moe", block_attr="feed_forward", scoring="sigmoid"),
+}
+
+# MoE families of transformers moekit does not handle yet, and why (what its view would have to learn first).
+NOT_SUPPORTED = {
+    "hunyuan_v1_moe": "its router weight sits one module deeper (gate.wg)",
+    "ernie4_5_moe": "its selection bias lives in gate.moe_statics, shaped [1, E]",
+    "phimoe": "sparsemixer routing (two sampled top-1 picks with jitter), not a top-k over scores",
+    "longcat_flash": "its router also scores zero (identity) experts that have no weights",
+    "zaya": "its router is a small MLP with an extra class beyond the experts",
+    "inkling_text": "its router scores more classes than it has experts",
+    "jetmoe": "its experts are unfused input/output linears (ParallelExperts)",
+    "dbrx": "its experts are 2-D stacked w1/v1/w2 tensors, and its config does not build in this transformers",
+    "llama4_text": "transposed [E, H, 2I] experts called without routing arguments",
+    "aria_text": "transposed [E, H, 2I] experts",
+    "nemotron_h": "relu^2 experts with an up projection and no gate",
+    "gemma4_text": "its router and experts sit on the decoder layer itself, beside a dense MLP",
+    "deepseek_v4": "hash routers on some layers and sqrt-softplus scores",
+    "bailing_hybrid": "group-limited routing that fails on a reduced expert count (not yet understood)",
+    "cohere2_moe": "its scoring function is a config choice, applied after the top-k (not yet tested)",
+    "kolibri1": "sigmoid scores applied after the top-k (not yet tested)",
+    "flint": "sigmoid scores applied after the top-k (not yet tested)",
+    "laguna": "sigmoid, softmax or tanh-softcapped scores by config (not yet tested)",
+    "beam": "a custom gate activation in its experts (not yet tested)",
+    "hy_v3": "its selection bias on the block beside a shared expert (not yet tested)",
+    "hy_v4": "hyper-connection residuals and a custom gate activation (not yet tested)",
+    "glm5_next_text": "hyper-connection residuals and a custom gate activation (not yet tested)",
+    "mistral4": "no causal-LM class in transformers' auto mapping",
 }
 
 # Dense families moekit can carve into an MoE: gated FFN with gate_proj / up_proj / down_proj.
@@ -75,10 +146,12 @@ def model_type(model_or_config) -> str:
 
 def check_supported(model_or_config) -> str:
     mt = model_type(model_or_config)
+    if mt in NOT_SUPPORTED:
+        raise MoekitError(f"'{mt}' is an MoE family moekit does not handle yet: {NOT_SUPPORTED[mt]} "
+                          "(`moekit info --families` lists the supported ones)")
     if mt not in SUPPORTED:
-        raise MoekitError(
-            f"unsupported architecture '{mt}': moekit supports {', '.join(SUPPORTED)}; convert the model to one of them"
-        )
+        raise MoekitError(f"unsupported architecture '{mt}': moekit supports {len(MOE_FAMILIES)} MoE families and the "
+                          f"dense {', '.join(DENSE_FAMILIES)} (`moekit info --families`); convert the model to one of them")
     return mt
 
 
@@ -139,9 +212,21 @@ class MoELayer:
         return getattr(self.router, "bias", None)
 
     @property
+    def selection_bias_owner(self) -> tuple[nn.Module, str] | None:
+        """Where the bias added to scores for selection only lives: DeepSeek-V3's ``e_score_correction_bias`` on the
+        router, MiniMax-M2's on the block, LFM2's ``expert_bias`` on the block; None when the family has none."""
+        for module in (self.router, self.block):
+            for name in SELECTION_BIAS_NAMES:
+                t = getattr(module, name, None)
+                if isinstance(t, torch.Tensor) and t.dim() == 1:
+                    return module, name
+        return None
+
+    @property
     def correction_bias(self) -> torch.Tensor | None:
-        """DeepSeek-V3's ``e_score_correction_bias``: added to scores for selection only."""
-        return getattr(self.router, "e_score_correction_bias", None)
+        """The selection bias (see :attr:`selection_bias_owner`), or None."""
+        owner = self.selection_bias_owner
+        return None if owner is None else getattr(*owner)
 
     @property
     def norm_topk_prob(self) -> bool:
@@ -246,9 +331,13 @@ class MoELayer:
         if getattr(r, "bias", None) is not None:
             b = bias if bias is not None else torch.zeros(weight.shape[0])
             r.bias = nn.Parameter(b.to(device=r.bias.device, dtype=r.bias.dtype).contiguous(), requires_grad=ref.requires_grad)
-        if hasattr(r, "e_score_correction_bias"):
+        owner = self.selection_bias_owner
+        if owner is not None:
+            module, name = owner
+            old = getattr(module, name)
             cb = correction_bias if correction_bias is not None else torch.zeros(weight.shape[0])
-            r.e_score_correction_bias = cb.to(device=ref.device, dtype=r.e_score_correction_bias.dtype).contiguous()
+            cb = cb.to(device=ref.device, dtype=old.dtype).contiguous()
+            setattr(module, name, nn.Parameter(cb, requires_grad=False) if isinstance(old, nn.Parameter) else cb)
         r.num_experts = int(weight.shape[0])
 
     def block_tensors(self, gate, up, down, router_weight, router_bias=None, biases=None) -> dict[str, torch.Tensor]:
@@ -318,15 +407,22 @@ class MoELayer:
         if self.n_group > 1 and k > self.topk_group * (self.num_experts // self.n_group):
             raise MoekitError(f"layer {self.index}: top-k {k} exceeds what topk_group={self.topk_group} groups can supply")
         self.router.top_k = k
-        if hasattr(self.block, "top_k"):
-            self.block.top_k = k
+        for module in (self.block, self.experts):
+            if hasattr(module, "top_k"):
+                module.top_k = k
         sync_config(self.model)
 
     # ----------------------------------------------------------------- maths
+    def router_extra_args(self) -> tuple:
+        """What the block passes its router beside the tokens: the selection bias, where the block holds it
+        (MiniMax-M2, LFM2-MoE); nothing elsewhere."""
+        owner = self.selection_bias_owner
+        return (getattr(*owner),) if owner is not None and owner[0] is self.block else ()
+
     @torch.no_grad()
     def route(self, x: torch.Tensor):
         """The router's own forward on tokens [T, H] -> (logits [T,E], weights [T,k], indices [T,k])."""
-        return self.router(x)
+        return self.router(x, *self.router_extra_args())
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Router probability of every expert [T, E] (softmax over all; sigmoid scores for DeepSeek-V3)."""
@@ -385,7 +481,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         return []
     out = []
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
+        block = getattr(layer, family.block_attr, None)
         if block is not None and hasattr(block, "experts"):
             out.append(MoELayer(model, i, block, family))
     return out
@@ -421,10 +517,10 @@ def sync_config(model: nn.Module) -> None:
         setattr(config, family.num_experts_key, max(counts.values()))
         setattr(config, PER_LAYER_EXPERTS_KEY, {str(k): v for k, v in counts.items()})
     if len(set(topks.values())) == 1:
-        config.num_experts_per_tok = next(iter(topks.values()))
+        setattr(config, family.top_k_key, next(iter(topks.values())))
         _drop(config, PER_LAYER_TOP_K_KEY)
     else:
-        config.num_experts_per_tok = max(topks.values())
+        setattr(config, family.top_k_key, max(topks.values()))
         setattr(config, PER_LAYER_TOP_K_KEY, {str(k): v for k, v in topks.items()})
 
 
@@ -514,3 +610,26 @@ def fuse_layer_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in range(n)])
         out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
     return out
+
+
+def family_table() -> list[dict]:
+    """One row per supported MoE family: where things sit, how it routes, and what each command does with it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    rows = []
+    for name, f in MOE_FAMILIES.items():
+        shared = f.shared_attr or "-"
+        if f.shared_gate_attr:
+            shared += f" (gate {f.shared_gate_attr})"
+        rows.append({
+            "family": name,
+            "architecture": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name, "?"),
+            "block": f"{f.block_attr}.{f.router_attr}",
+            "routing": {"softmax": "softmax", "sigmoid": "sigmoid + selection bias",
+                        "topk_softmax": "top-k, then softmax"}[f.scoring],
+            "shared experts": shared,
+            "prune / merge / route": "yes",
+            "densify into": f.dense_model_type_unbiased and f"{f.dense_model_type} / {f.dense_model_type_unbiased}"
+                            or f.dense_model_type or "-",
+        })
+    return rows

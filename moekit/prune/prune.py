@@ -337,14 +337,15 @@ def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
 
     idx = torch.tensor(kept, dtype=torch.long)
     r = layer.router
+    owners = [(r, "weight"), (r, "bias")] + ([layer.selection_bias_owner] if layer.selection_bias_owner else [])
     rows = {
-        n: getattr(r, n).detach().index_select(0, idx)
-        for n in ("weight", "bias", "e_score_correction_bias")
-        if getattr(r, n, None) is not None and not getattr(r, n).is_meta
+        (m, n): getattr(m, n).detach().index_select(0, idx)
+        for m, n in owners
+        if getattr(m, n, None) is not None and not getattr(m, n).is_meta
     }
     resize_empty(layer, len(kept))
-    for n, t in rows.items():
-        setattr(r, n, t if n == "e_score_correction_bias" else torch.nn.Parameter(t, requires_grad=False))
+    for (m, n), t in rows.items():
+        setattr(m, n, torch.nn.Parameter(t, requires_grad=False) if isinstance(getattr(m, n), torch.nn.Parameter) else t)
 
 
 def stats_for_model(model, stats: ExpertStats) -> ExpertStats:

@@ -109,6 +109,10 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
     restore_moekit_state(model)
     for layer in arch.require_moe(model):
         r = layer.router
+        owner = layer.selection_bias_owner
+        if owner is not None and owner[0] is layer.block:
+            raise MoekitError(f"'{src}' ({arch.model_type(config)}) keeps its selection bias on the MoE block, which "
+                              "shard-wise pruning does not rewrite; prune it in memory (drop --shardwise)")
         for name, t in routers.get(layer.index, {}).items():
             if name == "e_score_correction_bias":
                 r.e_score_correction_bias = t

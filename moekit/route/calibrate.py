@@ -89,14 +89,14 @@ def plan_routing(layer: arch.MoELayer, plan: LayerPlan, x: torch.Tensor, full):
     """(weights, indices) the layer runs under ``plan``; ``full`` is the original top-K routing of x."""
     if plan.rerouted:
         return reroute(*full, plan, layer.skip_index)
-    _, w, i = router_at(layer.router, plan.k, x)
+    _, w, i = router_at(layer, plan.k, x)
     return w, i
 
 
 @torch.no_grad()
 def full_routing(layer: arch.MoELayer, x: torch.Tensor, big_k: int):
     """(weights, indices) of the router's own top-``big_k`` on x, ranked (see :func:`ranked`)."""
-    return ranked(layer, *router_at(layer.router, big_k, x))
+    return ranked(layer, *router_at(layer, big_k, x))
 
 
 def allocate(errors: dict[int, list[float]], big_k: dict[int, int], total: int, min_k: int) -> dict[int, int]:

@@ -116,8 +116,8 @@ class Rerouter:
     def __init__(self, layer: arch.MoELayer, plan: LayerPlan):
         self.layer, self.plan = layer, plan
 
-    def __call__(self, hidden_states):
-        logits, w, i = router_at(self.layer.router, self.plan.K, hidden_states)
+    def __call__(self, hidden_states, *extra):  # extra: a block-held selection bias (router_extra_args)
+        logits, w, i = router_at(self.layer, self.plan.K, hidden_states)
         w, i = reroute(*ranked(self.layer, logits, w, i), self.plan, self.layer.skip_index)
         return logits, w, i
 
@@ -131,17 +131,18 @@ class Compensator:
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         experts = self.layer.experts
         out = type(experts).forward(experts, hidden_states, top_k_index, top_k_weights)
-        _, w, i = router_at(self.layer.router, self.plan.K, hidden_states)  # the original top-K, recomputed
+        _, w, i = router_at(self.layer, self.plan.K, hidden_states)  # the original top-K, recomputed
         mu = getattr(experts, MEAN_OUT)
         drop = dropped_weights(w, i, top_k_index, mu.shape[0])
         return out + (drop @ mu.float()).to(out.dtype)
 
 
-def router_at(router, big_k: int, hidden_states):
+def router_at(layer: arch.MoELayer, big_k: int, hidden_states):
     """The router class's own forward at top-k ``big_k`` (bypassing any instance patch)."""
+    router = layer.router
     slots, router.top_k = router.top_k, big_k
     try:
-        return type(router).forward(router, hidden_states)
+        return type(router).forward(router, hidden_states, *layer.router_extra_args())
     finally:
         router.top_k = slots
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 
 from moekit.checkpoint.forms import checkpoint_form
 from moekit.errors import MoekitError
+from moekit.serve.envs import run_worker
 from moekit.serve.vllm_env import find_vllm_python
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -95,20 +94,8 @@ def prompt_ids(path: Path, n: int, vocab_size: int) -> list[list[int]]:
 
 def run_vllm(requests: list[dict], python: Path, timeout_s: int) -> list[dict]:
     """Run the worker once over ``requests`` (one per checkpoint); one response each."""
-    with tempfile.TemporaryDirectory(prefix="moekit-serve-") as tmp:
-        req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
-        req.write_text(json.dumps({"checks": requests}))  # not an output: the worker's request, in a private folder
-        log = Path(tmp) / "vllm.log"
-        try:
-            with open(log, "w") as f:  # not an output: the worker's log, in a private folder
-                proc = subprocess.run([str(python), str(WORKER), str(req), str(resp)], stdout=f, stderr=subprocess.STDOUT,
-                                      timeout=timeout_s, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            raise MoekitError(f"vLLM did not finish within {timeout_s} s; raise --timeout or check the vLLM environment") from None
-        if proc.returncode != 0 or not resp.exists():
-            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
-            raise MoekitError(f"the vLLM process failed (exit {proc.returncode}): {tail[0][:300]}")
-        out = json.loads(resp.read_text())
+    out = run_worker([str(python), str(WORKER)], {"checks": requests}, timeout_s=timeout_s, what="the vLLM process",
+                     hint="; raise --timeout or check the vLLM environment")
     if "error" in out:
         raise MoekitError(f"vLLM failed before generating: {out['error']}")
     return out["results"]

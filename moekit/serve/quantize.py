@@ -16,10 +16,7 @@ schemes run with experts quantized.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from pathlib import Path
 from moekit.checkpoint.forms import checkpoint_form
 from moekit.checkpoint.paths import cache_dir
 from moekit.outputs import staged_dir, write_json
+from moekit.serve.envs import find_python, run_step, run_worker
 from moekit.errors import MoekitError
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
@@ -60,32 +58,22 @@ def default_env_dir() -> Path:
 
 def find_llmc_python(explicit: str | Path | None = None) -> Path:
     """The Python of the llm-compressor environment, or a one-line error saying how to make one."""
-    for candidate, origin in ((explicit, "--llmc-python"), (os.environ.get(ENV_VAR), f"${ENV_VAR}")):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if not path.is_file():
-                raise MoekitError(f"{origin} '{candidate}' is not a file: point it at the python of an llm-compressor environment")
-            return path
-    path = default_env_dir() / "bin" / "python"
-    if path.is_file():
-        return path
-    raise MoekitError(f"no llm-compressor environment: create one with `moekit llmc-env` (installs {PACKAGE} into "
-                      f"{default_env_dir()}), or pass --llmc-python / set {ENV_VAR}")
+    return find_python(explicit, option="--llmc-python", env_var=ENV_VAR, default_dir=default_env_dir(),
+                       what="an llm-compressor environment",
+                       create=f"`moekit llmc-env` (installs {PACKAGE} into {default_env_dir()})")
 
 
 def create_env(path: Path | None = None, *, cuda: bool = False, python: str = sys.executable) -> Path:
     """Create (or complete) the llm-compressor environment at ``path``; returns its Python."""
-    from moekit.serve.vllm_env import _run
-
     path = Path(path) if path else default_env_dir()
     start = time.perf_counter()
     if not (path / "bin" / "python").exists():
-        _run([python, "-m", "venv", str(path)], "creating the virtual environment")
+        run_step([python, "-m", "venv", str(path)], "creating the virtual environment")
     py = path / "bin" / "python"
     if not cuda:
-        _run([str(py), "-m", "pip", "install", "-q", TORCH_CPU], f"pip install {TORCH_CPU}")
-    _run([str(py), "-m", "pip", "install", "-q", PACKAGE], f"pip install {PACKAGE}")
-    _run([str(py), "-c", "import llmcompressor"], "importing llmcompressor")
+        run_step([str(py), "-m", "pip", "install", "-q", TORCH_CPU], f"pip install {TORCH_CPU}")
+    run_step([str(py), "-m", "pip", "install", "-q", PACKAGE], f"pip install {PACKAGE}")
+    run_step([str(py), "-c", "import llmcompressor"], "importing llmcompressor")
     print(f"moekit: llm-compressor ready in {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return py
 
@@ -102,20 +90,10 @@ def quantize(model: str | Path, out: str | Path, cfg: QuantizeConfig | None = No
     if json.loads((model / "config.json").read_text()).get("quantization_config"):
         raise MoekitError(f"'{model}' is already quantized: quantize the unquantized checkpoint it came from")
     python = find_llmc_python(llmc_python)
-    with staged_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(prefix="moekit-quantize-") as work:
-        req, resp, log = Path(work) / "request.json", Path(work) / "response.json", Path(work) / "llmc.log"
+    with staged_dir(out, overwrite) as tmp:
         request = {"model": str(model.resolve()), "out": str(tmp), "scheme": cfg.scheme, "ignore": cfg.ignore()}
-        req.write_text(json.dumps(request))  # not an output: the worker's request, in a private folder
-        try:
-            with open(log, "w") as f:  # not an output: the worker's log, in a private folder
-                proc = subprocess.run([str(python), str(WORKER), str(req), str(resp)], stdout=f, stderr=subprocess.STDOUT,
-                                      timeout=cfg.timeout_s, cwd=work)
-        except subprocess.TimeoutExpired:
-            raise MoekitError(f"llm-compressor did not finish within {cfg.timeout_s} s; raise --timeout") from None
-        if proc.returncode != 0 or not resp.exists():
-            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
-            raise MoekitError(f"the llm-compressor process failed (exit {proc.returncode}): {tail[0][:300]}")
-        report = json.loads(resp.read_text())
+        report = run_worker([str(python), str(WORKER)], request, timeout_s=cfg.timeout_s,
+                            what="the llm-compressor process", hint="; raise --timeout")
         if "error" in report:
             raise MoekitError(f"llm-compressor failed on '{model}': {report['error']}")
         if not report.get("quantized_modules"):

