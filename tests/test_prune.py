@@ -69,7 +69,7 @@ def masked_routers(model, pruned: dict[int, list[int]]):
     for layer in arch.moe_layers(model):
         m = torch.zeros(layer.num_experts)
         m[pruned.get(layer.index, [])] = float("-inf")
-        masks[layer.router.weight.data_ptr()] = m
+        masks[layer.router_weight.data_ptr()] = m
         owner = layer.selection_bias_owner
         if owner is not None:
             old = getattr(*owner)

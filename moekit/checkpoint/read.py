@@ -128,7 +128,7 @@ def read_non_uniform(path: Path, config, dtype):
 
 
 def resize_empty(layer: arch.MoELayer, n: int) -> None:
-    ex, r = layer.experts, layer.router
+    ex, r = layer.experts, layer.router_linear
     for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
         t = getattr(ex, name, None)
         if t is not None:
@@ -143,7 +143,7 @@ def resize_empty(layer: arch.MoELayer, n: int) -> None:
         old = getattr(module, name)
         new = torch.empty(n, device="meta", dtype=old.dtype)
         setattr(module, name, torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new)
-    r.num_experts = n
+    layer.router.num_experts = n
 
 
 def restore_moekit_state(model) -> None:

@@ -336,7 +336,7 @@ def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
     from moekit.checkpoint.read import resize_empty
 
     idx = torch.tensor(kept, dtype=torch.long)
-    r = layer.router
+    r = layer.router_linear
     owners = [(r, "weight"), (r, "bias")] + ([layer.selection_bias_owner] if layer.selection_bias_owner else [])
     rows = {
         (m, n): getattr(m, n).detach().index_select(0, idx)

@@ -108,7 +108,7 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
     model.tie_weights()  # no_init_weights skips tying; parameter counts must see tied embeddings once
     restore_moekit_state(model)
     for layer in arch.require_moe(model):
-        r = layer.router
+        r = layer.router_linear
         owner = layer.selection_bias_owner
         if owner is not None and owner[0] is layer.block:
             raise MoekitError(f"'{src}' ({arch.model_type(config)}) keeps its selection bias on the MoE block, which "
