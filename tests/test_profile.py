@@ -226,7 +226,7 @@ def test_stream_refuses_a_non_checkpoint(tmp_path):
 def test_checkpoint_reader_matches_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from moekit.profile.stream import CheckpointReader
+    from moekit.checkpoint.safetensors_io import CheckpointReader
 
     tensors = {"a": torch.randn(7, 5), "b.c": torch.randn(3, 4).to(torch.bfloat16), "d": torch.arange(6)}
     save_file(tensors, str(tmp_path / "x.safetensors"))
