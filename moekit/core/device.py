@@ -26,3 +26,40 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
                 "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise MoekitError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory free for a new model on ``device``: on CUDA what the driver reports free; on CPU the system's available
+    memory, or less when the process sits in a memory-limited cgroup (v1 or v2), as containers and `moekit`'s own
+    benchmarks under a cap do."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    for limit, usage in _cgroup_files():
+        try:
+            cap = int(open(limit).read().strip())
+            used = int(open(usage).read().strip())
+        except (OSError, ValueError):  # no such cgroup file, or "max": no limit there
+            continue
+        free = min(free, max(0, cap - used))
+    return free
+
+
+def _cgroup_files() -> list[tuple[str, str]]:
+    """(limit, usage) files of the memory cgroups this process is in (v1 and v2)."""
+    out = []
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            out.append((f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current"))
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            out.append((f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"))
+    return out

@@ -44,3 +44,20 @@ def perplexity(model, tokens: torch.Tensor, *, batch_size: int = 4, progress: bo
         nll += loss.item()
         count += target.numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def perplexity_sequential(path, tokens: torch.Tensor, *, batch_size: int = 4, progress: bool = True, device=None,
+                          dtype=None) -> float:
+    """:func:`perplexity` of the checkpoint at ``path`` computed one decoder layer at a time
+    (:mod:`moekit.sequential.engine`): the memory of one layer and the windows' hidden states."""
+    from moekit.sequential.engine import LayerSequential
+
+    if batch_size < 1:
+        raise MoekitError(f"--batch-size {batch_size} must be at least 1")
+    engine = LayerSequential(path, tokens, device=device, dtype=dtype, batch_size=batch_size, progress=progress,
+                             desc="perplexity (layer-sequential)")
+    for layer in engine:
+        layer.forward()
+    nll, count = engine.nll(tokens)
+    return math.exp(nll / count)

@@ -260,6 +260,10 @@ def _soft_cap(config, logits: torch.Tensor) -> torch.Tensor:
 
 def materialise(module: torch.nn.Module, state: dict[str, torch.Tensor], device, dtype, what: str) -> None:
     """Give the meta-device ``module`` the tensors ``state`` (exactly its state-dict keys) on ``device``."""
+    for key, value in state.items():  # moekit-only buffers (moekit_mean_out ...) exist once they are loaded
+        owner, _, leaf = key.rpartition(".")
+        if leaf.startswith("moekit_"):
+            module.get_submodule(owner).register_buffer(leaf, torch.empty_like(value, device="meta"))
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
