@@ -191,16 +191,12 @@ def _pad(ffn, width: int):
     return torch.cat([g, zg]), torch.cat([u, zg]), torch.cat([d, d.new_zeros(d.shape[0], extra)], dim=1)
 
 
-def _build_dense(model, config, ffns: dict) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    ref = next(model.parameters())
-    with init_empty_weights():
-        dense = AutoModelForCausalLM.from_config(config, dtype=ref.dtype)
-    src = model.state_dict()
+def dense_state(src: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], ffns: dict) -> dict[str, torch.Tensor]:
+    """The dense model's tensors named in ``targets`` (name -> tensor of the wanted shape, e.g. on meta): each FFN
+    projection from ``ffns[layer]``, everything else from the MoE's ``src`` under the same name (zeros for biases the
+    MoE had none of; tied weights are left out). The layer-sequential path passes one layer's names at a time."""
     state = {}
-    for key, target in dense.state_dict().items():
+    for key, target in targets.items():
         parts = key.split(".")
         if ".mlp." in key and parts[-2] in ("gate_proj", "up_proj", "down_proj"):
             layer_idx = int(parts[parts.index("layers") + 1])
@@ -210,11 +206,23 @@ def _build_dense(model, config, ffns: dict) -> nn.Module:
         elif key.endswith("_proj.bias"):  # Qwen2's q/k/v biases when the MoE had none
             value = torch.zeros(target.shape)
         else:
-            continue  # tied weights, filled below
+            continue  # tied weights
         if tuple(value.shape) != tuple(target.shape):
             raise MoekitError(f"densify: '{key}' has shape {tuple(value.shape)}, the dense model wants "
                               f"{tuple(target.shape)}; this is a moekit bug")
-        state[key] = value.detach().to(device=ref.device, dtype=ref.dtype).clone()
+        state[key] = value.detach()
+    return state
+
+
+def _build_dense(model, config, ffns: dict) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    ref = next(model.parameters())
+    with init_empty_weights():
+        dense = AutoModelForCausalLM.from_config(config, dtype=ref.dtype)
+    state = dense_state(model.state_dict(), dense.state_dict(), ffns)
+    state = {k: v.to(device=ref.device, dtype=ref.dtype).clone() for k, v in state.items()}
     missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(dense, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
     if [k for k in missing if k not in tied] or unexpected:

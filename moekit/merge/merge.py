@@ -313,17 +313,8 @@ def merge_(model, cfg: MergeConfig, *, stats: ExpertStats | None = None, tokens:
     if stats is None:
         raise MoekitError("merging needs expert statistics: pass stats=moekit.profile.profile(model, tokens=...)")
     calib_tokens = tokens
-    cfg.validate()
     layers = arch.require_moe(model)
-    stats.check_model(model)
-    stats.require("weighted_out", "weight_sum", "rank_counts", what="merging")
-    if cfg.grouping == "ream":
-        stats.require("reap_sum", what="REAM grouping")
-    missing = [layer.index for layer in layers if layer.index not in stats.layers]
-    if missing:
-        raise MoekitError(f"the statistics file has no layers {missing}: profile every MoE layer first")
-    if calib_tokens is None and (cfg.learn or cfg.router == "fitted"):
-        raise MoekitError("learned coefficients and fitted router rows need calibration tokens: pass --data")
+    check_inputs(model, layers, cfg, stats, tokens)
     plan = plan_groups(layers, stats, cfg)
     before = arch.param_counts(model)
     if calib_tokens is not None:
@@ -339,6 +330,20 @@ def merge_(model, cfg: MergeConfig, *, stats: ExpertStats | None = None, tokens:
     report["params_after"] = arch.param_counts(model)
     report["experts_after"] = {layer.index: layer.num_experts for layer in layers}
     return report
+
+
+def check_inputs(model, layers, cfg: MergeConfig, stats: ExpertStats, tokens) -> None:
+    """What merging needs, checked before any work (the in-memory and the layer-sequential paths)."""
+    cfg.validate()
+    stats.check_model(model)
+    stats.require("weighted_out", "weight_sum", "rank_counts", what="merging")
+    if cfg.grouping == "ream":
+        stats.require("reap_sum", what="REAM grouping")
+    missing = [layer.index for layer in layers if layer.index not in stats.layers]
+    if missing:
+        raise MoekitError(f"the statistics file has no layers {missing}: profile every MoE layer first")
+    if tokens is None and (cfg.learn or cfg.router == "fitted"):
+        raise MoekitError("learned coefficients and fitted router rows need calibration tokens: pass --data")
 
 
 def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeConfig, inputs, split) -> dict:

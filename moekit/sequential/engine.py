@@ -50,6 +50,7 @@ class Layer:
     module: torch.nn.Module
     moe: arch.MoELayer | None
     engine: LayerSequential
+    replacement: dict[str, torch.Tensor] | None = None  # written instead of the module's tensors (densify)
 
     @torch.no_grad()
     def forward(self, update: bool = True) -> None:
@@ -102,6 +103,7 @@ class LayerSequential:
         self.save_dtype = _save_dtype(self.reader)
         self.batch_size, self.progress, self.desc = batch_size, progress, desc
         self.writer = None
+        self.target = self.model  # the model being written: another one when the method changes the architecture
         self.hidden: torch.Tensor | None = None
         self.calls: dict[int, dict] = {}
         self.batches: list[tuple[int, int]] = []
@@ -145,20 +147,25 @@ class LayerSequential:
     def read_routers(self) -> None:
         """Give the skeleton its routers' real tensors (weights, biases, selection biases: experts × hidden per layer,
         small), enough for fingerprints, statistics checks and plans before the walk."""
-        from transformers.core_model_loading import revert_weight_conversion
-
         names = {id(t): n for n, t in self.model.state_dict(keep_vars=True).items()}
+        wanted = []
         for layer in self.moe.values():
             owners = [(layer.router_linear, "weight"), (layer.router_linear, "bias")]
             owners += [layer.selection_bias_owner] if layer.selection_bias_owner else []
-            for module, attr in owners:
-                t = getattr(module, attr, None)
-                if t is None:
-                    continue
-                name = names[id(t)]
-                disk = next(iter(revert_weight_conversion(self.model, {name: t})))
-                value = self.reader.tensor(disk).to(self.dtype)
-                setattr(module, attr, torch.nn.Parameter(value, requires_grad=False) if isinstance(t, torch.nn.Parameter) else value)
+            wanted += [names[id(getattr(m, a))] for m, a in owners if getattr(m, a, None) is not None]
+        self.read_into_skeleton(wanted)
+
+    def read_into_skeleton(self, names: list[str]) -> None:
+        """Read the skeleton's tensors ``names`` (state-dict names; small ones: routers, biases) from the checkpoint."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            t = getattr(module, attr)
+            disk = next(iter(revert_weight_conversion(self.model, {name: t})))
+            value = self.reader.tensor(disk).to(self.dtype)
+            setattr(module, attr, torch.nn.Parameter(value, requires_grad=False) if isinstance(t, torch.nn.Parameter) else value)
 
     # ------------------------------------------------------------------------------------------ the walk
     def write_to(self, folder: Path, *, standard: bool = True, max_shard_bytes: int | None = None) -> None:
@@ -183,28 +190,31 @@ class LayerSequential:
             state = arch.fuse_layer_checkpoint(self.reader.read(f"{self.prefix}{i}."))
             materialise(module, state, self.device, self.dtype, f"layer {i}")
             del state
-            yield Layer(i, module, self.moe.get(i), self)
+            layer = Layer(i, module, self.moe.get(i), self)
+            yield layer
             if self.writer is not None:
-                self.writer.write(self.disk_state(i, module))
+                self.writer.write(self.disk_state(i, layer.replacement or module.state_dict()))
+            del layer
             module.to("meta")
             release_freed_memory()
 
-    def disk_state(self, i: int, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s tensors under their checkpoint names (per-expert names for a standard checkpoint, as
-        transformers' save_pretrained writes them), in the written dtype."""
+    def disk_state(self, i: int, layer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors (keys relative to the layer) under their checkpoint names (per-expert names for a
+        standard checkpoint, as transformers' save_pretrained writes them), in the written dtype."""
         state = {f"{self.prefix}{i}.{k}": v.to(self.save_dtype) if v.is_floating_point() else v
-                 for k, v in module.state_dict().items()}
+                 for k, v in layer_state.items()}
         if not self.standard:
             return state
         from transformers.core_model_loading import revert_weight_conversion
 
-        return revert_weight_conversion(self.model, state)
+        return revert_weight_conversion(self.target, state)
 
     def finish(self, report=None) -> None:
         """Write everything outside the decoder layers (as stored), the config and the other files; close the shards."""
         if self.writer is None:
             return
-        arch.sync_config(self.model)
+        if self.target is self.model:
+            arch.sync_config(self.model)
         n = len(self.layers)
         rest = [k for k in self.reader.where if not _in_layers(k, self.prefix) and not k.endswith("_scale_inv")]
         extra = [k for k in self.reader.where if _in_layers(k, self.prefix) and int(k[len(self.prefix):].split(".")[0]) >= n]
@@ -212,7 +222,7 @@ class LayerSequential:
             t = self.reader.tensor(key)
             self.writer.write({key: t.to(self.save_dtype) if t.is_floating_point() else t})
         self.writer.close()
-        config = self.model.config
+        config = self.target.config
         config.dtype = self.save_dtype
         if hasattr(config, "quantization_config"):  # the weights are written dequantized
             del config.quantization_config
