@@ -16,14 +16,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from moekit.carve.embedded import embedded_moe_path
 from moekit.checkpoint.forms import repair_for_engines
 from moekit.checkpoint.paths import weight_files
-from moekit.checkpoint.read import read_dir, read_gguf, read_hub
+from moekit.checkpoint.device_map import dispatch, parse_device_map, parse_max_memory
+from moekit.checkpoint.read import (FIX, check_checkpoint_dir, check_shapes, empty_model, hub_config, read_dir, read_gguf,
+                                    read_hub, skeleton)
 from moekit.checkpoint.smollm2 import smollm2_path
 from moekit.core import arch
 from moekit.core.device import pick_device, pick_dtype
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, reading
 
 EMBEDDED = ("smollm2", "smollm2-moe")
 
@@ -46,17 +50,27 @@ def resolve(name: str | Path) -> Path | str:
 
 
 def load_model(name: str, *, dtype=None, device: str | None = None, trust_remote_code: bool = False,
-               device_map: str | None = None, with_tokenizer: bool = True):
-    """Load ``name`` and return ``(model, tokenizer)`` (tokenizer None if ``with_tokenizer`` is False)."""
+               device_map=None, max_memory=None, offload_folder=None, with_tokenizer: bool = True):
+    """Load ``name`` and return ``(model, tokenizer)`` (tokenizer None if ``with_tokenizer`` is False).
+
+    ``device_map`` / ``max_memory`` / ``offload_folder`` spread the model over devices with accelerate (forms in
+    :mod:`moekit.checkpoint.device_map`; a budget or folder alone means ``device_map="auto"``); ``device`` is then
+    unused."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if device_map is None and (max_memory or offload_folder):
+        device_map = "auto"
+    placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     path = resolve(name)
     if isinstance(path, str):
-        model, tok = read_hub(path, dt, trust_remote_code, device_map)
+        model, tok = read_hub(path, dt, trust_remote_code, **placement)
     elif str(path).endswith(".gguf"):
         model, tok = read_gguf(path, dt)
+        if device_map is not None:
+            model = dispatch(model, **placement)
     else:
-        model, tok = read_dir(path, dt, trust_remote_code, device_map)
+        model, tok = read_dir(path, dt, trust_remote_code, **placement)
     arch.check_supported(model)
     repair_for_engines(model, source=f"'{name}'")
     if device_map is None:
@@ -65,6 +79,26 @@ def load_model(name: str, *, dtype=None, device: str | None = None, trust_remote
     if with_tokenizer and tok is None:
         raise MoekitError(f"'{name}' has no tokenizer: save the tokenizer files beside the weights")
     return model, (tok if with_tokenizer else None)
+
+
+def meta_model(name: str, *, dtype=None, trust_remote_code: bool = False):
+    """``name``'s model on the meta device at ``dtype`` (default float32), without reading any weight: the config,
+    and for a local checkpoint the safetensors headers (whole files, shapes matching the config)."""
+    from transformers import AutoConfig
+
+    path = resolve(name)
+    if isinstance(path, str):
+        model = empty_model(hub_config(path, trust_remote_code))
+    elif str(path).endswith(".gguf"):
+        with reading(path, "GGUF file", "re-download it, or convert the checkpoint again"):
+            model = empty_model(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+    else:
+        check_checkpoint_dir(path)
+        with reading(path, "checkpoint", FIX):
+            model = skeleton(path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        check_shapes(path, model)
+    arch.check_supported(model)
+    return model.to(pick_dtype(dtype, torch.device("cpu")))
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -12,7 +12,7 @@ import torch
 
 from moekit.core import arch
 from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_KEY
-from moekit.checkpoint.paths import PICKLE_SUFFIXES, non_uniform_weights
+from moekit.checkpoint.paths import PICKLE_SUFFIXES, non_uniform_weights, weight_files
 from moekit.errors import MoekitError, reading
 
 FIX = "re-download it or save it again (a copy cut short or edited by hand does not load)"
@@ -33,9 +33,28 @@ def read_tokenizer(source, **kw):
     return tok if len(tok) > 1 else None
 
 
-def read_dir(path: Path, dtype, trust_remote_code: bool, device_map):
+def read_dir(path: Path, dtype, trust_remote_code: bool, device_map, max_memory=None, offload_folder=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_checkpoint_dir(path)
+    with reading(path, "checkpoint", FIX):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    arch.check_supported(config)
+    tok = read_tokenizer(path, trust_remote_code=trust_remote_code)
+    placement = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    with reading(path, "checkpoint", FIX):
+        if non_uniform_weights(path) is not None:
+            model = read_non_uniform(path, config, dtype, **placement)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **placement
+            )
+    restore_moekit_state(model)
+    return model, tok
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Refuse, with the reason, a path that is not a safetensors checkpoint directory (nothing is read)."""
     if path.is_file():
         raise MoekitError(f"'{path}' is a file: pass the checkpoint directory (or a .gguf file)")
     files = list(path.iterdir())
@@ -51,32 +70,41 @@ def read_dir(path: Path, dtype, trust_remote_code: bool, device_map):
                 "only: convert it with transformers' save_pretrained(safe_serialization=True) in a trusted environment"
             )
         raise MoekitError(f"'{path}' has no *.safetensors weights")
-    with reading(path, "checkpoint", FIX):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    arch.check_supported(config)
-    tok = read_tokenizer(path, trust_remote_code=trust_remote_code)
-    with reading(path, "checkpoint", FIX):
-        if non_uniform_weights(path) is not None:
-            model = read_non_uniform(path, config, dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map
-            )
-    restore_moekit_state(model)
-    return model, tok
 
 
-def read_hub(name: str, dtype, trust_remote_code: bool, device_map):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_shapes(path: Path, model) -> None:
+    """The safetensors files of ``path`` are whole and each tensor ``model`` (a meta skeleton) has under the same
+    name has its shape there; only the headers are read."""
+    from safetensors import safe_open
+
+    expected = model.state_dict()
+    for file in weight_files(path):
+        with reading(file, "checkpoint", FIX), safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shape = list(f.get_slice(key).get_shape())
+                if key in expected and shape != list(expected[key].shape):
+                    raise MoekitError(f"checkpoint '{path}': the weights do not have the shapes its config.json "
+                                      f"describes ({key} is {shape} in {file.name}, {list(expected[key].shape)} in the "
+                                      f"config): {FIX}")
+
+
+def hub_config(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise MoekitError(f"cannot reach '{name}' on the hub ({type(e).__name__}); check the id and the network, or pass a local directory") from None
     arch.check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=device_map
-    )
+    return config
+
+
+def read_hub(name: str, dtype, trust_remote_code: bool, device_map, max_memory=None, offload_folder=None):
+    from transformers import AutoModelForCausalLM
+
+    hub_config(name, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                 device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     restore_moekit_state(model)
     return model, read_tokenizer(name, trust_remote_code=trust_remote_code)
 
@@ -101,8 +129,9 @@ def read_gguf(file: Path, dtype):
     return plain, tok
 
 
-def read_non_uniform(path: Path, config, dtype):
-    """Rebuild a model whose layers hold different expert counts (moekit's opt-in form)."""
+def read_non_uniform(path: Path, config, dtype, device_map=None, max_memory=None, offload_folder=None):
+    """Rebuild a model whose layers hold different expert counts (moekit's opt-in form), placed by ``device_map``
+    (:func:`moekit.checkpoint.device_map.dispatch`) when one is given."""
     from safetensors.torch import load_file
 
     model = empty_model(config)
@@ -124,7 +153,12 @@ def read_non_uniform(path: Path, config, dtype):
     for n_, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise MoekitError(f"'{path}': tensor {n_} was not found in the checkpoint")
-    return model.to(dtype)
+    model = model.to(dtype)
+    if device_map is not None:
+        from moekit.checkpoint.device_map import dispatch
+
+        model = dispatch(model, device_map, max_memory, offload_folder)
+    return model
 
 
 def resize_empty(layer: arch.MoELayer, n: int) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import typer
 
 from moekit.carve.carve import CarveConfig
 from moekit.carve.heal import HealConfig
 from moekit.cli import app
-from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST,
+                               load, option)
 
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 N_SEQ = typer.Option(16, "--n-seq", help="calibration sequences")
@@ -51,6 +54,7 @@ def carve_cmd(
     heal: bool = typer.Option(True, "--heal/--no-heal", help="heal after carving (router fit, least squares, local)"),
     local_epochs: int = HEAL_EPOCHS,
     out: str = OUT, overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE,
+    device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
 ):
     """Carve a dense Llama/Mistral/Qwen2/Qwen3 model into a standard MoE checkpoint (CMoE), optionally healed."""
@@ -62,7 +66,7 @@ def carve_cmd(
 
     target = check_output_dir(out, overwrite)
     cfg = CarveConfig(experts=experts, shared=shared, active=active, k_a=k_a, iterations=iterations)
-    dense, tok = load(model, dtype, device, trust_remote_code)
+    dense, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     check_config(dense, cfg)
     calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=dense)
     moe = carve(dense, cfg, tokens=calib)
@@ -89,6 +93,7 @@ def heal_cmd(
                            help="none, lora (r=8, alpha=32, merged back) or router"),
     finetune_steps: int = option(HealConfig, "finetune_steps", "--finetune-steps", help="fine-tuning steps"),
     out: str = OUT, overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE,
+    device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
 ):
     """Heal an MoE (carved, pruned or merged) toward a teacher, layer by layer, and save it."""
@@ -98,8 +103,8 @@ def heal_cmd(
     from moekit.carve.heal import heal_
 
     target = check_output_dir(out, overwrite)
-    moe, tok = load(model, dtype, device, trust_remote_code)
-    teach, _ = load(teacher, dtype, device, trust_remote_code)
+    moe, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+    teach, _ = load(teacher, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=teach)
     hcfg = _heal_config(router, lstsq, local_epochs, distill_steps, finetune, finetune_steps, seed)
     report = heal_(moe, hcfg, tokens=calib, teacher=teach)

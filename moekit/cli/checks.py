@@ -9,7 +9,9 @@ body runs, :func:`check_inputs` looks at its arguments by name. A name means the
   thing, and a checkpoint's ``config.json`` parses and asks for no remote code unless ``--trust-remote-code``;
 * outputs (``--out``, ``--plot``, ``--json``): not the current directory or an input, not a dangling link, not
   existing unless ``--overwrite``, inside a folder this user can write, with free space for the expected size;
-* ``--device`` and ``--dtype``: a device this machine has, a dtype moekit runs.
+* ``--device`` and ``--dtype``: a device this machine has, a dtype moekit runs;
+* ``--device-map``, ``--max-memory``, ``--offload-folder``: they parse, name devices this machine has, and (on the
+  model built on the meta device, no weights read) modules the model has, with a budget that holds a decoder layer.
 
 What can only be known after loading (``--target`` against a model's expert count, statistics against its
 shapes) is checked where it is used, with the same kind of one-line :class:`~moekit.errors.MoekitError`.
@@ -49,6 +51,7 @@ DIR_INPUTS = ("data_dir",)
 PYTHONS = ("vllm_python", "llmc_python")  # the interpreters of the client environments
 LIST_INPUTS = {"results": "file", "checkpoints": "dir"}
 OUTPUTS = ("out", "plot", "plots", "json_out")
+FOLDERS = ("offload_folder",)  # scratch folders a command writes into (they may exist and hold files)
 RESUMING = ("run", "demo")  # commands whose --out is a run folder they continue
 MODEL_WRITERS = ("carve", "heal", "densify", "distill", "merge", "prune", "route", "uniform", "convert", "quantize")
 DATA_NAMES = ("c4", "self")
@@ -114,6 +117,12 @@ def check_inputs(command: str, args: dict, flags: dict[str, str | None] | None =
     for name, kind in LIST_INPUTS.items():
         for item in args.get(name) or ():
             check_file(item, name.upper()) if kind == "file" else check_dir(item, name.upper())
+    for name in FOLDERS:
+        if args.get(name) is not None:
+            if Path(args[name]).expanduser().is_file():
+                raise MoekitError(f"{flag(name)} '{args[name]}' is a file: pass a folder")
+            check_output(Path(args[name]), flag(name), overwrite=True, inputs=inputs, must_be_new=False)
+    check_placement(args)
     expected = sum(weights_size(p) for p in inputs[:1])
     for name in OUTPUTS:
         if args.get(name) is not None:
@@ -148,6 +157,24 @@ def check_device(device: str) -> None:
     count = torch.cuda.device_count()
     if m.group(1) is not None and int(m.group(1)) >= count:
         raise MoekitError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def check_placement(args: dict) -> None:
+    """``--device-map`` / ``--max-memory`` / ``--offload-folder`` (:mod:`moekit.checkpoint.device_map`); what needs
+    the model is checked on its meta-device build."""
+    from moekit.checkpoint.device_map import check_fits, parse_device_map, parse_max_memory
+
+    device_map, max_memory = parse_device_map(args.get("device_map")), parse_max_memory(args.get("max_memory"))
+    if device_map is not None and args.get("device") not in (None, "auto"):
+        raise MoekitError(f"--device {args['device']} and --device-map both place the model: pass one of them")
+    model = next((args[n] for n in MODEL_INPUTS if isinstance(args.get(n), str | Path)), None)
+    if model is not None and (isinstance(device_map, dict) or max_memory):
+        from moekit.checkpoint.load import meta_model
+        from moekit.core.device import pick_device, pick_dtype
+
+        dtype = pick_dtype(args.get("dtype"), pick_device(args.get("device")))
+        meta = meta_model(str(model), dtype=dtype, trust_remote_code=bool(args.get("trust_remote_code")))
+        check_fits(meta, device_map, max_memory, args.get("offload_folder"))
 
 
 def check_model_input(value, trust_remote_code: bool, what: str) -> Path | None:

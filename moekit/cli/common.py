@@ -15,6 +15,12 @@ import typer
 MODEL = typer.Argument(..., help="local checkpoint directory, .gguf file, hub id, or 'smollm2' / 'smollm2-moe'")
 DTYPE = typer.Option("auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
 DEVICE = typer.Option("auto", help="cpu, cuda, cuda:N or auto")
+DEVICE_MAP = typer.Option(None, "--device-map", help="spread the model over devices (accelerate): auto, balanced, "
+                          "balanced_low_0, sequential, one device, a JSON map '{\"model.layers.0\": 0, \"\": \"cpu\"}' "
+                          "(devices: N or cuda:N, cpu, disk, mps) or a .json file holding one")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="per-device budget for the device map, e.g. '0=20GiB,cpu=60GiB' or "
+                          "JSON; alone it means --device-map auto")
+OFFLOAD = typer.Option(None, "--offload-folder", help="folder for the weights the device map puts on disk")
 TRUST = typer.Option(False, "--trust-remote-code", help="allow the checkpoint's own Python code to run")
 DATA = typer.Option(..., "--data", help="local .txt/.jsonl/.json/.parquet file, 'c4', 'hf:NAME[:CONFIG[:SPLIT]]', or 'self'")
 FIELD = typer.Option("text", "--field", help="record field holding the text")
@@ -44,10 +50,12 @@ def option(config: type, name: str, *flags: str, **kwargs):
     return info
 
 
-def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, device_map=None,
+         max_memory=None, offload_folder=None):
     from moekit.checkpoint.load import load_model
 
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map,
+                      max_memory=max_memory, offload_folder=offload_folder)
 
 
 def engine_args(text: str | None) -> dict:

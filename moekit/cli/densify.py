@@ -9,7 +9,8 @@ import typer
 
 from moekit.cli import app
 from moekit.outputs import write_json
-from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST,
+                               load, option)
 from moekit.densify.densify import DensifyConfig
 from moekit.train.distill import DistillConfig
 
@@ -28,7 +29,8 @@ def densify(model: str = MODEL,
             data: str = typer.Option(None, "--data", help="calibration text, only to fold a learned shared-expert gate"),
             field: str = FIELD, seed: int = option(DensifyConfig, "seed", "--seed", help="seed of the random score"),
             out: Path = typer.Option(..., "--out", help="output directory for the dense checkpoint"),
-            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Score experts from the profile, keep K per layer and concatenate them into one standard dense model."""
     from moekit.core.arch import param_counts
     from moekit.data import calibration_tokens
@@ -43,7 +45,7 @@ def densify(model: str = MODEL,
     cfg.validate()
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
-    m, tok = load(model, dtype, device, trust_remote_code)
+    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
     t0 = time.perf_counter()
     dense = run_densify(m, cfg, stats=st, tokens=tokens)
@@ -70,7 +72,8 @@ def distill(student: str = MODEL,
             resume: bool = option(DistillConfig, "resume", "--resume",
                                   help="continue from the newest checkpoint in --out"),
             seed: int = option(DistillConfig, "seed", "--seed", help="data order seed"),
-            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Forward-KL distillation (T = 1) of the whole student from the teacher, with checkpoints and resume."""
     from moekit.train.distill import DistillConfig
     from moekit.train.distill import distill_
@@ -84,8 +87,8 @@ def distill(student: str = MODEL,
     cfg = DistillConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup_steps=warmup, seed=seed,
                         field=field, out=str(out), checkpoint_every=checkpoint_every, resume=resume)
     cfg.validate()
-    s_model, tok = load(student, "float32", device, trust_remote_code)
-    t_model, _ = load(teacher, dtype, device, trust_remote_code)
+    s_model, tok = load(student, "float32", device, trust_remote_code, device_map, max_memory, offload_folder)
+    t_model, _ = load(teacher, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     report = distill_(s_model, cfg, tokens=data, teacher=t_model, tokenizer=tok)
     save_model(s_model, tok, final, overwrite=True)
     losses = report.pop("losses")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, TRUST, load, option
+from moekit.cli.common import DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, TRUST, load, option
 from moekit.pipeline.recipe import EvalStep
 
 TASKS_HELP = "comma-separated tasks: arc_easy, arc_challenge, piqa, openbookqa, social_iqa, hellaswag, winogrande, mmlu, kmmlu, click"
@@ -66,6 +66,7 @@ def eval_cmd(
     ppl_tokens: int = option(EvalStep, "ppl_tokens", "--ppl-tokens", help="perplexity over the first N tokens"),
     ppl_window: int = option(EvalStep, "ppl_window", "--ppl-window", help="perplexity window length"),
     field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+    device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
 ):
     """Score MODEL with lm-evaluation-harness's own tasks; write a JSON result and a Markdown table."""
     from moekit.errors import MoekitError
@@ -104,7 +105,7 @@ def eval_cmd(
     else:
         from moekit.eval.harness import evaluate
 
-        m, tok = load(model, dtype, device, trust_remote_code)
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
         result = evaluate(m, tok, task_list, data_dir, limit, batch_size, num_fewshot, data_files=files,
                           model_name=model)
         if ppl_data:
@@ -118,7 +119,7 @@ def eval_cmd(
 
             models, cks, names = [m], [_checkpoint_of(model)], [model]
             if baseline:
-                b, _ = load(baseline, dtype, device, trust_remote_code)
+                b, _ = load(baseline, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
                 models, cks, names = [b, m], [_checkpoint_of(baseline), cks[0]], [baseline, model]
             c = compare_costs(models, cks, names=names)
             c["model_index"] = len(models) - 1  # the evaluated model; with --baseline the ratios are to the baseline

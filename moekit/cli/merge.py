@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import typer
 
 from moekit.cli import app
 from moekit.outputs import write_json
-from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
+                               option)
 from moekit.merge.merge import MergeConfig
 
 
@@ -46,6 +49,7 @@ def merge(model: str = MODEL,
           seq_len: int = typer.Option(256, help="calibration sequence length"),
           seed: int = option(MergeConfig, "seed", help="calibration sampling and held-back split"),
           field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+          device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
           overwrite: bool = OVERWRITE):
     """Merge experts (one expert and one router row per cluster) and save the smaller model."""
     from moekit.data import calibration_tokens
@@ -60,7 +64,7 @@ def merge(model: str = MODEL,
     cfg.validate()
     out_path = check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
-    m, tok = load(model, dtype, device, trust_remote_code)
+    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     tokens = None
     if data is not None:
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)

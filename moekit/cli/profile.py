@@ -9,7 +9,7 @@ import typer
 
 from moekit.cli import app
 from moekit.outputs import write_json
-from moekit.cli.common import DATA, DEVICE, DTYPE, FIELD, MODEL, TRUST, load, option
+from moekit.cli.common import DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, TRUST, load, option
 from moekit.profile.profile import ProfileConfig
 
 
@@ -46,7 +46,8 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
             rule: str = typer.Option("paper", "--rule", help="super-expert rule: 'paper' or 'first75'"),
             seed: int = option(ProfileConfig, "seed", "--seed", help="data shuffling and Gram sample seed"),
             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing statistics file"),
-            dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+            dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """One forward pass over calibration data; every expert statistic compression needs, saved to --out."""
     from moekit.data import calibration_tokens, describe_source
     from moekit.errors import MoekitError
@@ -63,7 +64,7 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
         tok = _tokenizer(model, trust_remote_code)
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed)
     else:
-        m, tok = load(model, dtype, device, trust_remote_code)
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
         from moekit.core.arch import require_moe
 
         require_moe(m)  # a dense model fails here, before the data is read
@@ -101,7 +102,8 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
            batch_size: int = option(ProfileConfig, "batch_size", "--batch-size", help="windows per forward pass"),
            seed: int = typer.Option(0, "--seed", help="seed of the random experts"),
            json_out: Path = typer.Option(None, "--json", help="also write the results to this JSON file"),
-           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+           device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Skip experts where routed (no renormalisation); perplexity and attention-sink decay D_sink per layer."""
     from moekit.profile.ablate import ablate as run_ablate
     from moekit.profile.ablate import measure, parse_experts, random_experts
@@ -112,7 +114,7 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
 
     if sum([experts is not None, super_experts_, random_n is not None]) != 1:
         raise MoekitError("choose exactly one of --experts 'L,E;...', --super-experts or --random N")
-    m, tok = load(model, dtype, device, trust_remote_code)
+    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     require_moe(m)
     toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
     if experts is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, load, option
+from moekit.cli.common import DEVICE, DEVICE_MAP, DTYPE, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, load, option
 from moekit.prune.prune import DEFAULT_CRITERION, PruneConfig
 
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
@@ -59,6 +59,7 @@ def prune(
     overwrite: bool = OVERWRITE,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
 ):
     """Remove whole routed experts chosen from the statistics file; write the checkpoint and a report."""
@@ -87,7 +88,7 @@ def prune(
 
         report = prune_shards(local_checkpoint(model, purpose="--shardwise"), st, cfg, out, overwrite=overwrite)
     else:
-        m, tok = load(model, dtype, device, trust_remote_code)
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
         report = prune_(m, cfg, stats=st)
         save_model(m, tok, out, overwrite=overwrite)
     _print_report(report, out)
@@ -104,6 +105,7 @@ def uniform(
     overwrite: bool = OVERWRITE,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
 ):
     """Turn a model with different expert counts per layer into a standard (uniform) checkpoint."""
@@ -114,7 +116,7 @@ def uniform(
 
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
-    m, tok = load(model, dtype, device, trust_remote_code)
+    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     report = make_uniform(m, st, keep=keep, criterion=criterion, allow_super_experts=allow_super_experts)
     save_model(m, tok, out, overwrite=overwrite)
     _print_report(report, out)

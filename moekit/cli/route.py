@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, FIELD, MODEL, OVERWRITE, TRUST, load, option
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
+                               option)
 from moekit.route.route import RouteConfig
 
 PER_LAYER = option(RouteConfig, "top_k_per_layer", "--per-layer",
@@ -51,7 +54,8 @@ def route(model: str = MODEL,
           keep_weights: bool = option(RouteConfig, "keep_weights", "--keep-weights",
                                             help="kept experts keep their original top-K weights (no renormalisation)"),
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
-          dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+          dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+          device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Lower the experts each token activates (globally, per layer or per token) and save the model."""
     from moekit.data import calibration_tokens
     from moekit.checkpoint.save import save_model
@@ -64,7 +68,7 @@ def route(model: str = MODEL,
                       keep_weights=keep_weights)
     cfg.validate()
     check_output_dir(out, overwrite)
-    m, tok = load(model, dtype, device, trust_remote_code)
+    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     st = ExpertStats.load(stats)
     tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
     report = route_(m, cfg, stats=st, tokens=tokens)

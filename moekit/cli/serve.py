@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DTYPE, MODEL, OVERWRITE, TRUST, engine_args, load, option
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, engine_args,
+                               load, option)
 from moekit.serve.check import ServeCheckConfig
 from moekit.serve.quantize import QuantizeConfig
 
@@ -60,14 +61,15 @@ def vllm_env(path: Path = typer.Option(None, "--path", help="where (default: <mo
 
 @app.command()
 def convert(model: str = MODEL, out: Path = typer.Option(..., "--out", help="output directory"),
-            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+            overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Load a checkpoint (directory, .gguf, hub id, embedded name) and save it in moekit's checked form."""
     from moekit.checkpoint.forms import checkpoint_form
     from moekit.checkpoint.save import save_model
     from moekit.outputs import check_output_dir
 
     check_output_dir(out, overwrite)
-    m, tok = load(model, dtype, device, trust_remote_code)
+    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     save_model(m, tok, out, overwrite=overwrite)
     print(f"written {out}: {checkpoint_form(out).line()}")
 
