@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moekit.checkpoint.names import to_checkpoint_names, to_model_names
 from moekit.core import arch
 from moekit.core.hooks import StopForward
 from moekit.errors import MoekitError
@@ -123,7 +124,7 @@ class LayerSequential:
         emb.weight = torch.nn.Parameter(self.reader.rows(f"{self._embed_key()}", used).to(self.device, self.dtype),
                                         requires_grad=False)
         padding_idx, emb.padding_idx = emb.padding_idx, None  # only matters for gradients
-        if hasattr(body, "rotary_emb"):  # real (non-persistent) buffers
+        if getattr(body, "rotary_emb", None) is not None:  # real (non-persistent) buffers
             body.rotary_emb.to(self.device)
         self.hidden = torch.empty(n_seq, seq_len, self.model.config.hidden_size, dtype=self.dtype)
         for a, b in tqdm(self.batches, desc="embed", disable=not self.progress, leave=False):
@@ -133,6 +134,10 @@ class LayerSequential:
                     body(input_ids=compact[a:b].to(self.device), use_cache=False)
                 except StopForward:
                     pass
+                except (TypeError, ValueError) as e:  # the model wanted more than hidden states from a layer
+                    raise MoekitError(
+                        f"{self.model.config.model_type}'s decoder layers hand each other more than the hidden states "
+                        f"({type(e).__name__}: {e}); the layer-sequential mode cannot run it: use --mode memory") from None
             self.hidden[a:b] = calls[0][0].to("cpu", self.dtype)
             self.calls.setdefault(b - a, {j: (args, kwargs) for j, (_, args, kwargs) in calls.items()})
         emb.to("meta")
@@ -157,13 +162,11 @@ class LayerSequential:
 
     def read_into_skeleton(self, names: list[str]) -> None:
         """Read the skeleton's tensors ``names`` (state-dict names; small ones: routers, biases) from the checkpoint."""
-        from transformers.core_model_loading import revert_weight_conversion
-
         for name in names:
             owner, _, attr = name.rpartition(".")
             module = self.model.get_submodule(owner)
             t = getattr(module, attr)
-            disk = next(iter(revert_weight_conversion(self.model, {name: t})))
+            disk = next(iter(to_checkpoint_names(self.model, {name: t})))
             value = self.reader.tensor(disk).to(self.dtype)
             setattr(module, attr, torch.nn.Parameter(value, requires_grad=False) if isinstance(t, torch.nn.Parameter) else value)
 
@@ -187,7 +190,10 @@ class LayerSequential:
             log.warning("dropping decoder layers %s stored beyond num_hidden_layers=%d (a multi-token-prediction "
                         "module): the written checkpoint has none", extra, len(self.layers))
         for i, module in enumerate(tqdm(self.layers, desc=self.desc, disable=not self.progress)):
-            state = arch.fuse_layer_checkpoint(self.reader.read(f"{self.prefix}{i}."))
+            prefix = f"{self.prefix}{i}."
+            stored = {prefix + k: v for k, v in self.reader.read(prefix).items()}
+            state = {k[len(prefix):]: v for k, v in to_model_names(self.model, stored).items()}
+            del stored
             materialise(module, state, self.device, self.dtype, f"layer {i}")
             del state
             layer = Layer(i, module, self.moe.get(i), self)
@@ -205,9 +211,7 @@ class LayerSequential:
                  for k, v in layer_state.items()}
         if not self.standard:
             return state
-        from transformers.core_model_loading import revert_weight_conversion
-
-        return revert_weight_conversion(self.target, state)
+        return to_checkpoint_names(self.target, state)
 
     def finish(self, report=None) -> None:
         """Write everything outside the decoder layers (as stored), the config and the other files; close the shards."""

@@ -1,0 +1,201 @@
+"""The layer-sequential engine: every method gives what its in-memory path gives (tensors and logits), on tiny models
+of every family, written in transformers' names and shards."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from moekit.checkpoint.load import load_model
+from moekit.profile.profile import ProfileConfig, profile
+from tiny import ALL_MOE_FAMILIES, MOE_FAMILIES, ids, tiny_model
+
+# families whose decoder layers pass an indexer's top-k from layer to layer: refused by the layer-sequential mode
+STATEFUL_LAYERS = ("glm_moe_dsa", "hy_v4")
+CPU = dict(device="cpu", dtype=torch.float32, progress=False)
+
+
+def _saved(tmp_path_factory, family):
+    path = tmp_path_factory.mktemp(family) / "src"
+    model = tiny_model(family)
+    model.save_pretrained(path)
+    tokens = ids(batch=6, length=10)
+    stats = profile(model, ProfileConfig(progress=False, gram_tokens=30), tokens=tokens)
+    return path, model, tokens, stats
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def saved(request, tmp_path_factory):
+    """(checkpoint folder, in-memory model, calibration tokens, statistics) of one classic family's tiny model."""
+    return _saved(tmp_path_factory, request.param)
+
+
+def reload(path):
+    return load_model(str(path), dtype=torch.float32, device="cpu", with_tokenizer=False)[0]
+
+
+def assert_same_model(a, b):
+    """Same tensors under the same names, and the same logits."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0, msg=key)
+    x = ids(batch=2, length=8)  # same weights; a kernel may still pick another reduction order for a fresh tensor
+    torch.testing.assert_close(b(x).logits, a(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", ["uniform", "global"])
+def test_prune_sequential_equals_in_memory(saved, budget, tmp_path):
+    from moekit.errors import MoekitError
+    from moekit.prune.prune import PruneConfig, prune_
+    from moekit.prune.sequential import prune_sequential
+
+    path, model, _, stats = saved
+    mem = copy.deepcopy(model)
+    try:
+        expected = prune_(mem, PruneConfig(ratio=0.25, budget=budget), stats=stats)
+    except MoekitError as e:  # group-limited routing refuses a global budget, in both modes
+        with pytest.raises(MoekitError, match=str(e)[:40]):
+            prune_sequential(path, PruneConfig(ratio=0.25, budget=budget), tmp_path / "out", stats=stats, **CPU)
+        return
+    report = prune_sequential(path, PruneConfig(ratio=0.25, budget=budget), tmp_path / "out", stats=stats, **CPU)
+    assert [r["kept"] for r in report["layers"]] == [r["kept"] for r in expected["layers"]]
+    assert_same_model(mem, reload(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("mitigations", [(), ("rescale",), ("compensate",)])
+def test_route_sequential_equals_in_memory(saved, mitigations, tmp_path):
+    from moekit.route.route import RouteConfig, route_
+    from moekit.route.sequential import route_sequential
+
+    path, model, tokens, stats = saved
+    mem = copy.deepcopy(model)
+    expected = route_(mem, RouteConfig(top_k=1, mitigations=mitigations), stats=stats, tokens=tokens)
+    report = route_sequential(path, RouteConfig(top_k=1, mitigations=mitigations), tmp_path / "out", stats=stats,
+                              tokens=tokens, **CPU)
+    assert report["scales"] == expected["scales"]
+    assert report["form"] == expected["form"]
+    assert_same_model(mem, reload(tmp_path / "out"))
+
+
+def test_route_sequential_refuses_cross_layer_mitigations(saved, tmp_path):
+    from moekit.errors import MoekitError
+    from moekit.route.route import RouteConfig
+    from moekit.route.sequential import route_sequential
+
+    path, _, tokens, stats = saved
+    with pytest.raises(MoekitError, match="--mode memory"):
+        route_sequential(path, RouteConfig(top_k=1.5, mitigations=("allocate",)), tmp_path / "out", stats=stats,
+                         tokens=tokens, **CPU)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_merge_sequential_equals_in_memory(saved, learn, tmp_path):
+    from moekit.merge.merge import MergeConfig, merge_
+    from moekit.merge.sequential import merge_sequential
+
+    path, model, tokens, stats = saved
+    n = model.config.to_dict().get("num_experts") or model.config.to_dict().get("num_local_experts") \
+        or model.config.n_routed_experts
+    cfg = dict(target=n // 2, learn=learn, steps=4)
+    mem = copy.deepcopy(model)
+    expected = merge_(mem, MergeConfig(**cfg), stats=stats, tokens=tokens)
+    report = merge_sequential(path, MergeConfig(**cfg), tmp_path / "out", stats=stats, tokens=tokens, **CPU)
+    assert [r["groups"] for r in report["layers"]] == [r["groups"] for r in expected["layers"]]
+    assert_same_model(mem, reload(tmp_path / "out"))
+
+
+def test_densify_sequential_equals_in_memory(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.core.arch import MOE_FAMILIES as FAMILIES
+    from moekit.densify.densify import DensifyConfig, densify
+    from moekit.densify.sequential import densify_sequential
+
+    path, model, tokens, stats = saved
+    if FAMILIES[model.config.model_type].dense_model_type is None:
+        pytest.skip(f"{model.config.model_type} has no dense twin")
+    mem = densify(copy.deepcopy(model), DensifyConfig(keep=2, shared_gate="mean"), stats=stats, tokens=tokens)
+    densify_sequential(path, DensifyConfig(keep=2, shared_gate="mean"), tmp_path / "out", stats=stats, tokens=tokens,
+                       **CPU)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(back) is type(mem)
+    assert_same_model(mem, back)
+
+
+def test_perplexity_sequential_equals_in_memory(saved):
+    from moekit.eval.perplexity import perplexity, perplexity_sequential
+
+    path, model, tokens, _ = saved
+    mem = perplexity(model, tokens, batch_size=4, progress=False)
+    seq = perplexity_sequential(path, tokens, batch_size=4, **CPU)
+    assert seq == pytest.approx(mem, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ALL_MOE_FAMILIES)
+def test_every_family_profiles_and_prunes_layer_by_layer(family, tmp_path_factory, tmp_path):
+    """Every supported family (hybrid ones included: their Mamba / linear-attention layers run as they are)."""
+    from moekit.errors import MoekitError
+    from moekit.prune.prune import PruneConfig, prune_
+    from moekit.prune.sequential import prune_sequential
+    from moekit.profile.stream import profile_stream
+
+    path, model, tokens, stats = _saved(tmp_path_factory, family)
+    if family in STATEFUL_LAYERS:
+        with pytest.raises(MoekitError, match="more than the hidden states"):
+            profile_stream(path, tokens, ProfileConfig(progress=False), device="cpu", dtype=torch.float32)
+        return
+    streamed = profile_stream(path, tokens, ProfileConfig(progress=False, gram_tokens=30), device="cpu",
+                              dtype=torch.float32)
+    assert streamed.meta["fingerprint"] == stats.meta["fingerprint"]
+    for key, value in stats.tensors.items():
+        torch.testing.assert_close(streamed.tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    mem = copy.deepcopy(model)
+    prune_(mem, PruneConfig(ratio=0.25), stats=stats)
+    prune_sequential(path, PruneConfig(ratio=0.25), tmp_path / "out", stats=stats, **CPU)
+    assert_same_model(mem, reload(tmp_path / "out"))
+
+
+def test_shards_and_index(tmp_path_factory, tmp_path):
+    """Shards no larger than asked, transformers' names and index; plain transformers loads the result."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.outputs import staged_dir
+    from moekit.sequential.engine import LayerSequential
+
+    path, model, _, _ = _saved(tmp_path_factory, "qwen3_moe")
+    engine = LayerSequential(path, **CPU)
+    with staged_dir(tmp_path / "out", False) as tmp:
+        engine.write_to(tmp, max_shard_bytes=40_000)
+        for _ in engine:
+            pass
+        engine.finish()
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    biggest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert all((out / s).stat().st_size <= max(40_000, biggest) + 20_000 for s in shards)
+    assert not [p for p in out.iterdir() if p.name.startswith(".part")]
+    back, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert_same_model(model, back)
+
+
+def test_failure_mid_walk_leaves_nothing(tmp_path_factory, tmp_path):
+    from moekit.outputs import staged_dir
+    from moekit.sequential.engine import LayerSequential
+
+    path, _, _, _ = _saved(tmp_path_factory, "mixtral")
+    engine = LayerSequential(path, **CPU)
+    with pytest.raises(RuntimeError, match="boom"), staged_dir(tmp_path / "out", False) as tmp:
+        engine.write_to(tmp)
+        for layer in engine:
+            if layer.index == 1:
+                raise RuntimeError("boom")
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
