@@ -196,7 +196,7 @@ def dispatch(model, device_map, max_memory=None, offload_folder=None):
     device_map = resolve_map(model, device_map, max_memory)
     if "disk" in device_map.values():
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
-        offload_folder = tempfile.mkdtemp(prefix="moekit-offload-", dir=offload_folder)
+        offload_folder = tempfile.mkdtemp(prefix="moekit-offload-", dir=offload_folder)  # not an output: accelerate's scratch
     return dispatch_model(model, device_map=device_map, offload_dir=offload_folder,
                           skip_keys=getattr(model, "_skip_keys_device_placement", None))
 

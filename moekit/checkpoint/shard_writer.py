@@ -14,8 +14,6 @@ half-written at the target.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
@@ -87,7 +85,7 @@ class ShardWriter:
         for parts, name in zip(shards, names):
             dst = self.folder / name
             if len(parts) == 1:
-                parts[0].rename(dst)
+                parts[0].rename(dst)  # writes inside a staged_dir
             else:
                 concat(parts, dst, self.metadata)
                 for p in parts:
@@ -122,7 +120,7 @@ def check_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def concat(parts: list[Path], dst: Path, metadata: dict | None) -> None:
     """One safetensors file holding every tensor of ``parts``, in order; data copied file to file."""
-    from moekit.checkpoint.safetensors_io import _copy_range
+    from moekit.checkpoint.safetensors_io import _copy_range, header_bytes
 
     header, sources, offset = {}, [], 0
     for part in parts:
@@ -133,13 +131,8 @@ def concat(parts: list[Path], dst: Path, metadata: dict | None) -> None:
                            "data_offsets": [offset + info.begin, offset + info.end]}
         sources.append((part, start, size))
         offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     with open(dst, "wb") as fo:  # writes inside a staged_dir
-        fo.write(struct.pack("<Q", len(blob)))
-        fo.write(blob)
+        fo.write(header_bytes(header, metadata))
         fo.flush()
         for part, start, size in sources:
             with open(part, "rb") as fi:
