@@ -133,7 +133,7 @@ def test_memory_rows_add_up():
     real = AutoModelForCausalLM.from_config(deep.config, dtype=torch.bfloat16)
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     assert need["load"] == size(real.parameters()) + size(deep.buffers())  # rotary frequencies: fp32 in real
-    assert need["load_and_save"] == 2 * need["load"] and need["sequential"] < need["load"] / 2
+    assert need["load"] < need["load_and_save"] < 1.5 * need["load"] and need["sequential"] < need["load"] / 2
     by_device = plan(deep, "auto", {"cpu": need["load"] // 3})
     assert set(by_device) == {"cpu", "disk"} and sum(by_device.values()) == need["load"]
 
@@ -145,7 +145,7 @@ def test_info_prints_the_memory_rows_without_loading(saved, cli, monkeypatch, tm
     code, out, err = cli("info", saved[0] / "moekit", "--json", "--max-memory", "cpu=80KiB", "--offload-folder", tmp_path / "off")
     assert code == 0, err
     memory = json.loads(out)["memory"]
-    assert memory["dtype"] == "float32" and memory["load_and_save"] == 2 * memory["load"]
+    assert memory["dtype"] == "float32" and memory["load"] < memory["load_and_save"] < 2 * memory["load"]
     assert sum(memory["device_map"].values()) == memory["load"] and memory["device_map"]["disk"] > 0
     code, out, _ = cli("info", saved[0] / "standard")
     assert code == 0 and "layer-sequential" in out and "KiB" in out

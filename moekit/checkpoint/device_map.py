@@ -130,13 +130,15 @@ def layer_bytes(model, sizes: dict[str, int] | None = None) -> int:
 
 def memory_needs(model) -> dict[str, int]:
     """Bytes each mode holds (weights only, activations excluded), for a model at its target dtype (meta is fine):
-    ``load`` every weight; ``load_and_save`` load + the verified save's reload of the written checkpoint;
+    ``load`` every weight; ``load_and_save`` load + the save's working set (one decoder layer in checkpoint form at a time; the save
+    reloads the written checkpoint to compare logits only when the model fits twice);
     ``sequential`` three decoder layers (the largest) + embeddings + lm_head, the layer-by-layer modes."""
     sizes = tensor_bytes(model)
     total = sum(sizes.values())
     ends = {id(e.weight): e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}
-    return {"load": total, "load_and_save": 2 * total,
-            "sequential": 3 * layer_bytes(model, sizes) + sum(w.numel() * w.element_size() for w in ends.values())}
+    layer = layer_bytes(model, sizes)
+    return {"load": total, "load_and_save": total + layer,
+            "sequential": 3 * layer + sum(w.numel() * w.element_size() for w in ends.values())}
 
 
 def resolve_map(model, device_map, max_memory=None) -> dict:

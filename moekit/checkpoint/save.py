@@ -164,12 +164,10 @@ def verify_checkpoint(model, tokenizer, path: Path, atol: float = 1e-4) -> None:
 def available_memory(device: torch.device) -> int:
     """Bytes free for a second copy of a model on ``device``: the system's (the reload reads into it first) and,
     for a GPU, the device's."""
-    import psutil
+    from moekit.core.device import available_bytes
 
-    free = psutil.virtual_memory().available
-    if device.type == "cuda":
-        free = min(free, torch.cuda.mem_get_info(device)[0])
-    return free
+    free = available_bytes("cpu")
+    return min(free, available_bytes(device)) if device.type == "cuda" else free
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

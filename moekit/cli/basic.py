@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, TRUST, load
-
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, TRUST, load,
+                               mode_for, tokenizer_of)
 
 @app.command()
 def info(model: str = typer.Argument(None, help="local checkpoint directory, .gguf file, hub id, or 'smollm2' / "
@@ -52,7 +52,7 @@ def info(model: str = typer.Argument(None, help="local checkpoint directory, .gg
         if k != "memory":
             table.add_row(k, f"{v:,}" if isinstance(v, int) and k.startswith("params") else str(v))
     table.add_row(f"memory ({memory['dtype']}): load", f"{gib(memory['load'])}: every weight")
-    table.add_row("memory: load + save", f"{gib(memory['load_and_save'])}: the verified save reloads what it wrote")
+    table.add_row("memory: load + save", f"{gib(memory['load_and_save'])}: the save writes one layer at a time")
     table.add_row("memory: layer-sequential", f"{gib(memory['sequential'])}: 3 × the largest decoder layer + embeddings + lm_head")
     if "device_map" in memory:
         table.add_row("memory: device map", ", ".join(f"{dev} {gib(n)}" for dev, n in memory["device_map"].items()))
@@ -70,7 +70,7 @@ def ppl(model: str = MODEL, data: str = typer.Option(..., "--data", help="text s
         engine: str = typer.Option(None, "--engine-args", help="with --backend vllm: more vllm.LLM arguments (JSON or key=value,...)"),
         vllm_python: Path = typer.Option(None, "--vllm-python", envvar="MOEKIT_VLLM_PYTHON", help="python of the vLLM environment"),
         dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
-        device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
+        device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD, mode: str = MODE):
     """Perplexity over fixed non-overlapping windows."""
     from moekit.errors import MoekitError
     from moekit.eval.perplexity import perplexity, windows
@@ -94,9 +94,15 @@ def ppl(model: str = MODEL, data: str = typer.Option(..., "--data", help="text s
         return
     if backend != "hf":
         raise MoekitError(f"unknown backend '{backend}': use hf (in process) or vllm (a saved checkpoint)")
-    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
-    toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
-    value = perplexity(m, toks, batch_size=batch_size)
+    if mode_for(model, mode, device, dtype, "ppl", device_map, max_memory, offload_folder) == "sequential":
+        from moekit.eval.perplexity import perplexity_sequential
+
+        toks = windows(tokenizer_of(model, trust_remote_code), data, max_tokens=max_tokens, window=window, field=field)
+        value = perplexity_sequential(model, toks, batch_size=batch_size, device=device, dtype=dtype)
+    else:
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+        toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
+        value = perplexity(m, toks, batch_size=batch_size)
     print(f"perplexity {value:.3f} over {toks.numel():,} tokens ({toks.shape[0]} windows of {window}) of {data}")
 
 

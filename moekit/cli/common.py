@@ -25,6 +25,9 @@ TRUST = typer.Option(False, "--trust-remote-code", help="allow the checkpoint's 
 DATA = typer.Option(..., "--data", help="local .txt/.jsonl/.json/.parquet file, 'c4', 'hf:NAME[:CONFIG[:SPLIT]]', or 'self'")
 FIELD = typer.Option("text", "--field", help="record field holding the text")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty output directory")
+MODE = typer.Option("auto", "--mode", help="memory (load the whole model), sequential (one decoder layer at a time, "
+                    "read from the checkpoint's shards and written straight to the output's: any size in the memory of "
+                    "one layer; local checkpoints) or auto (sequential when the model does not fit in free memory)")
 
 
 def field_default(config: type, name: str):
@@ -56,6 +59,32 @@ def load(model: str, dtype: str = "auto", device: str = "auto", trust_remote_cod
 
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map,
                       max_memory=max_memory, offload_folder=offload_folder)
+
+
+def mode_for(model: str, mode: str, device: str, dtype: str, command: str, *placement) -> str:
+    """'memory' or 'sequential' (see :mod:`moekit.sequential.mode`); a device map or memory budget means memory."""
+    from moekit.errors import MoekitError
+    from moekit.sequential.mode import choose_mode
+
+    if any(p is not None for p in placement):
+        if mode == "sequential":
+            raise MoekitError("--device-map / --max-memory / --offload-folder place a whole model: drop them with "
+                              "--mode sequential, or use --mode memory")
+        return "memory"
+    return choose_mode(model, mode, device=device, dtype=dtype, command=command)
+
+
+def tokenizer_of(model: str, trust_remote_code: bool = False):
+    """The tokenizer saved beside a local checkpoint (the layer-sequential mode loads no model to take it from)."""
+    from moekit.checkpoint.load import local_checkpoint
+    from moekit.checkpoint.read import read_tokenizer
+    from moekit.errors import MoekitError
+
+    tok = read_tokenizer(local_checkpoint(model, purpose="--mode sequential"), trust_remote_code=trust_remote_code)
+    if tok is None:
+        raise MoekitError(f"'{model}' has no tokenizer files: the calibration text cannot be tokenized; save the "
+                          "tokenizer beside the weights")
+    return tok
 
 
 def engine_args(text: str | None) -> dict:

@@ -9,8 +9,8 @@ import typer
 
 from moekit.cli import app
 from moekit.outputs import write_json
-from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST,
-                               load, option)
+from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE,
+                               TRUST, load, mode_for, option, tokenizer_of)
 from moekit.densify.densify import DensifyConfig
 from moekit.train.distill import DistillConfig
 
@@ -30,7 +30,8 @@ def densify(model: str = MODEL,
             field: str = FIELD, seed: int = option(DensifyConfig, "seed", "--seed", help="seed of the random score"),
             out: Path = typer.Option(..., "--out", help="output directory for the dense checkpoint"),
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
-            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
+            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
+            mode: str = MODE):
     """Score experts from the profile, keep K per layer and concatenate them into one standard dense model."""
     from moekit.core.arch import param_counts
     from moekit.data import calibration_tokens
@@ -45,9 +46,19 @@ def densify(model: str = MODEL,
     cfg.validate()
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
+    t0 = time.perf_counter()
+    if mode_for(model, mode, device, dtype, "densify", device_map, max_memory, offload_folder) == "sequential":
+        from moekit.densify.sequential import densify_sequential
+
+        tok = tokenizer_of(model, trust_remote_code)
+        tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
+        done = densify_sequential(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
+                                  dtype=dtype)
+        print(f"densified {model} into {done['to']} with {keep} experts per layer (FFN width {done['width']}) by "
+              f"{score}/{grouping}, layer by layer, in {time.perf_counter() - t0:.1f}s -> {out}")
+        return
     m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
-    t0 = time.perf_counter()
     dense = run_densify(m, cfg, stats=st, tokens=tokens)
     save_model(dense, tok, out, overwrite=overwrite)
     before, after = param_counts(m)["total"], param_counts(dense)["total"]

@@ -9,8 +9,8 @@ import typer
 
 from moekit.cli import app
 from moekit.outputs import write_json
-from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
-                               option)
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST,
+                               load, mode_for, option, tokenizer_of)
 from moekit.merge.merge import MergeConfig
 
 
@@ -50,7 +50,7 @@ def merge(model: str = MODEL,
           seed: int = option(MergeConfig, "seed", help="calibration sampling and held-back split"),
           field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
           device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
-          overwrite: bool = OVERWRITE):
+          overwrite: bool = OVERWRITE, mode: str = MODE):
     """Merge experts (one expert and one router row per cluster) and save the smaller model."""
     from moekit.data import calibration_tokens
     from moekit.checkpoint.save import save_model
@@ -64,12 +64,21 @@ def merge(model: str = MODEL,
     cfg.validate()
     out_path = check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
-    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     tokens = None
-    if data is not None:
-        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
-    report = merge_(m, cfg, stats=st, tokens=tokens)
-    save_model(m, tok, out_path, overwrite=overwrite)
+    if mode_for(model, mode, device, dtype, "merge", device_map, max_memory, offload_folder) == "sequential":
+        from moekit.merge.sequential import merge_sequential
+
+        tok = tokenizer_of(model, trust_remote_code)
+        if data is not None:
+            tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed)
+        report = merge_sequential(model, cfg, out_path, stats=st, tokens=tokens, overwrite=overwrite, device=device,
+                                  dtype=dtype)
+    else:
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+        if data is not None:
+            tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=m)
+        report = merge_(m, cfg, stats=st, tokens=tokens)
+        save_model(m, tok, out_path, overwrite=overwrite)
     write_json(out_path / "merge_report.json", report, indent=1, default=str, overwrite=True)  # beside the model it just wrote
     before, after = report["params_before"]["total"], report["params_after"]["total"]
     errs = [rec for rec in report["layers"] if "error_init" in rec]

@@ -9,7 +9,8 @@ import typer
 
 from moekit.cli import app
 from moekit.outputs import write_json
-from moekit.cli.common import DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, TRUST, load, option
+from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, TRUST, load,
+                               mode_for, option, tokenizer_of)
 from moekit.profile.profile import ProfileConfig
 
 
@@ -24,20 +25,13 @@ def _check_out(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def _tokenizer(model: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from moekit.checkpoint.load import local_checkpoint
-
-    return AutoTokenizer.from_pretrained(local_checkpoint(model, purpose="--stream"), trust_remote_code=trust_remote_code)
-
-
 @app.command()
 def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., "--out", help="statistics file to write (.safetensors)"),
             field: str = FIELD, n_seq: int = typer.Option(32, "--n-seq", help="calibration sequences"),
             seq_len: int = typer.Option(512, "--seq-len", help="tokens per sequence"),
             batch_size: int = option(ProfileConfig, "batch_size", "--batch-size", help="sequences per forward pass"),
-            stream: bool = typer.Option(False, "--stream", help="one decoder layer in memory at a time, read from disk"),
+            mode: str = MODE,
+            stream: bool = typer.Option(False, "--stream", help="the same as --mode sequential (kept for old scripts)"),
             gram: int = option(ProfileConfig, "gram_tokens", "--gram",
                                help="also the Gram matrix of expert outputs on N sampled tokens"),
             attn_sink: bool = option(ProfileConfig, "attn_sink", "--attn-sink",
@@ -56,12 +50,16 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
     from moekit.profile.stats import massive_layers, super_experts, super_shared_experts
 
     out = _check_out(out, overwrite)
+    mode = mode_for(model, "sequential" if stream else mode, device, dtype, "profile", device_map, max_memory,
+                    offload_folder)
+    stream = mode == "sequential"
     if stream and data == "self":
-        raise MoekitError("--stream cannot sample 'self' text (that needs the whole model in memory): give a data file")
+        raise MoekitError("the layer-sequential mode cannot sample 'self' text (that needs the whole model in memory): "
+                          "give a data file")
     if stream:
         from moekit.profile.stream import profile_stream
 
-        tok = _tokenizer(model, trust_remote_code)
+        tok = tokenizer_of(model, trust_remote_code)
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed)
     else:
         m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
@@ -77,7 +75,7 @@ def profile(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., 
     stats.meta["model"] = str(model)
     stats.save(out, overwrite=overwrite)
     print(f"profiled {len(stats.layers)} MoE layers on {stats.tokens:,} tokens in {elapsed:.1f}s"
-          f"{' (stream)' if stream else ''} -> {out}")
+          f"{' (layer-sequential)' if stream else ''} -> {out}")
     print(f"massive activations form at layers {massive_layers(stats)}; super experts ({rule} rule): "
           f"{super_experts(stats, rule=rule)}; shared experts above the threshold in layers "
           f"{super_shared_experts(stats, rule=rule)}")

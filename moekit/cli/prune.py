@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import DEVICE, DEVICE_MAP, DTYPE, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, load, option
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
+                               mode_for, option)
 from moekit.prune.prune import DEFAULT_CRITERION, PruneConfig
 
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
@@ -61,6 +62,7 @@ def prune(
     device: str = DEVICE,
     device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
+    mode: str = MODE,
 ):
     """Remove whole routed experts chosen from the statistics file; write the checkpoint and a report."""
     from moekit.checkpoint.save import save_model
@@ -87,6 +89,10 @@ def prune(
         from moekit.prune.shards import prune_shards
 
         report = prune_shards(local_checkpoint(model, purpose="--shardwise"), st, cfg, out, overwrite=overwrite)
+    elif mode_for(model, mode, device, dtype, "prune", device_map, max_memory, offload_folder) == "sequential":
+        from moekit.prune.sequential import prune_sequential
+
+        report = prune_sequential(model, cfg, out, stats=st, overwrite=overwrite, device=device, dtype=dtype)
     else:
         m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
         report = prune_(m, cfg, stats=st)

@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 
 from moekit.cli import app
-from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
-                               option)
+from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST,
+                               load, mode_for, option, tokenizer_of)
 from moekit.route.route import RouteConfig
 
 PER_LAYER = option(RouteConfig, "top_k_per_layer", "--per-layer",
@@ -54,6 +54,7 @@ def route(model: str = MODEL,
           keep_weights: bool = option(RouteConfig, "keep_weights", "--keep-weights",
                                             help="kept experts keep their original top-K weights (no renormalisation)"),
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
+          mode: str = MODE,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
           device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Lower the experts each token activates (globally, per layer or per token) and save the model."""
@@ -68,11 +69,19 @@ def route(model: str = MODEL,
                       keep_weights=keep_weights)
     cfg.validate()
     check_output_dir(out, overwrite)
-    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     st = ExpertStats.load(stats)
-    tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
-    report = route_(m, cfg, stats=st, tokens=tokens)
-    save_model(m, tok, out, overwrite=overwrite)
+    if mode_for(model, mode, device, dtype, "route", device_map, max_memory, offload_folder) == "sequential":
+        from moekit.route.sequential import route_sequential
+
+        tok = tokenizer_of(model, trust_remote_code)
+        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field) if data else None
+        report = route_sequential(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
+                                  dtype=dtype)
+    else:
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
+        report = route_(m, cfg, stats=st, tokens=tokens)
+        save_model(m, tok, out, overwrite=overwrite)
     keys = ("top_k_original", "mitigations", "top_k_per_layer", "threshold", "super_experts", "average_active_experts",
             "routed_expert_compute_saved", "active_params_before", "active_params_after", "form")
     print(json.dumps({k: report[k] for k in keys}, indent=2, default=str))

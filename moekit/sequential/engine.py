@@ -93,7 +93,7 @@ class LayerSequential:
 
         self.path = local_checkpoint(path, purpose="the layer-sequential mode")
         self.device = torch.device(pick_device(device))
-        self.dtype = pick_dtype(dtype, str(self.device))
+        self.dtype = pick_dtype(dtype, self.device)
         self.model = skeleton(self.path)
         if attention:  # e.g. "eager": the profile's attention-sink statistics need the attention probabilities
             self.model.set_attn_implementation(attention)
