@@ -199,3 +199,110 @@ def test_failure_mid_walk_leaves_nothing(tmp_path_factory, tmp_path):
                 raise RuntimeError("boom")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- weights as users have them
+def _synthetic(tmp_path_factory, fp8: bool):
+    from moekit.checkpoint.synthetic import QWEN3_30B_A3B, write_synthetic
+
+    tiny = {**QWEN3_30B_A3B, "hidden_size": 256, "moe_intermediate_size": 128, "num_experts": 8,
+            "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1}
+    return write_synthetic(tmp_path_factory.mktemp("fp8" if fp8 else "bf16") / "src", tiny, num_layers=2, fp8=fp8,
+                           progress=False)
+
+
+def test_fp8_checkpoint_is_pruned_dequantized(tmp_path_factory, tmp_path, capsys):
+    """An FP8 block-scaled checkpoint (DeepSeek-V3 / Qwen3-FP8 layout) is read one layer at a time, dequantized, and
+    written in bf16 with the same experts kept as pruning the dequantized model in memory."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from moekit.checkpoint.safetensors_io import CheckpointReader
+    from moekit.profile.stream import profile_stream
+    from moekit.prune.prune import PruneConfig, prune_
+    from moekit.prune.sequential import prune_sequential
+
+    src = _synthetic(tmp_path_factory, fp8=True)
+    tokens = ids(vocab=512, batch=4, length=12)
+    stats = profile_stream(src, tokens, ProfileConfig(progress=False), device="cpu", dtype=torch.float32)
+    prune_sequential(src, PruneConfig(ratio=0.25), tmp_path / "out", stats=stats, **CPU)
+    assert "in bfloat16 dequantized from FP8" in capsys.readouterr().err
+    from transformers import AutoConfig
+
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert AutoConfig.from_pretrained(tmp_path / "out").num_experts == 6
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert not [k for k in f.keys() if k.endswith("scale_inv")]
+    # the in-memory reference: the dequantized weights in a plain model of the same config
+    reader = CheckpointReader(src)
+    ref_config = AutoConfig.from_pretrained(src)
+    ref_config.quantization_config = None
+    ref = AutoModelForCausalLM.from_config(ref_config)
+    from moekit.checkpoint.names import to_model_names
+
+    state = to_model_names(ref, {k: reader.tensor(k, torch.bfloat16).float() for k in reader.where
+                                 if not k.endswith("_scale_inv")})
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    ref.tie_weights()
+    from moekit.profile.stats import fingerprint
+
+    stats.meta["fingerprint"] = fingerprint(ref)  # the same model without its quantization_config
+    prune_(ref, PruneConfig(ratio=0.25), stats=stats)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key].float(), value.float(), rtol=0, atol=0, msg=key)
+
+
+def test_multi_token_prediction_layer_dropped_with_a_line(tmp_path_factory, tmp_path, caplog):
+    """DeepSeek-V3 stores its MTP module as one more decoder layer beyond num_hidden_layers: never copied unpruned."""
+    from safetensors.torch import save_file
+
+    from moekit.checkpoint.safetensors_io import CheckpointReader
+    from moekit.prune.prune import PruneConfig
+    from moekit.prune.sequential import prune_sequential
+
+    path, model, _, stats = _saved(tmp_path_factory, "deepseek_v3")
+    n = model.config.num_hidden_layers
+    last = {k.replace(f"layers.{n - 1}.", f"layers.{n}."): v for k, v in CheckpointReader(path).read("").items()
+            if k.startswith(f"model.layers.{n - 1}.")}
+    save_file(last, str(path / "mtp.safetensors"))
+    try:
+        with caplog.at_level("WARNING", logger="moekit"):
+            prune_sequential(path, PruneConfig(ratio=0.25), tmp_path / "out", stats=stats, **CPU)
+        assert f"dropping decoder layers [{n}]" in caplog.text
+        assert not CheckpointReader(tmp_path / "out").extra_layers(n)
+    finally:
+        (path / "mtp.safetensors").unlink()
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+def test_cli_mode_sequential_equals_memory(tmp_path_factory, tmp_path, char_tokenizer, monkeypatch):
+    """`--mode sequential` and `--mode memory` write the same checkpoint; `--mode auto` goes layer by layer, saying
+    so, when the model does not fit in the memory free."""
+    from safetensors.torch import load_file
+
+    from moekit.cli import main
+    import moekit.core.device as device
+
+    path, model, _, _ = _saved(tmp_path_factory, "qwen3_moe")
+    char_tokenizer.save_pretrained(path)
+    text = tmp_path / "calib.txt"
+    text.write_text("Mixture-of-experts models route each token to a few experts. " * 40)
+
+    def run(*argv):
+        monkeypatch.setattr("sys.argv", ["moekit", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 0
+
+    run("profile", str(path), "--data", str(text), "--n-seq", "4", "--seq-len", "16", "--out", str(tmp_path / "s.st"))
+    for mode in ("memory", "sequential"):
+        run("prune", str(path), "--stats", str(tmp_path / "s.st"), "--ratio", "0.25", "--mode", mode,
+            "--out", str(tmp_path / mode))
+    a, b = load_file(tmp_path / "memory" / "model.safetensors"), load_file(tmp_path / "sequential" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(device, "available_bytes", lambda dev="cpu": 1000)
+    run("ppl", str(path), "--data", str(text), "--max-tokens", "256", "--window", "64")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ class LayerSequential:
         self.moe = {layer.index: layer for layer in arch.moe_layers(self.model)}
         self.prefix = _layers_prefix(self.model)
         self.save_dtype = _save_dtype(self.reader)
+        self.read_dtype = self.save_dtype if self.reader.is_fp8 else None  # FP8 dequantized straight to bf16
         self.batch_size, self.progress, self.desc = batch_size, progress, desc
         self.writer = None
         self.target = self.model  # the model being written: another one when the method changes the architecture
@@ -187,11 +189,12 @@ class LayerSequential:
     def __iter__(self) -> Iterator[Layer]:
         extra = self.reader.extra_layers(len(self.layers))
         if extra and self.writer is not None:
-            log.warning("dropping decoder layers %s stored beyond num_hidden_layers=%d (a multi-token-prediction "
-                        "module): the written checkpoint has none", extra, len(self.layers))
+            log.warning("moekit: dropping decoder layers %s stored beyond num_hidden_layers=%d (a multi-token-"
+                        "prediction module, which moekit does not compress): the written checkpoint has none", extra,
+                        len(self.layers))
         for i, module in enumerate(tqdm(self.layers, desc=self.desc, disable=not self.progress)):
             prefix = f"{self.prefix}{i}."
-            stored = {prefix + k: v for k, v in self.reader.read(prefix).items()}
+            stored = {prefix + k: v for k, v in self.reader.read(prefix, self.read_dtype).items()}
             state = {k[len(prefix):]: v for k, v in to_model_names(self.model, stored).items()}
             del stored
             materialise(module, state, self.device, self.dtype, f"layer {i}")
@@ -225,7 +228,7 @@ class LayerSequential:
         for key in tqdm(rest, desc="other tensors", disable=not self.progress, leave=False):
             t = self.reader.tensor(key)
             self.writer.write({key: t.to(self.save_dtype) if t.is_floating_point() else t})
-        self.writer.close()
+        weight_map = self.writer.close()
         config = self.target.config
         config.dtype = self.save_dtype
         if hasattr(config, "quantization_config"):  # the weights are written dequantized
@@ -233,6 +236,9 @@ class LayerSequential:
         if extra:
             config.num_nextn_predict_layers = 0 if hasattr(config, "num_nextn_predict_layers") else None
         config.save_pretrained(self.out)
+        source = " dequantized from FP8" if self.reader.is_fp8 else ""
+        print(f"moekit: wrote {len(set(weight_map.values()))} shard(s) in {str(self.save_dtype).replace('torch.', '')}"
+              f"{source}", file=sys.stderr)
         for p in self.path.iterdir():
             if p.name in OWN_FILES or p.name.startswith(".") or p.suffix in (".safetensors", ".st") or p.name.endswith(".index.json"):
                 continue
