@@ -117,6 +117,29 @@ def bad(saved, tmp_path_factory):
     pickle_only.mkdir()
     (pickle_only / "config.json").write_text(json.dumps(cfg))
     (pickle_only / "pytorch_model.bin").write_bytes(b"not loaded")
+    # a sharded checkpoint with one shard gone; one whose index names a file that is not there; FP8 without scales
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights)
+    keys = sorted(tensors)
+    for name, lost in (("missing-shard", "model-00002-of-00002.safetensors"), ("index-absent", "model-00007-of-00002.safetensors")):
+        folder = copy_model(name)
+        (folder / weights.name).unlink()
+        halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+                  "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+        for shard, names in halves.items():
+            save_file({k: tensors[k] for k in names}, str(folder / shard), metadata={"format": "pt"})
+        wmap = {k: shard for shard, names in halves.items() for k in names}
+        if name == "missing-shard":
+            (folder / lost).unlink()
+        else:
+            wmap[keys[-1]] = lost
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    fp8 = copy_model("fp8-no-scales")
+    quantized = {k: (v.to(torch.float8_e4m3fn) if k.endswith("q_proj.weight") else v) for k, v in tensors.items()}
+    save_file(quantized, str(fp8 / weights.name), metadata={"format": "pt"})
+    (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
     (root / "junk.gguf").write_bytes(b"this is not gguf" * 8)
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
     (root / "binary.jsonl").write_bytes(b'{"text": "ok"}\n' + b"\xff\xfe\x81\n")
@@ -176,6 +199,11 @@ CASES = [  # (command line with {placeholders}, words the one error line must co
     ("info {text}", "is a file"),
     ("convert {bad}/junk.gguf --out {tmp}/o", "not a GGUF file"),
     ("prune {bad}/truncated --stats {stats} --ratio 0.25 --shardwise --out {tmp}/o", "cut short"),
+    ("prune {bad}/missing-shard --stats {stats} --ratio 0.25 --mode sequential --out {tmp}/o", "00002-of-00002"),
+    ("ppl {bad}/missing-shard --data {text} --window 64", "00002-of-00002"),
+    ("profile {bad}/index-absent --data {text} --mode sequential --out {tmp}/o.safetensors", "00007-of-00002"),
+    ("prune {bad}/fp8-no-scales --stats {stats} --ratio 0.25 --mode sequential --out {tmp}/o", "weight_scale_inv"),
+    ("ppl {model} --data {text} --mode everywhere", "unknown --mode"),
     ("distill {bad}/auto-map --teacher {model} --data {text} --out {tmp}/o", "--trust-remote-code"),
     ("heal {model} --teacher {bad}/nowhere --data {text} --out {tmp}/o", "--teacher"),
     ("eval {model} --baseline {bad}/malformed-config --costs --out {tmp}/o.json", "not valid JSON"),
