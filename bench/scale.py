@@ -229,7 +229,7 @@ def tables(args) -> None:
             "columns": ["command", "exit", "seconds", "peak RSS GiB", "cgroup peak GiB", "output read back (exit)"],
             "formats": ["", "", ".0f", ".2f", ".2f", ""],
             "rows": [[r["command"], r["code"], r["seconds"], r.get("above_base_gib"), r.get("cgroup_peak_gib"),
-                      "—" if "readback_code" not in r else r["readback_code"]] for r in cap]})
+                      r.get("readback_code", "—")] for r in cap]})
     timing = [r for r in recs if r["experiment"] == "time"]
     if timing:
         r = timing[-1]

@@ -82,7 +82,7 @@ class ShardWriter:
         else:
             names = [f"{self.prefix}-{i + 1:05d}-of-{len(shards):05d}{self.suffix}" for i in range(len(shards))]
         weight_map, total = {}, 0
-        for parts, name in zip(shards, names):
+        for parts, name in zip(shards, names, strict=True):
             dst = self.folder / name
             if len(parts) == 1:
                 parts[0].rename(dst)  # writes inside a staged_dir

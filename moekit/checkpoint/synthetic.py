@@ -75,7 +75,7 @@ def quantized(name: str, shape: list[int], keep: set[str]) -> bool:
 
 
 def scale_shape(shape: list[int]) -> list[int]:
-    return [-(-s // b) for s, b in zip(shape, DEFAULT_BLOCK)]
+    return [-(-s // b) for s, b in zip(shape, DEFAULT_BLOCK, strict=True)]
 
 
 def initial(name: str, shape: list[int], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
@@ -112,7 +112,7 @@ def write_synthetic(out_dir: str | Path, config: dict, *, num_layers: int | None
     groups = [[k for k in shapes if not k.startswith("model.layers.")]]
     groups += [[k for k in shapes if k.startswith(f"model.layers.{i}.")] for i in range(n)]
     plan = [[] for _ in groups]  # per group: (name, safetensors dtype, shape)
-    for names, entries in zip(groups, plan):
+    for names, entries in zip(groups, plan, strict=True):
         for name in names:
             shape, stored = shapes[name]
             if fp8 and quantized(name, shape, keep):
@@ -153,7 +153,7 @@ def write_synthetic(out_dir: str | Path, config: dict, *, num_layers: int | None
                         if fh is not None:
                             fh.close()
                         current = shard_of[name]
-                        fh = open(tmp / files[current], "wb")  # writes inside a staged_dir
+                        fh = open(tmp / files[current], "wb")  # noqa: SIM115 (one open shard across layers)  # writes inside a staged_dir
                         fh.write(header_bytes(shards[current], {"format": "pt"}))
                     fh.write(memoryview(made.pop(name).cpu().contiguous().view(-1).view(torch.uint8).numpy()))
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from moekit.errors import MoekitError
@@ -40,8 +42,8 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     free = int(psutil.virtual_memory().available)
     for limit, usage in _cgroup_files():
         try:
-            cap = int(open(limit).read().strip())
-            used = int(open(usage).read().strip())
+            cap = int(Path(limit).read_text().strip())
+            used = int(Path(usage).read_text().strip())
         except (OSError, ValueError):  # no such cgroup file, or "max": no limit there
             continue
         free = min(free, max(0, cap - used))
@@ -52,7 +54,7 @@ def _cgroup_files() -> list[tuple[str, str]]:
     """(limit, usage) files of the memory cgroups this process is in (v1 and v2)."""
     out = []
     try:
-        lines = open("/proc/self/cgroup").read().splitlines()
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return out
     for line in lines:

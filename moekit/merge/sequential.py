@@ -44,7 +44,7 @@ def merge_sequential(src: str | Path, cfg: MergeConfig, out: str | Path, *, stat
             if tokens is not None:
                 xs = []
                 with Hooks() as hooks:
-                    hooks.pre(layer.moe.block, lambda _m, a: xs.append(a[0].detach().float().cpu()))
+                    hooks.pre(layer.moe.block, lambda _m, a, xs=xs: xs.append(a[0].detach().float().cpu()))
                     layer.forward()
                 inputs = {layer.index: torch.cat(xs)}
             report["layers"].append(_merge_layer(layer.moe, plan[layer.index], stats, cfg, inputs, split))

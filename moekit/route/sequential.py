@@ -65,7 +65,7 @@ def route_sequential(src: str | Path, cfg: RouteConfig, out: str | Path, *, stat
             if needs_x:
                 xs = []
                 with Hooks() as hooks:
-                    hooks.pre(moe.block, lambda _m, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+                    hooks.pre(moe.block, lambda _m, args, xs=xs: xs.append(args[0].reshape(-1, args[0].shape[-1])))
                     layer.forward()
                 scales[moe.index] = rescale_factor(moe, plans[moe.index], torch.cat(xs), cfg.rescale_mode)
             install(moe, plans[moe.index], means.get(moe.index))
