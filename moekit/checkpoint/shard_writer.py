@@ -44,8 +44,6 @@ class ShardWriter:
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write ``tensors`` now (split into parts of at most ``max_shard_bytes``), then check them on disk."""
-        from safetensors.torch import save_file
-
         if not tensors:
             return
         clash = self.names & set(tensors)
@@ -61,7 +59,7 @@ class ShardWriter:
             size += n
         for group in groups:
             part = self.folder / f".part-{len(self.parts):06d}{self.suffix}"
-            save_file(group, str(part), metadata=self.metadata)  # writes inside a staged_dir
+            write_part(part, group, self.metadata)
             if self.verify:
                 check_written(part, group)
             self.parts.append((part, sum(t.numel() * t.element_size() for t in group.values())))
@@ -99,6 +97,24 @@ class ShardWriter:
             write_json(self.folder / f"{self.prefix}{self.suffix}.index.json", index)
         self.parts = []
         return weight_map
+
+
+def write_part(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
+    """A safetensors file of ``tensors``, each written straight from its memory (safetensors' own ``save_file``
+    first copies every tensor into one bytes object: a second copy of a whole decoder layer)."""
+    from moekit.checkpoint.safetensors_io import DTYPES, header_bytes
+
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    with open(path, "wb") as fh:  # writes inside a staged_dir
+        fh.write(header_bytes(header, metadata))
+        for t in tensors.values():
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def check_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
