@@ -307,3 +307,41 @@ def test_cli_mode_sequential_equals_memory(tmp_path_factory, tmp_path, char_toke
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     monkeypatch.setattr(device, "available_bytes", lambda dev="cpu": 1000)
     run("ppl", str(path), "--data", str(text), "--max-tokens", "256", "--window", "64")
+
+
+# ---------------------------------------------------------------------------------------------- error propagation
+def test_propagating_prune_scores_each_layer_on_the_pruned_prefix(saved, tmp_path):
+    """Layer i's experts are chosen from a profile of the model whose layers 0..i-1 are already pruned."""
+    from moekit.core import arch
+    from moekit.prune.prune import PruneConfig, apply_plan, plan
+    from moekit.prune.sequential import prune_propagating
+
+    path, model, tokens, stats = saved
+    cfg = PruneConfig(ratio=0.5)
+    report = prune_propagating(path, cfg, tmp_path / "out", stats=stats, tokens=tokens, **CPU)
+    chosen = {r["layer"]: r["kept"] for r in report["layers"]}
+    mem = copy.deepcopy(model)
+    for layer in arch.moe_layers(mem):  # in memory: prune layer by layer, re-profiling the pruned prefix each time
+        live = profile(mem, ProfileConfig(progress=False), tokens=tokens)
+        live.tensors.update({k: v for k, v in stats.tensors.items() if k.startswith(("down_max", "hidden_max"))})
+        expected = plan([layer], live, cfg)[layer.index]
+        assert chosen[layer.index] == expected, layer.index
+        apply_plan(mem, {layer.index: expected}, source_fingerprint="x")
+    back = reload(tmp_path / "out")
+    x = ids(batch=2, length=8)
+    torch.testing.assert_close(back(x).logits, mem(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_propagating_route_fits_each_layer_on_the_rerouted_prefix(saved, tmp_path):
+    from moekit.route.route import RouteConfig
+    from moekit.route.sequential import route_sequential
+
+    path, _, tokens, stats = saved
+    cfg = dict(top_k=1, mitigations=("rescale",))
+    plain = route_sequential(path, RouteConfig(**cfg), tmp_path / "a", stats=stats, tokens=tokens, **CPU)
+    prop = route_sequential(path, RouteConfig(**cfg), tmp_path / "b", stats=stats, tokens=tokens, propagate=True, **CPU)
+    first, *rest = sorted(plain["scales"])
+    assert prop["scales"][first] == plain["scales"][first]  # the first MoE layer sees the same tokens either way
+    if rest:  # later layers see what the re-routed layers before them compute
+        assert prop["scales"][rest[-1]] != plain["scales"][rest[-1]]
+    reload(tmp_path / "b")

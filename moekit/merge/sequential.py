@@ -23,8 +23,11 @@ from moekit.sequential.engine import LayerSequential
 
 def merge_sequential(src: str | Path, cfg: MergeConfig, out: str | Path, *, stats: ExpertStats,
                      tokens: torch.Tensor | None = None, overwrite: bool = False, device: str | None = None, dtype=None,
-                     progress: bool = True) -> dict:
-    """Merge the checkpoint ``src`` into ``out`` one decoder layer at a time; the report of ``merge_``."""
+                     progress: bool = True, propagate: bool = False) -> dict:
+    """Merge the checkpoint ``src`` into ``out`` one decoder layer at a time; the report of ``merge_``.
+
+    ``propagate``: layer i's router rows and coefficients are fitted on the tokens the already merged layers 0..i-1
+    produce (error propagation; the target stays the original block's output on those tokens)."""
     engine = LayerSequential(src, tokens, device=device, dtype=dtype, batch_size=cfg.batch_size, progress=progress,
                              desc="merge (layer-sequential)")
     layers = arch.require_moe(engine.model)
@@ -45,13 +48,15 @@ def merge_sequential(src: str | Path, cfg: MergeConfig, out: str | Path, *, stat
                 xs = []
                 with Hooks() as hooks:
                     hooks.pre(layer.moe.block, lambda _m, a, xs=xs: xs.append(a[0].detach().float().cpu()))
-                    layer.forward()
+                    layer.forward(update=not propagate)
                 inputs = {layer.index: torch.cat(xs)}
             report["layers"].append(_merge_layer(layer.moe, plan[layer.index], stats, cfg, inputs, split))
+            if tokens is not None and propagate:
+                layer.forward()  # the next layer sees what the merged layer computes
         if hasattr(engine.model.config, KEPT_KEY):  # merged experts are no longer a subset of the pruned source's
             delattr(engine.model.config, KEPT_KEY)
         engine.finish()
     report["params_after"] = arch.param_counts(engine.model)
     report["experts_after"] = {layer.index: layer.num_experts for layer in layers}
-    report["mode"] = "sequential"
+    report.update(mode="sequential", propagate=propagate)
     return report

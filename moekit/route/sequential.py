@@ -31,8 +31,11 @@ NEEDS_ALL_LAYERS = ("allocate", "adaptive")
 @torch.no_grad()
 def route_sequential(src: str | Path, cfg: RouteConfig, out: str | Path, *, stats: ExpertStats,
                      tokens: torch.Tensor | None = None, overwrite: bool = False, device: str | None = None, dtype=None,
-                     batch_size: int = 4, progress: bool = True) -> dict:
-    """Re-route the checkpoint ``src`` into ``out`` one decoder layer at a time; the report of ``route_``."""
+                     batch_size: int = 4, progress: bool = True, propagate: bool = False) -> dict:
+    """Re-route the checkpoint ``src`` into ``out`` one decoder layer at a time; the report of ``route_``.
+
+    ``propagate``: ``rescale`` fits layer i's constant on the tokens the already re-routed layers 0..i-1 produce
+    (error propagation; the target stays the original layer's top-K output on those tokens)."""
     cfg.validate()
     mits = set(cfg.mitigations)
     if mits & set(NEEDS_ALL_LAYERS):
@@ -66,15 +69,17 @@ def route_sequential(src: str | Path, cfg: RouteConfig, out: str | Path, *, stat
                 xs = []
                 with Hooks() as hooks:
                     hooks.pre(moe.block, lambda _m, args, xs=xs: xs.append(args[0].reshape(-1, args[0].shape[-1])))
-                    layer.forward()
+                    layer.forward(update=not propagate)
                 scales[moe.index] = rescale_factor(moe, plans[moe.index], torch.cat(xs), cfg.rescale_mode)
             install(moe, plans[moe.index], means.get(moe.index))
             if moe.index in scales:
                 _scale_experts(moe, scales[moe.index])
+            if needs_x and propagate:
+                layer.forward()  # the next layer sees what the re-routed layer computes
         record = {str(i): asdict(p) for i, p in plans.items() if p.rerouted}
         if record:
             setattr(engine.model.config, ROUTE_KEY, record)
         engine.finish()
     report = _report(engine.model, layers, plans, big_k, before, None, scales, {}, cfg, mits)
-    report["mode"] = "sequential"
+    report.update(mode="sequential", propagate=propagate)
     return report
