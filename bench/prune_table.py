@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from common import add_common, append_jsonl, dev_tasks, load, load_or_profile, parse, parser, read_jsonl, tasks_dir
 
-CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "topk_prime", "random")
+CRITERIA = ("frequency", "prob_mass", "weighted_frequency", "reap", "ean", "man", "msan", "aimer", "topk_prime", "random")
 
 
 def row_name(criterion: str, ratio: float | None, budget: str, k_prime: int | None = None, tau: float = 1.0) -> str:

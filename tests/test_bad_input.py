@@ -287,7 +287,7 @@ CASES = [  # (command line with {placeholders}, words the one error line must co
     ("ppl {model} --data {text} --window abc", "Invalid value for '--window'"),
     ("prune {model} --stats {stats} --ratio a-quarter --out {tmp}/o", "Invalid value for '--ratio'"),
     ("info {model} --bogus 1", "No such option: --bogus"),
-    ("prune {model} --ratio 0.25 --out {tmp}/o", "Missing option '--stats'"),
+    ("prune {model} --ratio 0.25 --out {tmp}/o", "needs expert statistics: pass --stats"),
     ("nosuch {model}", "No such command"),
     # devices and dtypes
     ("info {model} --device cuda:99", "cuda"),

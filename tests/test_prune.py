@@ -22,6 +22,7 @@ from tiny import MOE_FAMILIES, ids, tiny_model
 def fake_stats(model, seed: int = 0, super_expert: tuple[int, int] | None = None) -> ExpertStats:
     """Statistics with distinct, seeded values for every criterion (the profiler's names and shapes)."""
     g = torch.Generator().manual_seed(seed)
+    g_sq = torch.Generator().manual_seed(seed + 1)  # its own generator: the other statistics stay as they were
     layers = arch.moe_layers(model)
     n_layers = len(arch.decoder_layers(model))
     st = ExpertStats(
@@ -41,6 +42,7 @@ def fake_stats(model, seed: int = 0, super_expert: tuple[int, int] | None = None
         st.set("weight_sum", torch.rand(e, generator=g) * rc.sum(1), layer.index)
         st.set("reap_sum", torch.rand(e, generator=g) * rc.sum(1) * 3, layer.index)
         st.set("norm_sum", torch.rand(e, generator=g) * rc.sum(1) * 5, layer.index)
+        st.set("sq_norm_sum", torch.rand(e, generator=g_sq) * rc.sum(1) * 25, layer.index)
         dm = 1 + torch.rand(e, generator=g)
         if super_expert and super_expert[0] == layer.index:
             dm[super_expert[1]] = 1000.0
@@ -179,6 +181,8 @@ def test_criteria_rank_by_their_statistic():
         "weighted_frequency": stats.get("weight_sum", i),
         "reap": stats.get("reap_sum", i) / rc.sum(1),
         "ean": stats.get("norm_sum", i) / rc.sum(1),
+        "man": stats.get("norm_sum", i) / rc.sum(1),
+        "msan": stats.get("sq_norm_sum", i) / rc.sum(1),
     }
     for c, w in want.items():
         s = expert_scores(stats, layer, PruneConfig(criterion=c, keep=4, top_k_prime=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -9,13 +10,16 @@ import typer
 from moekit.cli import app
 from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
                                mode_for, option)
-from moekit.prune.prune import DEFAULT_CRITERION, PruneConfig
+from moekit.prune.prune import CALIBRATION_FREE, DEFAULT_CRITERION, PruneConfig
 
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
+PRUNE_STATS = typer.Option(None, "--stats", help="statistics file from `moekit profile` (made for MODEL); "
+                           f"optional for the calibration-free criteria ({', '.join(CALIBRATION_FREE)})")
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 CRITERION_HELP = (
-    "topk_prime (the Samsung AI Challenge 2025 pipeline's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, random; "
-    "default reap, or topk_prime with --top-k-prime alone"
+    "topk_prime (the Samsung AI Challenge 2025 pipeline's top-k' count), frequency, prob_mass, weighted_frequency, reap, ean, "
+    "man (= ean), msan, aimer (from the weights, no --stats needed), random; default reap, or topk_prime with "
+    "--top-k-prime alone"
 )
 
 
@@ -30,7 +34,7 @@ def _print_report(report: dict, out: Path) -> None:
 @app.command()
 def prune(
     model: str = MODEL,
-    stats: Path = STATS,
+    stats: Path = PRUNE_STATS,
     out: Path = OUT,
     criterion: str = option(PruneConfig, "criterion", "--criterion", help=CRITERION_HELP),
     keep: int = option(PruneConfig, "keep", "--keep",
@@ -64,10 +68,11 @@ def prune(
     trust_remote_code: bool = TRUST,
     mode: str = MODE,
 ):
-    """Remove whole routed experts chosen from the statistics file; write the checkpoint and a report."""
+    """Remove whole routed experts chosen from the statistics file (or, for aimer, the weights); write the checkpoint
+    and a report."""
     from moekit.checkpoint.save import save_model
     from moekit.outputs import check_output_dir
-    from moekit.prune.prune import PruneConfig, prune_
+    from moekit.prune.prune import PruneConfig, prune_, require_stats
     from moekit.profile.stats import ExpertStats
 
     cfg = PruneConfig(
@@ -82,8 +87,11 @@ def prune(
         global_norm=global_norm,
     )
     cfg.validate()
+    require_stats(cfg, stats is not None)
     check_output_dir(out, overwrite)
-    st = ExpertStats.load(stats)
+    st = ExpertStats.load(stats) if stats is not None else None
+    if st is None and not allow_super_experts:
+        print("moekit: no --stats: super experts cannot be found, so none is protected", file=sys.stderr)
     if shardwise:
         from moekit.checkpoint.load import local_checkpoint
         from moekit.prune.shards import prune_shards

@@ -1,6 +1,8 @@
-"""Expert pruning: remove whole routed experts, chosen from the statistics file (no new calibration pass).
+"""Expert pruning: remove whole routed experts, chosen from the statistics file (no new calibration pass), or
+from the weights alone (``aimer``, ``random``: no statistics file needed).
 
     report = prune_(model, PruneConfig(criterion="reap", ratio=0.25), stats=stats)
+    report = prune_(model, PruneConfig(criterion="aimer", ratio=0.25))  # calibration-free
 
 Criteria (one score per expert, higher = keep; all sums in the statistics file, see ``moekit.stats``):
 
@@ -12,10 +14,18 @@ Criteria (one score per expert, higher = keep; all sums in the statistics file, 
 ``weighted_frequency``  router-weighted frequency: sum of the routing weights the expert received
 ``reap``                REAP (arXiv 2510.13999): mean over routed tokens of g_e * ||E_e(x)|| (reap_sum / count)
 ``ean``                 expert activation norm, per routed token: mean of ||E_e(x)|| (norm_sum / count)
+``man``                 Mean Activation Norm (arXiv 2606.15716: routed-token-averaged, gate-free): the same
+                        score as ``ean``, under the paper's name
+``msan``                Mean Squared Activation Norm (arXiv 2606.15716): mean of ||E_e(x)||^2 over routed
+                        tokens (sq_norm_sum / count)
+``aimer``               AIMER (arXiv 2603.18492), calibration-free, from the weights alone: mean |w| / RMS(w)
+                        over all of the expert's projection weights; the paper prunes the *highest* values,
+                        so the score is its reciprocal RMS(w) / mean |w| (scale-free, >= 1)
 ``random``              seeded random scores: the control every table carries
 ======================  ==============================================================================
 
-Experts never selected score 0 under the per-token means (reap, ean).
+Experts never selected score 0 under the per-token means (reap, ean, man, msan). ``aimer`` and ``random`` need no
+statistics file (``stats=None``); without one no super expert can be found, so none is protected.
 
 Budgets (how many experts stay):
 
@@ -47,16 +57,19 @@ from moekit.core.registry import register
 from moekit.errors import MoekitError
 from moekit.profile.stats import ExpertStats, super_experts
 
-CRITERIA = ("topk_prime", "frequency", "prob_mass", "weighted_frequency", "reap", "ean", "random")
+CRITERIA = ("topk_prime", "frequency", "prob_mass", "weighted_frequency", "reap", "ean", "man", "msan", "aimer",
+            "random")
+PER_TOKEN_MEAN = {"reap": "reap_sum", "ean": "norm_sum", "man": "norm_sum", "msan": "sq_norm_sum"}  # sum / count
 NEEDS = {
     "topk_prime": ("rank_counts",),
     "frequency": ("rank_counts",),
     "prob_mass": ("prob_mass",),
     "weighted_frequency": ("weight_sum",),
-    "reap": ("reap_sum", "rank_counts"),
-    "ean": ("norm_sum", "rank_counts"),
+    **{c: (num, "rank_counts") for c, num in PER_TOKEN_MEAN.items()},
+    "aimer": (),
     "random": (),
 }
+CALIBRATION_FREE = tuple(c for c in CRITERIA if not NEEDS[c])  # run without a statistics file
 BUDGETS = ("uniform", "global")
 DEFAULT_CRITERION = "reap"
 
@@ -116,13 +129,15 @@ class PruneConfig:
 
 
 # ---------------------------------------------------------------------------------------------- scores
-def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) -> torch.Tensor:
+def expert_scores(stats: ExpertStats | None, layer: arch.MoELayer, cfg: PruneConfig) -> torch.Tensor:
     """Per-expert score [E] (float64) for ``cfg.criterion``; higher means more worth keeping."""
     e, c = layer.num_experts, cfg.criterion
     if c == "random":
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + layer.index)
         return torch.rand(e, generator=g, dtype=torch.float64)
-    if c in ("topk_prime", "frequency", "reap", "ean"):
+    if c == "aimer":
+        return 1.0 / aimer(layer)
+    if c in ("topk_prime", "frequency") or c in PER_TOKEN_MEAN:
         rc = stats.get("rank_counts", layer.index).double()
         count = rc.sum(1)
     if c == "topk_prime":
@@ -139,7 +154,7 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     elif c == "weighted_frequency":
         s = stats.get("weight_sum", layer.index).double()
     else:
-        num = stats.get("reap_sum" if c == "reap" else "norm_sum", layer.index).double()
+        num = stats.get(PER_TOKEN_MEAN[c], layer.index).double()
         s = torch.where(count > 0, num / count.clamp_min(1), torch.zeros_like(num))
     if s.shape != (e,):
         raise MoekitError(
@@ -152,6 +167,25 @@ def expert_scores(stats: ExpertStats, layer: arch.MoELayer, cfg: PruneConfig) ->
     return s
 
 
+def aimer(layer: arch.MoELayer) -> torch.Tensor:
+    """AIMER of every routed expert [E] (float64; arXiv 2603.18492): mean |w| / RMS(w) over all the weights of
+    the expert's gate, up and down projections (biases left out). In (0, 1]: 1 when every weight has the same
+    magnitude, lower the more the weights concentrate in a few large ones; unchanged by scaling the expert. An
+    all-zero expert gets +inf (pruned first)."""
+    ex = layer.experts
+    if ex.down_proj.is_meta:
+        raise MoekitError(f"criterion 'aimer' reads the expert weights, and layer {layer.index}'s are not in memory "
+                          "(shard-wise, layer-sequential or offloaded); prune in memory: --mode memory, no --shardwise")
+    out = torch.empty(layer.num_experts, dtype=torch.float64)
+    for e in range(layer.num_experts):
+        parts = [ex.gate_up_proj[e].detach().double(), ex.down_proj[e].detach().double()]
+        n = sum(p.numel() for p in parts)
+        mean_abs = sum(p.abs().sum() for p in parts) / n
+        rms = (sum(p.square().sum() for p in parts) / n).sqrt()
+        out[e] = mean_abs / rms if rms > 0 else float("inf")
+    return out
+
+
 def layer_normalised(s: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """Scores relative to the layer's typical expert (what the global budget ranks): divided by the layer's
     mean (default) or median (robust to one outsized score)."""
@@ -160,8 +194,8 @@ def layer_normalised(s: torch.Tensor, how: str = "mean") -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- plans
-def protected_experts(stats: ExpertStats, cfg: PruneConfig) -> dict[int, set[int]]:
-    if cfg.allow_super_experts:
+def protected_experts(stats: ExpertStats | None, cfg: PruneConfig) -> dict[int, set[int]]:
+    if cfg.allow_super_experts or stats is None:  # no statistics (a calibration-free criterion): none can be found
         return {}
     if not stats.has("down_max"):
         raise MoekitError(
@@ -228,13 +262,26 @@ def _uniform_keep(layer: arch.MoELayer, scores: torch.Tensor, protect: set[int],
     return sorted(keep)
 
 
-def plan(layers: list[arch.MoELayer], stats: ExpertStats, cfg: PruneConfig) -> dict[int, list[int]]:
-    """Experts kept per MoE layer (decoder-layer index -> sorted expert indices)."""
+def require_stats(cfg: PruneConfig, given: bool) -> None:
+    """Only the calibration-free criteria run without a statistics file."""
+    if not given and NEEDS[cfg.criterion]:
+        raise MoekitError(
+            f"criterion '{cfg.criterion}' needs expert statistics: pass --stats FILE from `moekit profile` (in Python "
+            f"stats=moekit.profile.profile(model, tokens=...)), or use a calibration-free criterion "
+            f"({', '.join(CALIBRATION_FREE)})"
+        )
+
+
+def plan(layers: list[arch.MoELayer], stats: ExpertStats | None, cfg: PruneConfig) -> dict[int, list[int]]:
+    """Experts kept per MoE layer (decoder-layer index -> sorted expert indices); ``stats`` may be None for a
+    calibration-free criterion."""
     cfg.validate()
-    stats.require(*NEEDS[cfg.criterion], what=f"criterion '{cfg.criterion}'")
-    missing = [layer.index for layer in layers if layer.index not in stats.layers]
-    if missing:
-        raise MoekitError(f"the statistics file has no data for MoE layers {missing}; profile the whole model")
+    require_stats(cfg, stats is not None)
+    if stats is not None:
+        stats.require(*NEEDS[cfg.criterion], what=f"criterion '{cfg.criterion}'")
+        missing = [layer.index for layer in layers if layer.index not in stats.layers]
+        if missing:
+            raise MoekitError(f"the statistics file has no data for MoE layers {missing}; profile the whole model")
     protect = protected_experts(stats, cfg)
     scores = {layer.index: expert_scores(stats, layer, cfg) for layer in layers}
     if cfg.mode == "threshold":
@@ -294,16 +341,16 @@ def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[in
 def prune_(model, cfg: PruneConfig, *, stats: ExpertStats | None = None, tokens=None, teacher=None) -> dict:
     """Remove the experts ``cfg`` selects from ``model`` in place; return the report (see :func:`build_report`).
 
-    ``stats`` come from :func:`moekit.profile.profile` on this model (or its unpruned source).
+    ``stats`` come from :func:`moekit.profile.profile` on this model (or its unpruned source); None only for a
+    calibration-free criterion (:data:`CALIBRATION_FREE`; then no super expert is protected).
     """
-    if stats is None:
-        raise MoekitError("pruning needs expert statistics: pass stats=moekit.profile.profile(model, tokens=...)")
     cfg.validate()
+    require_stats(cfg, stats is not None)
     from moekit.profile.stats import fingerprint
     from moekit.prune.report import build_report, snapshot
 
     layers = arch.require_moe(model)
-    stats = stats_for_model(model, stats)
+    stats = stats_for_model(model, stats) if stats is not None else None
     keep = plan(layers, stats, cfg)
     before = snapshot(model)
     apply_plan(model, keep, source_fingerprint=fingerprint(model))
