@@ -16,5 +16,6 @@ from moekit.profile import profile as _profile  # noqa: F401  profile
 from moekit.prune import prune as _prune  # noqa: F401  prune_
 from moekit.route import route as _route  # noqa: F401  route_
 from moekit.train import distill as _distill  # noqa: F401  distill_
+from moekit.train import router as _router  # noqa: F401  distill_router_
 
 __all__ = ["METHODS", "apply_", "method"]

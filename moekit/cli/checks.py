@@ -34,7 +34,7 @@ from moekit.errors import MoekitError
 
 AT_LEAST = {  # integer options: the smallest value that means something
     "active": 1, "batch_size": 1, "checkpoint_every": 0, "distill_steps": 0, "experts": 1, "finetune_steps": 0,
-    "gram": 0, "iterations": 1, "k_a": 1, "keep": 1, "limit": 1, "local_epochs": 0, "max_cluster": 1,
+    "gram": 0, "heldout": 0, "iterations": 1, "k_a": 1, "keep": 1, "limit": 1, "local_epochs": 0, "max_cluster": 1,
     "max_model_len": 2, "max_tokens": 1, "merges_per_layer": 0, "n_seq": 1, "num_fewshot": 0, "ppl_tokens": 1,
     "ppl_window": 2, "prompts": 1, "random_n": 1, "rank": 1, "seed": 0, "seq_len": 2, "shared": 0, "steps": 1,
     "target": 1, "target_total": 1, "timeout": 1, "top_k_prime": 1, "warmup": 0, "window": 2,
@@ -53,7 +53,7 @@ LIST_INPUTS = {"results": "file", "checkpoints": "dir"}
 OUTPUTS = ("out", "plot", "plots", "json_out")
 FOLDERS = ("offload_folder",)  # scratch folders a command writes into (they may exist and hold files)
 RESUMING = ("run", "demo")  # commands whose --out is a run folder they continue
-MODEL_WRITERS = ("carve", "heal", "densify", "distill", "merge", "prune", "route", "uniform", "convert", "quantize")
+MODEL_WRITERS = ("carve", "heal", "densify", "distill", "distill-router", "merge", "prune", "route", "uniform", "convert", "quantize")
 DATA_NAMES = ("c4", "self")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")

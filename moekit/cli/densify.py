@@ -1,4 +1,5 @@
-"""`moekit densify` (MoE -> standard dense model) and `moekit distill` (refine a student from a teacher)."""
+"""`moekit densify` (MoE -> standard dense model), `moekit distill` (refine a student from a teacher) and
+`moekit distill-router` (train only a pruned / merged / re-routed model's routers from the original)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMOR
                                TRUST, load, mode_for, option, tokenizer_of)
 from moekit.densify.densify import DensifyConfig
 from moekit.train.distill import DistillConfig
+from moekit.train.router import RouterDistillConfig
 
 
 @app.command()
@@ -108,3 +110,49 @@ def distill(student: str = MODEL,
     print(f"distilled {report['steps_run']} steps ({report['tokens_run']:,} tokens) in {report['seconds']:.0f}s "
           f"({report['tokens_per_s']:.0f} tokens/s); loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; "
           f"model -> {final}")
+
+
+@app.command("distill-router")
+def distill_router(student: str = MODEL,
+                   teacher: str = typer.Option(..., "--teacher", help="the original model, before pruning / merging / routing"),
+                   data: str = DATA, field: str = option(RouterDistillConfig, "field", "--field",
+                                                         help="record field holding the text"),
+                   out: Path = typer.Option(..., "--out", help="directory for checkpoints and the final model (OUT/final)"),
+                   steps: int = option(RouterDistillConfig, "steps", "--steps", help="optimizer steps (unless --tokens)"),
+                   max_tokens: int = option(RouterDistillConfig, "max_tokens", "--tokens",
+                                            help="training-token budget: steps = tokens / (batch size x seq len)"),
+                   lr: float = option(RouterDistillConfig, "lr", "--lr", help="peak learning rate (warm-up, then cosine to 10%)"),
+                   batch_size: int = option(RouterDistillConfig, "batch_size", "--batch-size", help="sequences per step"),
+                   seq_len: int = option(RouterDistillConfig, "seq_len", "--seq-len", help="tokens per sequence"),
+                   warmup: int = option(RouterDistillConfig, "warmup_steps", "--warmup", help="warm-up steps"),
+                   heldout: int = option(RouterDistillConfig, "heldout", "--heldout",
+                                         help="sequences held out to measure the KL before and after"),
+                   train_scale: bool = option(RouterDistillConfig, "train_scale", "--train-scale/--no-train-scale",
+                                              help="also train one output scale per layer (folded into down_proj)"),
+                   checkpoint_every: int = option(RouterDistillConfig, "checkpoint_every", "--checkpoint-every",
+                                                  help="checkpoint every N steps (0: end only)"),
+                   resume: bool = option(RouterDistillConfig, "resume", "--resume",
+                                         help="continue from the newest checkpoint in --out"),
+                   seed: int = option(RouterDistillConfig, "seed", "--seed", help="data order seed"),
+                   overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
+    """Forward-KL distillation (T = 1) of the student's routers only (and a per-layer scale) from the original model."""
+    from moekit.checkpoint.save import save_model
+    from moekit.errors import MoekitError
+    from moekit.train.router import RouterDistillConfig, distill_router_
+
+    out = Path(out)
+    final = out / "final"
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise MoekitError(f"output '{out}' is not empty: pass --resume to continue it or --overwrite to start over")
+    cfg = RouterDistillConfig(steps=steps, max_tokens=max_tokens, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                              warmup_steps=warmup, heldout=heldout, train_scale=train_scale, seed=seed, field=field,
+                              out=str(out), checkpoint_every=checkpoint_every, resume=resume)
+    cfg.validate()
+    s_model, tok = load(student, "float32", device, trust_remote_code)
+    t_model, _ = load(teacher, dtype, device, trust_remote_code)
+    report = distill_router_(s_model, cfg, tokens=data, teacher=t_model, tokenizer=tok)
+    save_model(s_model, tok, final, overwrite=True)
+    write_json(out / "router_distill_report.json", report, overwrite=True)  # beside the model it just wrote
+    kl = f"held-out KL {report['kl_heldout_before']:.4f} -> {report['kl_heldout_after']:.4f}; " if report["heldout_tokens"] else ""
+    print(f"distilled the routers ({report['trained_parameters']:,} parameters) for {report['steps_run']} steps "
+          f"({report['tokens_run']:,} tokens) in {report['seconds']:.0f}s; {kl}model -> {final}")

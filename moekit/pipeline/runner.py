@@ -6,8 +6,9 @@ JSON) and a ``done.json`` marker last; a re-run skips finished steps and resumes
 A step is the registered method of its name (:mod:`moekit.core.registry`). The runner supplies what the
 method ``needs``: ``stats`` (the current model's profile, cached by model fingerprint, data and options),
 ``tokens`` (the recipe's calibration text) and ``teacher`` (the model before the last step that built a new
-model: carve or densify). Two steps are the runner's own: ``profile`` (also saves the statistics and their
-plots) and ``eval`` (perplexity, tasks, speed).
+model: carve or densify; before any such step, the recipe's own model, loaded when a step first needs it). Two
+steps are the runner's own: ``profile`` (also saves the statistics and their plots) and ``eval`` (perplexity,
+tasks, speed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import MoekitError
 from moekit.outputs import write_json, write_text
 from moekit.pipeline.recipe import EvalStep, Recipe, Step
 
@@ -32,7 +32,7 @@ class Context:
     run_dir: Path
     model: Any = None
     tokenizer: Any = None
-    teacher: Any = None  # the model before the last carve/densify (heal and distill learn from it)
+    teacher: Any = None  # the model before the last carve/densify, else the recipe's model (distillation learns from it)
     stats: Any = None
     calib: Any = None  # calibration token ids [n, L]
     results: list[dict] = field(default_factory=list)
@@ -59,15 +59,18 @@ class Context:
         return self.stats
 
     def inputs(self, step: Step, needs: tuple[str, ...], uses: tuple[str, ...] = ()) -> dict:
-        """The method's inputs; those it needs are computed (stats, tokens) or must exist (teacher)."""
+        """The method's inputs; those it needs are computed (stats, tokens) or loaded (the recipe's model as teacher)."""
         given: dict[str, Any] = {"stats": None, "tokens": None, "teacher": self.teacher}
         if "stats" in needs:
             given["stats"] = self.current_stats()
         if "tokens" in needs or "tokens" in uses:
             given["tokens"] = self.calib_tokens()
-        if "teacher" in needs and self.teacher is None:
-            raise MoekitError(f"{self.recipe.path}:{step.line}: '{step.name}' needs a teacher: put it after a step that "
-                              "builds a new model ('carve' or 'densify')")
+        if "teacher" in needs and self.teacher is None:  # no carve/densify yet: the original model teaches
+            from moekit.checkpoint.load import load_model
+
+            self.teacher, _ = load_model(str(self.recipe.model), dtype=self.recipe.dtype, device=self.recipe.device,
+                                         with_tokenizer=False)
+            given["teacher"] = self.teacher
         return given
 
 

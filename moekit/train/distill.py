@@ -11,6 +11,11 @@ saved with :func:`moekit.checkpoint.save.save_model` (safetensors, verified) plu
 written into a hidden temporary directory and renamed into place, so a crash never leaves a half
 checkpoint; ``resume=True`` continues from the newest complete one. Nothing is ever unpickled.
 
+Two hooks for methods built on this loop (router distillation, :mod:`moekit.train.router`): ``extra`` trainable
+tensors kept outside the model (in the optimizer, not in the model's checkpoint: the method folds them into the
+model in ``callback``), and ``callback(step)`` after every optimizer step, before that step's checkpoint (a
+benchmark measures perplexity there too; the loop puts the student back in training mode after it).
+
 On CPU everything runs in fp32. On CUDA the student keeps fp32 master weights under bf16 autocast with
 gradient checkpointing, and the teacher runs in bf16.
 """
@@ -124,13 +129,16 @@ def batches(data, tokenizer, cfg: DistillConfig, skip: int = 0) -> Iterator[torc
 
 
 @register("distill", DistillConfig, needs=("tokens", "teacher"))
-def distill_(student, cfg: DistillConfig, *, tokens=None, teacher=None, stats=None, tokenizer=None) -> dict:
+def distill_(student, cfg: DistillConfig, *, tokens=None, teacher=None, stats=None, tokenizer=None, extra=None,
+             callback=None) -> dict:
     """Train ``student`` in place to match ``teacher``'s logits (forward KL) on ``tokens``.
 
     ``tokens`` is a [n, L] token tensor, or a text source (a file, 'c4', 'hf:NAME') streamed through
     ``tokenizer`` into ``cfg.seq_len`` windows. The parameters that train are those with ``requires_grad``
-    (all of a freshly loaded model; heal freezes all but the FFNs first). Returns what happened: steps run,
-    tokens seen (this run and in total), seconds, tokens/s, losses.
+    (all of a freshly loaded model; heal freezes all but the FFNs first), plus the leaf tensors in ``extra`` (not
+    part of the model, so not in its checkpoints). ``callback(step)`` runs after every optimizer step, before the
+    step's checkpoint. Returns what happened: steps run, tokens seen (this run and in total), seconds, tokens/s,
+    losses.
     """
     if tokens is None or teacher is None:
         raise MoekitError("distillation needs tokens=(a [n, L] tensor or a text source) and teacher=(a model)")
@@ -146,7 +154,7 @@ def distill_(student, cfg: DistillConfig, *, tokens=None, teacher=None, stats=No
     if use_gc:
         student.gradient_checkpointing_enable()
     use_cache, student.config.use_cache = getattr(student.config, "use_cache", True), False
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = [p for p in student.parameters() if p.requires_grad] + list(extra or ())
     if not params:
         raise MoekitError("the student has no trainable parameters (every requires_grad is False)")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -173,6 +181,9 @@ def distill_(student, cfg: DistillConfig, *, tokens=None, teacher=None, stats=No
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if callback is not None:
+            callback(step + 1)
+            student.train()
         losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - t0
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{len(losses) * per_step / max(elapsed, 1e-9):.0f}")
@@ -247,6 +258,8 @@ def _resume(student, opt, out: Path) -> tuple[int, list[float]]:
     with safe_open(str(ckpt / STATE_FILE), "pt") as f:
         meta = json.loads(f.metadata()[DISTILL_STATE_KEY])
         state: dict[int, dict] = {}
+        if [len(g["params"]) for g in meta["param_groups"]] != [len(g["params"]) for g in opt.param_groups]:
+            raise MoekitError(f"checkpoint '{ckpt}' trained other parameters: resume with the options it was started with")
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = f.get_tensor(key).to(ref.device)
