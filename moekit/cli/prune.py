@@ -9,7 +9,7 @@ import typer
 
 from moekit.cli import app
 from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST, load,
-                               mode_for, option)
+                               mode_for, option, tokenizer_of)
 from moekit.prune.prune import CALIBRATION_FREE, DEFAULT_CRITERION, PruneConfig
 
 STATS = typer.Option(..., "--stats", help="statistics file from `moekit profile` (made for MODEL)")
@@ -67,6 +67,13 @@ def prune(
     device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
     mode: str = MODE,
+    propagate: bool = typer.Option(False, "--propagate", help="error-propagating: score layer i on the hidden states "
+                                   "the already pruned layers 0..i-1 produce (needs --data; one pass per ratio, layer "
+                                   "by layer; --stats then only names the super experts). Without it (the fast "
+                                   "path) every layer is scored on the original model: one profile serves every ratio"),
+    data: str = typer.Option(None, "--data", help="calibration text for --propagate"),
+    n_seq: int = typer.Option(16, "--n-seq", help="--propagate: calibration sequences"),
+    seq_len: int = typer.Option(512, "--seq-len", help="--propagate: tokens per sequence"),
 ):
     """Remove whole routed experts chosen from the statistics file (or, for aimer, the weights); write the checkpoint
     and a report."""
@@ -92,7 +99,18 @@ def prune(
     st = ExpertStats.load(stats) if stats is not None else None
     if st is None and not allow_super_experts:
         print("moekit: no --stats: super experts cannot be found, so none is protected", file=sys.stderr)
-    if shardwise:
+    if propagate:
+        from moekit.data import calibration_tokens
+        from moekit.errors import MoekitError
+        from moekit.prune.sequential import prune_propagating
+
+        if data is None or st is None or shardwise:
+            raise MoekitError("--propagate scores each layer on calibration text and takes super experts from the "
+                              "statistics: give --data and --stats (and drop --shardwise)")
+        tokens = calibration_tokens(data, tokenizer_of(model, trust_remote_code), n_seq=n_seq, seq_len=seq_len, seed=seed)
+        report = prune_propagating(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
+                                   dtype=dtype)
+    elif shardwise:
         from moekit.checkpoint.load import local_checkpoint
         from moekit.prune.shards import prune_shards
 

@@ -256,13 +256,11 @@ class LayerSequential:
         key = "lm_head.weight" if "lm_head.weight" in self.reader.where else self._embed_key()
         weight = self.reader.tensor(key).to(self.device, self.dtype)
         total, count = 0.0, 0
-        for a, b in self.batches:
-            h = body.norm(self.hidden[a:b].to(self.device))
-            logits = torch.nn.functional.linear(h, weight)
-            logits = _soft_cap(self.model.config, logits).float()
-            target = tokens[a:b, 1:].to(self.device)
-            total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       reduction="sum").item()
+        for row in range(len(tokens)):  # one sequence at a time: its logits are vocabulary x length floats
+            h = body.norm(self.hidden[row].to(self.device))
+            logits = _soft_cap(self.model.config, torch.nn.functional.linear(h, weight)).float()
+            target = tokens[row, 1:].to(self.device)
+            total += torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum").item()
             count += target.numel()
         body.norm.to("meta")
         return total, count
