@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import importlib.metadata as md
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_common, load, parse, parser, write_json
+from common import add_common, append_jsonl, load, parse, parser, read_jsonl, write_json
 
 WORKER = Path(__file__).with_name("peer_llmc_worker.py")
 
@@ -95,7 +97,8 @@ def main(argv=None) -> None:
                          "every calibration token; REAP's saliency is the same, only slower)")
     ap.add_argument("--rescore", action="store_true",
                     help="score every row, even one whose model is tensor for tensor one an earlier row scored")
-    ap.add_argument("--timeout", type=int, default=3600, help="seconds the llm-compressor worker may run")
+    ap.add_argument("--fresh", action="store_true", help="ignore the rows logged by an earlier, interrupted run")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds one llm-compressor run may take")
     args = parse(ap, argv)
 
     from safetensors.torch import save_file
@@ -104,7 +107,7 @@ def main(argv=None) -> None:
     from moekit.data import calibration_tokens
     from moekit.eval.perplexity import perplexity, windows
     from moekit.profile.profile import ProfileConfig, profile
-    from moekit.profile.stats import super_experts
+    from moekit.profile.stats import ExpertStats, fingerprint, super_experts
     from moekit.prune.prune import PruneConfig, prune_
     from moekit.serve.envs import run_worker
     from moekit.serve.quantize import find_llmc_python
@@ -127,7 +130,37 @@ def main(argv=None) -> None:
     print(f"{args.model}: {src}; calibration {tuple(calib.shape)}, dev {tuple(dev.shape)}; "
           f"{n_experts} routed experts, top-{model.config.num_experts_per_tok}", flush=True)
 
+    # rows are logged as they finish; a rerun with the same model and tokens picks up where the last one stopped
+    out = Path(args.out)
+    log, stats_file = out / "peer_llmcompressor.jsonl", out / "peer_llmcompressor_stats.safetensors"
+    setup = hashlib.sha1(b"".join([fingerprint(model).encode(), calib.numpy().tobytes(), dev.numpy().tobytes(),
+                                   str(args.all_experts).encode()])).hexdigest()[:16]
+    if args.fresh and log.exists():
+        log.unlink()
+    done = {(x["key"], x.get("ratio")): x for x in read_jsonl(log) if x.get("setup") == setup}
+    if done:
+        print(f"resuming: {len(done)} rows from {log}", flush=True)
+
+    def record(x: dict) -> dict:
+        out.mkdir(parents=True, exist_ok=True)
+        append_jsonl(log, {**x, "setup": setup, "kept": {str(k): v for k, v in x.get("kept", {}).items()}})
+        return x
+
+    def logged(key: str, ratio=None) -> dict | None:
+        x = done.get((key, ratio))
+        if x is not None:
+            x = {**x, "kept": {int(k): v for k, v in x.get("kept", {}).items()}}
+            value = f"perplexity {x['ppl']:.2f}" if "ppl" in x else f"{x['seconds']:.1f} s"
+            print(f"  {x.get('label', key)}: from the log ({value})", flush=True)
+        return x
+
+    def kept_key(kept: dict[int, list[int]]) -> tuple:
+        return tuple(sorted((int(k), tuple(v)) for k, v in kept.items()))
+
     scored: dict[tuple, tuple[float, str]] = {}  # kept sets -> (perplexity, the row that measured it)
+    for x in done.values():
+        if x.get("kept") and not x.get("scored_as") and x.get("check", {}).get("tensors_differing_from_source_subset") == 0:
+            scored.setdefault(kept_key({int(k): v for k, v in x["kept"].items()}), (x["ppl"], x["label"]))
 
     def ppl(m, what: str, kept: dict[int, list[int]] | None = None) -> dict:
         """moekit's perplexity of ``m``; a model that is exactly the source with ``kept`` experts (checked tensor by
@@ -137,87 +170,106 @@ def main(argv=None) -> None:
         if kept is not None:
             bad, worst = source_subset(m, model, kept)
             check = {"tensors_differing_from_source_subset": bad, "max_abs_diff": worst}
-            key = tuple(sorted((k, tuple(v)) for k, v in kept.items())) if bad == 0 else None
-            if key is not None and key in scored and not args.rescore:
-                value, first = scored[key]
+            if bad == 0 and kept_key(kept) in scored and not args.rescore:
+                value, first = scored[kept_key(kept)]
                 print(f"  {what}: the same model as '{first}' (checked tensor by tensor): {value:.2f}", flush=True)
                 return {"ppl": value, "scored_as": first, "check": check}
         start = time.perf_counter()
         value = perplexity(m, dev, progress=False)
-        print(f"  {what}: perplexity {value:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"  {what}: perplexity {value:.2f} ({seconds:.0f} s)", flush=True)
         if kept is not None and check["tensors_differing_from_source_subset"] == 0:
-            scored.setdefault(tuple(sorted((k, tuple(v)) for k, v in kept.items())), (value, what))
-        return {"ppl": value, "check": check}
+            scored.setdefault(kept_key(kept), (value, what))
+        return {"ppl": value, "check": check, "eval_s": seconds}
 
     results: list[dict] = []  # one per row: method, ratio, ppl, seconds, kept
-    base_ppl = ppl(model, "unpruned")["ppl"]
+    base = logged("unpruned") or record({"key": "unpruned", "ratio": None, "label": "unpruned",
+                                         **ppl(model, "unpruned")})
+    base_ppl = base["ppl"]
 
     # ---- moekit, one pass: profile once, prune per ratio
-    start = time.perf_counter()
-    stats = profile(model, ProfileConfig(progress=False), tokens=calib)
-    profile_s = time.perf_counter() - start
+    prof = logged("profile")
+    if prof is not None and stats_file.exists():
+        stats, profile_s = ExpertStats.load(stats_file), prof["seconds"]
+    else:
+        start = time.perf_counter()
+        stats = profile(model, ProfileConfig(progress=False), tokens=calib)
+        profile_s = time.perf_counter() - start
+        stats.save(stats_file, overwrite=True)
+        record({"key": "profile", "ratio": None, "label": "moekit profile", "seconds": profile_s})
     supers = super_experts(stats)
     print(f"moekit profile: {profile_s:.1f} s; super experts (kept by moekit): {supers}", flush=True)
     for r in ratios:
-        pruned = copy.deepcopy(model)
-        start = time.perf_counter()
-        report = prune_(pruned, PruneConfig(criterion="reap", ratio=r), stats=stats)
-        prune_s = time.perf_counter() - start
-        kept = kept_of(report)
-        results.append({"method": "moekit reap", "key": "moekit", "ratio": r, "seconds": profile_s + prune_s,
-                        "detail": {"profile_s": profile_s, "prune_s": prune_s}, "kept": kept,
-                        **ppl(pruned, f"moekit reap -{r:.0%}", kept)})
-        del pruned
+        label = f"moekit reap -{r:.0%}"
+        x = logged("moekit", r)
+        if x is None:
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            report = prune_(pruned, PruneConfig(criterion="reap", ratio=r), stats=stats)
+            prune_s = time.perf_counter() - start
+            kept = kept_of(report)
+            x = record({"method": "moekit reap", "key": "moekit", "ratio": r, "label": label,
+                        "seconds": profile_s + prune_s, "detail": {"profile_s": profile_s, "prune_s": prune_s},
+                        "kept": kept, **ppl(pruned, label, kept)})
+            del pruned
+        results.append(x)
 
     with tempfile.TemporaryDirectory(prefix="peer-llmc-") as tmp:
         tmp = Path(tmp)
         # ---- moekit, error-propagating (if this moekit has it)
-        if prune_propagating is not None:
-            for r in ratios:
-                out = tmp / f"moekit-prop-{r}"
+        for r in ratios if prune_propagating is not None else []:
+            label = f"moekit reap propagate -{r:.0%}"
+            x = logged("moekit-prop", r)
+            if x is None:
+                where = tmp / f"moekit-prop-{r}"
                 start = time.perf_counter()
                 try:
-                    report = prune_propagating(src, PruneConfig(criterion="reap", ratio=r), out, stats=stats,
+                    report = prune_propagating(src, PruneConfig(criterion="reap", ratio=r), where, stats=stats,
                                                tokens=calib, device="cpu", progress=False)
-                except Exception as e:  # a variant another change is still shaping: say so, keep the rest
-                    print(f"moekit propagate -{r:.0%}: {type(e).__name__}: {e}", flush=True)
+                except Exception as e:  # a variant another change may still be shaping: say so, keep the rest
+                    print(f"{label}: {type(e).__name__}: {e}", flush=True)
                     results.append({"method": "moekit reap, propagate", "key": "moekit-prop", "ratio": r,
                                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
                 seconds = time.perf_counter() - start
-                pruned, _ = load(str(out), with_tokenizer=False)
+                pruned, _ = load(str(where), with_tokenizer=False)
                 kept = kept_of(report)
-                results.append({"method": "moekit reap, propagate", "key": "moekit-prop", "ratio": r,
-                                "seconds": profile_s + seconds, "kept": kept,
-                                "detail": {"profile_s": profile_s, "prune_propagating_s": seconds,
-                                           "note": "prune_propagating reads the checkpoint layer by layer and writes "
-                                                   "the pruned one; the profile gives it the super experts"},
-                                **ppl(pruned, f"moekit reap propagate -{r:.0%}", kept)})
+                x = record({"method": "moekit reap, propagate", "key": "moekit-prop", "ratio": r, "label": label,
+                            "seconds": profile_s + seconds, "kept": kept,
+                            "detail": {"profile_s": profile_s, "prune_propagating_s": seconds},
+                            **ppl(pruned, label, kept)})
                 del pruned
+                shutil.rmtree(where)
+            results.append(x)
 
-        # ---- llm-compressor, in its own environment
+        # ---- llm-compressor, in its own environment: one worker per run
         tokens_file = tmp / "calibration.safetensors"
         save_file({"input_ids": calib.contiguous()}, str(tokens_file))
-        runs = [(f"llmc-{r}", r, True) for r in ratios] + [(f"llmc-noprop-{r}", r, False) for r in noprop]
-        request = {"model": str(src), "tokens": str(tokens_file), "moe_calibrate_all_experts": args.all_experts,
-                   "threads": torch.get_num_threads(),
-                   "runs": [{"name": n, "sparsity": r, "propagate_error": p, "out": str(tmp / n)} for n, r, p in runs]}
-        print(f"llm-compressor ({llmc_py}): {len(runs)} oneshot runs ...", flush=True)
-        start = time.perf_counter()
-        response = run_worker([str(llmc_py), str(WORKER)], request, timeout_s=args.timeout,
-                              what="llm-compressor REAP worker")
-        if "error" in response:
-            sys.exit(f"llm-compressor REAP worker: {response['error']}")
-        print(f"llm-compressor worker: {time.perf_counter() - start:.0f} s in all", flush=True)
-        for name, r, prop in runs:
-            got = response["runs"][name]
-            pruned, _ = load(str(tmp / name), with_tokenizer=False)
-            kept = {int(k): [int(e) for e in v] for k, v in got["kept"].items()}  # in the checkpoint's order
-            results.append({"method": f"llm-compressor REAP, propagate_error={prop}",
-                            "key": "llmc" if prop else "llmc-noprop", "ratio": r, "seconds": got["oneshot_seconds"],
-                            "kept": kept, "detail": {k: v for k, v in got.items() if k != "kept"},
-                            **ppl(pruned, f"llm-compressor propagate_error={prop} -{r:.0%}", kept)})
-            del pruned
+        for r, prop in [(r, True) for r in ratios] + [(r, False) for r in noprop]:
+            key, label = ("llmc" if prop else "llmc-noprop"), f"llm-compressor propagate_error={prop} -{r:.0%}"
+            x = logged(key, r)
+            if x is None:
+                where = tmp / f"{key}-{r}"
+                request = {"model": str(src), "tokens": str(tokens_file), "moe_calibrate_all_experts": args.all_experts,
+                           "threads": torch.get_num_threads(),
+                           "runs": [{"name": key, "sparsity": r, "propagate_error": prop, "out": str(where)}]}
+                print(f"{label}: llm-compressor ({llmc_py}) ...", flush=True)
+                response = run_worker([str(llmc_py), str(WORKER)], request, timeout_s=args.timeout,
+                                      what="llm-compressor REAP worker")
+                if "error" in response:
+                    sys.exit(f"llm-compressor REAP worker: {response['error']}")
+                got = response["runs"][key]
+                print(f"  oneshot {got['oneshot_seconds']:.0f} s", flush=True)
+                pruned, _ = load(str(where), with_tokenizer=False)
+                kept = {int(k): [int(e) for e in v] for k, v in got["kept"].items()}  # in the checkpoint's order
+                versions = {k: response[k] for k in ("llmcompressor", "compressed_tensors", "transformers", "torch")}
+                x = record({"method": f"llm-compressor REAP, propagate_error={prop}", "key": key, "ratio": r,
+                            "label": label, "seconds": got["oneshot_seconds"], "kept": kept,
+                            "detail": {**{k: v for k, v in got.items() if k != "kept"}, "versions": versions},
+                            **ppl(pruned, label, kept)})
+                del pruned
+                shutil.rmtree(where)
+            results.append(x)
 
     # ---- the table
     def find(key: str, r: float):
@@ -242,8 +294,9 @@ def main(argv=None) -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
-    llmc_versions = {k: response[k] for k in ("llmcompressor", "compressed_tensors", "transformers", "torch")}
-    write_json(Path(args.out) / "tables" / "peer_llmcompressor.json", {
+    llmc_versions = next((x["detail"]["versions"] for x in results if x["key"].startswith("llmc")), {})
+    resumed = sorted({x["label"] for x in done.values()})
+    write_json(out / "tables" / "peer_llmcompressor.json", {
         "title": "The peer: llm-compressor's REAPPruningModifier vs moekit's REAP pruning, one evaluator",
         "command": "python bench/peer_llmcompressor.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": f"{args.model} ({src.name}: Qwen2-MoE, {model.config.num_hidden_layers} layers, {n_experts} routed "
@@ -254,26 +307,28 @@ def main(argv=None) -> None:
                 f"first {dev.numel():,} tokens of {Path(args.dev).name} in 1024-token windows, fp32",
         "machine": f"2-core development CPU shared with other work ({platform.machine()}), so the seconds are rough; "
                    f"moekit: torch {md.version('torch')}, transformers {md.version('transformers')}; llm-compressor "
-                   f"{llmc_versions['llmcompressor']} (compressed-tensors {llmc_versions['compressed_tensors']}, "
-                   f"transformers {llmc_versions['transformers']}, torch {llmc_versions['torch']}) in its own "
+                   f"{llmc_versions.get('llmcompressor')} (compressed-tensors {llmc_versions.get('compressed_tensors')}, "
+                   f"transformers {llmc_versions.get('transformers')}, torch {llmc_versions.get('torch')}) in its own "
                    f"environment, moe_calibrate_all_experts={args.all_experts}",
         "recorded": datetime.date.today().isoformat(),
         "columns": columns, "formats": [""] * len(columns), "rows": rows,
         "notes": ["compression s: llm-compressor's oneshot (linearising the experts, tracing, a calibration and, "
                   "with propagate_error, a propagation pass per layer, the pruning); moekit's profile (one pass, "
-                  "shared by both ratios) + prune_; the propagating moekit row adds prune_propagating, which reads "
-                  "the checkpoint layer by layer and writes the pruned one. Loading the model is excluded on both "
-                  "sides.",
+                  "shared by both ratios) + prune_; the propagating moekit row adds prune_propagating (the profile "
+                  "gives it the super experts), which reads the checkpoint layer by layer and writes the pruned one. "
+                  "Loading the model is excluded on both sides.",
                   "moekit keeps super experts by default (arXiv 2507.23279); here: "
                   f"{[list(s) for s in supers] or 'none'}.",
                   "every pruned model is checked tensor by tensor against the source with its kept experts "
                   "(check in raw: 0 tensors differ for all); a row whose kept sets equal an earlier row's is then the "
                   "same model and takes that row's perplexity (scored_as in raw) instead of a second identical "
-                  "evaluation (--rescore evaluates it again)."],
-        "raw": {"unpruned_ppl": base_ppl, "profile_s": profile_s, "total_s": time.perf_counter() - t_all,
-                "llmc_versions": llmc_versions, "results": [{**x, "kept": {str(k): v for k, v in x.get("kept", {}).items()}}
-                                                            for x in results]}})
-    print(f"\n{time.perf_counter() - t_all:.0f} s in all; wrote {Path(args.out) / 'tables' / 'peer_llmcompressor.json'}")
+                  "evaluation (--rescore evaluates it again)."]
+                 + ([f"resumed from {log.name} after an interruption: {', '.join(resumed)} were measured by the "
+                     "interrupted run (same model, tokens and code)"] if resumed else []),
+        "raw": {"unpruned_ppl": base_ppl, "profile_s": profile_s, "seconds_this_run": time.perf_counter() - t_all,
+                "llmc_versions": llmc_versions,
+                "results": [{**x, "kept": {str(k): v for k, v in x.get("kept", {}).items()}} for x in results]}})
+    print(f"\n{time.perf_counter() - t_all:.0f} s in all; wrote {out / 'tables' / 'peer_llmcompressor.json'}")
 
 
 if __name__ == "__main__":
