@@ -69,19 +69,19 @@ def test_per_expert_tensors_are_made_one_layer_at_a_time(tmp_path, monkeypatch):
 
 
 def _flip_last_byte(monkeypatch):
-    import safetensors.torch
+    from moekit.checkpoint import shard_writer
 
-    real = safetensors.torch.save_file
+    real = shard_writer.write_part
 
-    def corrupting(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:
+    def corrupting(path, tensors, metadata):
+        real(path, tensors, metadata)
+        with open(path, "r+b") as f:
             f.seek(-1, 2)
             byte = f.read(1)
             f.seek(-1, 2)
             f.write(bytes([byte[0] ^ 1]))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", corrupting)
+    monkeypatch.setattr(shard_writer, "write_part", corrupting)
 
 
 @pytest.mark.parametrize("verify", [True, False])
