@@ -180,3 +180,22 @@ def test_param_counts_and_describe(family):
     assert d["moe_layers"] == len(layers) and d["experts_per_layer"] == [8] and d["top_k"] == [2]
     layers[0].keep_experts(range(4))
     assert param_counts(model)["experts"] == counts["experts"] - 4 * per_expert
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_keep_experts_selects_in_the_stored_layout(family):
+    """keep_experts indexes the stored tensors: the kept experts' canonical weights (and biases) are the originals'."""
+    model = tiny_model(family)
+    layer = moe_layers(model)[0]
+    before, biases = layer.expert_weights(), layer.expert_biases()
+    router = layer.router_weight.detach().clone()
+    keep = [5, 0, 3, 2]
+    layer.keep_experts(keep)
+    after = layer.expert_weights(copy=False)
+    for p in ("gate", "up", "down"):
+        assert torch.equal(after[p], before[p][keep]), p
+    if biases is not None:
+        assert all(torch.equal(layer.expert_biases()[p], biases[p][keep]) for p in biases)
+    assert torch.equal(layer.router_weight, router[keep]) and layer.num_experts == 4
+    with pytest.raises(MoekitError, match="zero experts"):
+        layer.keep_experts([])

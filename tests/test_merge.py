@@ -338,3 +338,27 @@ def test_merging_drops_a_stale_pruning_record():
     toks = ids(**CALIB)
     merge_(model, MergeConfig(target=6, super_rule="none"), stats=tiny_stats(model, toks))
     assert not hasattr(model.config, "moekit_kept_experts")
+
+
+def test_bases_stay_in_the_layers_dtype_and_the_merge_is_computed_in_float32():
+    """A bf16 layer: one-member clusters are views of the layer's own weights (no copy), bigger ones bf16 copies;
+    the merged experts equal the float32 merge of the float32 weights, rounded once to bf16."""
+    model, stats, _ = _model_and_stats()
+    layer32 = arch.moe_layers(model)[0]
+    w32 = {p: t.to(torch.bfloat16).float() for p, t in layer32.expert_weights().items()}
+    layer32.replace_experts(w32["gate"], w32["up"], w32["down"], layer32.router_weight.detach().clone())
+    ref, _ = assemble(build_clusters(layer32, [[0], [1, 3], [2, 4, 5], [6], [7]], np.arange(1.0, 9.0),
+                                     MergeConfig(target=5, rule="avg")))
+    model.to(torch.bfloat16)
+    layer = arch.moe_layers(model)[0]
+    clusters = build_clusters(layer, [[0], [1, 3], [2, 4, 5], [6], [7]], np.arange(1.0, 9.0),
+                              MergeConfig(target=5, rule="avg"))
+    storage = layer.experts.gate_up_proj.untyped_storage().data_ptr()
+    assert clusters[0].bases["gate"].untyped_storage().data_ptr() == storage
+    assert clusters[1].bases["gate"].untyped_storage().data_ptr() != storage
+    assert all(b.dtype == torch.bfloat16 for c in clusters for b in c.bases.values())
+    merged, _ = assemble(clusters, dtype=torch.bfloat16)
+    for p in ("gate", "up", "down"):
+        assert merged[p].dtype == torch.bfloat16
+        assert torch.equal(merged[p], ref[p].to(torch.bfloat16)), p
+        assert torch.equal(merged[p][0], layer.expert_weights()[p][0])  # a lone member is itself, bit for bit

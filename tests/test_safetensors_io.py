@@ -140,3 +140,24 @@ def test_extra_layers_beyond_the_config(tmp_path):
               str(tmp_path / "m.safetensors"))
     reader = CheckpointReader(tmp_path)
     assert reader.extra_layers(3) == [3] and reader.extra_layers(2) == [2, 3] and reader.extra_layers(4) == []
+
+
+def test_readers_are_read_when_their_converter_runs(tmp_path):
+    """One layer of a per-expert checkpoint handed to transformers' converters as functions: each tensor is read
+    once, when its group is converted, and the result equals converting the tensors read up front."""
+    from tiny import tiny_model
+
+    from moekit.checkpoint.names import to_model_names
+
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path)
+    prefix = "model.layers.0."
+    calls = []
+    lazy = {k: (lambda f=f, k=k: calls.append(k) or f()) for k, f in reader.readers(prefix).items()}
+    assert not calls
+    got = to_model_names(model, lazy)
+    assert sorted(calls) == sorted(lazy)  # every tensor read exactly once
+    want = to_model_names(model, {prefix + k: v for k, v in reader.read(prefix).items()})
+    assert set(got) == set(want) and "model.layers.0.mlp.experts.gate_up_proj" in got
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -9,14 +9,16 @@ same mappings to one layer's tensors: :func:`to_model_names` the way ``from_pret
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from copy import deepcopy
 
 import torch
 
 
-def to_model_names(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_model_names(model, state: dict[str, torch.Tensor | Callable[[], torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Tensors named as in a checkpoint (full names, any subset: one decoder layer) -> the model's state-dict names
-    and layouts."""
+    and layouts. Values may be functions returning the tensor (read when its converter runs, as transformers' own
+    loading does)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter,

@@ -15,10 +15,12 @@ hands out the dequantized weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,4 +271,11 @@ class CheckpointReader:
         """Every tensor whose name starts with ``prefix``, keys relative to it (FP8 weights dequantized, their
         scales left out)."""
         return {key[len(prefix):]: self.tensor(key, dtype) for key in self.where
+                if key.startswith(prefix) and not self._is_scale(key)}
+
+    def readers(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, Callable[[], torch.Tensor]]:
+        """Like :meth:`read`, full keys, but each value a function that reads its tensor when called: transformers'
+        weight converters call them one group at a time (all of a layer's experts' gate projections, ...), so a
+        layer's per-expert tensors and their stacked form are never in memory all at once."""
+        return {key: functools.partial(self.tensor, key, dtype) for key in self.where
                 if key.startswith(prefix) and not self._is_scale(key)}

@@ -294,17 +294,16 @@ class MoELayer:
         return n
 
     # ----------------------------------------------------------------- weights
-    def expert_weights(self) -> dict[str, torch.Tensor]:
-        """Canonical copies: gate [E,I,H], up [E,I,H], down [E,H,I]."""
+    def expert_weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Canonical gate [E,I,H], up [E,I,H], down [E,H,I]: copies, or (``copy=False``) read-only views of the
+        parameters (no memory; for a caller that only reads them before replacing the experts)."""
         gu, dn = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
         if self.family.layout == "gpt_oss":
-            return {
-                "gate": gu[..., 0::2].transpose(1, 2).clone(),
-                "up": gu[..., 1::2].transpose(1, 2).clone(),
-                "down": dn.transpose(1, 2).clone(),
-            }
-        i = gu.shape[1] // 2
-        return {"gate": gu[:, :i].clone(), "up": gu[:, i:].clone(), "down": dn.clone()}
+            out = {"gate": gu[..., 0::2].transpose(1, 2), "up": gu[..., 1::2].transpose(1, 2), "down": dn.transpose(1, 2)}
+        else:
+            i = gu.shape[1] // 2
+            out = {"gate": gu[:, :i], "up": gu[:, i:], "down": dn}
+        return {k: v.clone() for k, v in out.items()} if copy else out
 
     def expert_biases(self) -> dict[str, torch.Tensor] | None:
         """GPT-OSS only: gate [E,I], up [E,I], down [E,H]."""
@@ -383,16 +382,29 @@ class MoELayer:
         keep = [int(e) for e in keep]
         if len(set(keep)) != len(keep) or any(e < 0 or e >= self.num_experts for e in keep):
             raise MoekitError(f"layer {self.index}: expert indices {keep} are out of range 0..{self.num_experts - 1} or repeated")
+        if not keep:
+            raise MoekitError(f"layer {self.index}: zero experts would remain; keep at least top-k ({self.top_k}) experts")
+        if len(keep) < self.top_k:
+            raise MoekitError(f"layer {self.index}: top-k {self.top_k} is larger than the {len(keep)} experts kept; "
+                              "keep more experts or lower top-k")
+        if len(keep) % self.n_group:
+            raise MoekitError(f"layer {self.index}: {len(keep)} experts do not divide into n_group={self.n_group} "
+                              f"groups; keep a multiple of {self.n_group}")
         idx = torch.tensor(keep, dtype=torch.long)
-        w = self.expert_weights()
-        b = self.expert_biases()
-        self.replace_experts(
-            w["gate"][idx], w["up"][idx], w["down"][idx],
-            router_weight=self.router_weight.detach()[idx],
-            router_bias=None if self.router_bias is None else self.router_bias.detach()[idx],
-            correction_bias=None if self.correction_bias is None else self.correction_bias.detach()[idx],
-            biases=None if b is None else {k: v[idx] for k, v in b.items()},
+        ex = self.experts
+        # every per-expert tensor is indexed along its first (expert) dimension in its stored layout: the kept
+        # experts are the only new memory (no canonical copies of the whole layer on the way)
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            old = getattr(ex, name, None)
+            if old is not None:
+                setattr(ex, name, nn.Parameter(old.detach()[idx.to(old.device)], requires_grad=old.requires_grad))
+        ex.num_experts = len(keep)
+        self._write_router(
+            self.router_weight.detach()[idx],
+            None if self.router_bias is None else self.router_bias.detach()[idx],
+            None if self.correction_bias is None else self.correction_bias.detach()[idx],
         )
+        sync_config(self.model)
 
     def replace_experts(self, gate, up, down, router_weight, router_bias=None, correction_bias=None, biases=None) -> None:
         """Replace the routed experts (any new count) and the router rows that pick them."""

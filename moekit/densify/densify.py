@@ -101,7 +101,7 @@ def densify(model: nn.Module, cfg: DensifyConfig, *, stats: ExpertStats | None =
 def _dense_ffn(layer: arch.MoELayer, stats: ExpertStats, cfg: DensifyConfig, shared_c: float):
     e = layer.num_experts
     selected, scores = select_experts(stats, layer.index, cfg.score, cfg.keep, num_experts=e, seed=cfg.seed)
-    w = layer.expert_weights()
+    w = layer.expert_weights(copy=False)  # read only: the selected experts are indexed (copied) out of it
     if cfg.grouping == "merge":
         stats.require("rank_counts", what="merge grouping")
         counts = stats.get("rank_counts", layer.index).double().sum(1)

@@ -81,6 +81,7 @@ def densify_sequential(src: str | Path, cfg: DensifyConfig, out: str | Path, *, 
             mine = {k: t for k, t in targets.items() if k.startswith(prefix)}
             state = dense_state(src_state, mine, {layer.index: _pad(ffn, width)})
             layer.replacement = {k[len(prefix):]: v for k, v in state.items()}
+            del src_state, state, ffn  # the engine frees the layer once it is written: hold none of its tensors
         setattr(dense.config, DENSIFIED_KEY, {"from": arch.model_type(engine.model), "to": target, "keep": cfg.keep,
                                               "score": cfg.score, "grouping": cfg.grouping,
                                               "down_scaling": cfg.down_scaling, "layers": record})

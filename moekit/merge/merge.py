@@ -208,10 +208,13 @@ def neuron_importance(layer: arch.MoELayer, w: dict[str, torch.Tensor], freq: np
                       x: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per expert, per intermediate neuron: sum over routed calibration tokens of g * |h_j| times ||down_j||
     (with ``x``), else frequency times ||gate_j|| ||up_j|| ||down_j||."""
-    down_norm = w["down"].float().norm(dim=1)  # [E, I]
+    def norm(t, dim):  # in float32 without a float32 copy of the whole tensor
+        return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
+
+    down_norm = norm(w["down"], 1)  # [E, I]
     if x is None:
         f = torch.as_tensor(freq, dtype=torch.float32)
-        return list(f[:, None] * w["gate"].float().norm(dim=2) * w["up"].float().norm(dim=2) * down_norm)
+        return list(f[:, None] * norm(w["gate"], 2) * norm(w["up"], 2) * down_norm)
     _, weights, idx = layer.route(x)
     out = []
     with torch.no_grad():
@@ -224,15 +227,18 @@ def neuron_importance(layer: arch.MoELayer, w: dict[str, torch.Tensor], freq: np
 
 def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarray, cfg: MergeConfig,
                    x: torch.Tensor | None = None) -> list[Cluster]:
-    """The clusters' bases and initial coefficients (``x``: calibration inputs, for the ``select`` rule)."""
-    w = layer.expert_weights()
+    """The clusters' bases and initial coefficients (``x``: calibration inputs, for the ``select`` rule).
+
+    Bases are kept in the layer's dtype (the merge upcasts one cluster at a time): a single-member cluster's basis
+    is a view of the layer's own weights, a multi-member one a copy of its members (float32 only for ``svd``)."""
+    w = layer.expert_weights(copy=False)
     b = layer.expert_biases()
     importance = neuron_importance(layer, w, freq, x) if cfg.rule == "select" else None
     out = []
     for members in groups:
         experts = []
         for e in members:
-            one = {p: w[p][e].float() for p in PROJ}
+            one = {p: w[p][e] for p in PROJ}
             if b is not None:
                 one.update({f"{p}_b": b[p][e].float() for p in PROJ})
             experts.append(one)
@@ -241,11 +247,14 @@ def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarr
         if cfg.align and len(members) > 1 and cfg.rule != "select":
             dom = int(torch.argmax(ratios))
             experts = [x if i == dom else permute_expert(x, align_to(experts[dom], x)) for i, x in enumerate(experts)]
-        bases = {k: torch.stack([x[k] for x in experts]) for k in experts[0]}
+        if len(members) == 1:
+            bases = {k: v.unsqueeze(0) for k, v in experts[0].items()}
+        else:
+            bases = {k: torch.stack([x[k] for x in experts]) for k in experts[0]}
         alpha0 = ratios.repeat(3, 1)
         if cfg.rule == "svd" and len(members) > 1:
             for p in PROJ:
-                bases[p] = svd_bases(bases[p], cfg.rank)
+                bases[p] = svd_bases(bases[p].float(), cfg.rank)
         elif cfg.rule == "select" and len(members) > 1:
             bases = select_bases(experts, [importance[e] for e in members], ratios)
             alpha0 = torch.ones(3, len(members))
@@ -366,12 +375,14 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
     options = [cfg.router] if cfg.router != "auto" else (["dominant", "average", "fitted"] if x_tr is not None
                                                          else ["average"])
     candidates = {how: router_rows(layer, groups, freq, how, x_tr) for how in options}
-    w, b = assemble(clusters)
+    w, b = assemble(clusters, dtype=layer.experts.down_proj.dtype)
     first = candidates[options[0]]
-    layer.replace_experts(w["gate"], w["up"], w["down"], first[0], first[1], cb, b)
-    if x_tr is None:
+    if x_tr is None:  # nothing to fit: the bases (copies of the merged members) go before the layer is rebuilt
+        del clusters
+        layer.replace_experts(w["gate"], w["up"], w["down"], first[0], first[1], cb, b)
         rec["router"] = {"choice": options[0]}
         return rec
+    layer.replace_experts(w["gate"], w["up"], w["down"], first[0], first[1], cb, b)
     layer.block.float()
     probe = BlockFit(layer, clusters, x_va, y_va)
     with torch.no_grad():
@@ -390,7 +401,7 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
         fit = fit_coefficients(train, val, rw, rb, cfg)
         rec.update(error_learned=fit["best"], curve={"train": fit["train"], "holdout": fit["holdout"]},
                    steps=fit["steps"], rejected_steps=fit["rejected_steps"])
-        w, b = assemble(clusters, fit["alphas"])
+        w, b = assemble(clusters, fit["alphas"], dtype=layer.experts.down_proj.dtype)
         rw = fit["router_weight"]
     layer.replace_experts(w["gate"], w["up"], w["down"], rw, rb, cb, b)
     layer.block.to(dtype)

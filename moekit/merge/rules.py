@@ -60,20 +60,42 @@ class Cluster:
     alpha0: torch.Tensor  # [3, n] initial coefficients, rows in PROJ order
 
     def merged(self, alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """sum_i a_i B_i per projection, in float32 (bases may be stored in the model's dtype: upcast here)."""
         a = self.alpha0 if alpha is None else alpha
         out = {}
         for p, row in zip(PROJ, a, strict=True):
-            out[p] = torch.einsum("n,n...->...", row.to(self.bases[p].dtype), self.bases[p])
-            if f"{p}_b" in self.bases:
-                out[f"{p}_b"] = torch.einsum("n,n...->...", row.to(self.bases[p].dtype), self.bases[f"{p}_b"])
+            for key in (p, f"{p}_b"):
+                if key in self.bases:
+                    base = self.bases[key]
+                    if len(base) == 1:  # one member: a_1 B_1 (no einsum over a copy of the whole basis)
+                        out[key] = row[0].float() * base[0].float()
+                    else:
+                        out[key] = torch.einsum("n,n...->...", row.float(), base.float())
         return out
 
 
-def assemble(clusters: list[Cluster], alphas: list[torch.Tensor] | None = None):
-    """Stacked merged weights: gate [E',I,H], up, down [E',H,I] and biases (or None)."""
-    merged = [c.merged(None if alphas is None else alphas[i]) for i, c in enumerate(clusters)]
-    w = {p: torch.stack([m[p] for m in merged]) for p in PROJ}
-    biases = {p: torch.stack([m[f"{p}_b"] for m in merged]) for p in PROJ} if "gate_b" in merged[0] else None
+def assemble(clusters: list[Cluster], alphas: list[torch.Tensor] | None = None, dtype: torch.dtype | None = None):
+    """Stacked merged weights: gate [E',I,H], up, down [E',H,I] and biases (or None).
+
+    With ``dtype`` (no gradient wanted) the result is written cluster by cluster into tensors of that dtype, so only
+    one cluster's float32 copy exists at a time; without it, stacked in float32 (differentiable)."""
+    if dtype is None:
+        merged = [c.merged(None if alphas is None else alphas[i]) for i, c in enumerate(clusters)]
+        w = {p: torch.stack([m[p] for m in merged]) for p in PROJ}
+        biases = {p: torch.stack([m[f"{p}_b"] for m in merged]) for p in PROJ} if "gate_b" in merged[0] else None
+        return w, biases
+    w = biases = None
+    with torch.no_grad():
+        for i, c in enumerate(clusters):
+            m = c.merged(None if alphas is None else alphas[i])
+            if w is None:
+                w = {p: m[p].new_empty((len(clusters), *m[p].shape), dtype=dtype) for p in PROJ}
+                if "gate_b" in m:
+                    biases = {p: m[f"{p}_b"].new_empty((len(clusters), *m[f"{p}_b"].shape)) for p in PROJ}
+            for p in PROJ:
+                w[p][i] = m[p]
+                if biases is not None:
+                    biases[p][i] = m[f"{p}_b"]
     return w, biases
 
 

@@ -93,6 +93,7 @@ class LayerSequential:
         from moekit.core.device import pick_device, pick_dtype
 
         self.path = local_checkpoint(path, purpose="the layer-sequential mode")
+        map_large_allocations()
         self.device = torch.device(pick_device(device))
         self.dtype = pick_dtype(dtype, self.device)
         self.model = skeleton(self.path)
@@ -194,9 +195,7 @@ class LayerSequential:
                         len(self.layers))
         for i, module in enumerate(tqdm(self.layers, desc=self.desc, disable=not self.progress)):
             prefix = f"{self.prefix}{i}."
-            stored = {prefix + k: v for k, v in self.reader.read(prefix, self.read_dtype).items()}
-            state = {k[len(prefix):]: v for k, v in to_model_names(self.model, stored).items()}
-            del stored
+            state = {k[len(prefix):]: v for k, v in to_model_names(self.model, self.reader.readers(prefix, self.read_dtype)).items()}
             materialise(module, state, self.device, self.dtype, f"layer {i}")
             del state
             layer = Layer(i, module, self.moe.get(i), self)
@@ -288,6 +287,25 @@ def materialise(module: torch.nn.Module, state: dict[str, torch.Tensor], device,
         raise MoekitError(f"checkpoint does not match the model at {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     module.load_state_dict(state, strict=True, assign=True)
     module.to(device=device, dtype=dtype)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more with its own memory mapping, returned to the system when
+    freed. glibc otherwise raises its threshold after the first large free (up to 32 MB): a layer's per-expert
+    tensors (3 MB each for Qwen3-30B-A3B) then come from the heap, and the heap does not shrink between layers."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also turns the dynamic adjustment off)
 
 
 def release_freed_memory() -> None:
