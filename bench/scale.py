@@ -217,7 +217,7 @@ def tables(args) -> None:
             "columns": ["command (--mode sequential)", *[f"N={n}: peak GiB" for n in ns], f"peak N={ns[-1]} / N={ns[0]}",
                         "peak / one layer", "exit 0, output checks"],
             "formats": ["", *[".2f"] * len(ns), ".3f", ".2f", ""], "rows": rows})
-    cap = [r for r in recs if r["experiment"] == "cap"]
+    cap = list({r["command"]: r for r in recs if r["experiment"] == "cap"}.values())  # the last run of each
     if cap:
         write_json(RESULTS / "tables" / "scale_cap.json", {
             "title": f"Under a hard memory cap ({args.cap_gib:g} GiB cgroup limit, {args.cap_layers} layers)",
