@@ -96,3 +96,29 @@ def test_ablate_cli(saved, capsys, tmp_path):
     assert d["ablated"]["experts"] == [[0, 1], [1, 3]] and len(d["random control"]["experts"]) == 2
     assert d["ablated"]["ppl_before"] == d["random control"]["ppl_before"]
     assert len(d["ablated"]["d_sink"]) == 2
+
+
+def test_ablate_layer_by_layer_equals_in_memory(saved, capsys, tmp_path):
+    """--mode sequential reads one decoder layer at a time: the same perplexities and sink decay as in memory."""
+    common = ["--data", str(saved / "data.txt"), "--max-tokens", "256", "--window", "64", "--device", "cpu",
+              "--experts", "0,1;1,3", "--dtype", "float32"]
+    got = {}
+    for mode in ("memory", "sequential"):
+        code, _, err = run(["ablate", str(saved / "moe"), *common, "--mode", mode, "--json", str(tmp_path / mode)], capsys)
+        assert code in (0, None), err
+        got[mode] = json.loads((tmp_path / mode).read_text())
+    for run_name in ("ablated", "random control"):
+        mem, seq = got["memory"][run_name], got["sequential"][run_name]
+        assert mem["experts"] == seq["experts"]
+        assert mem["ppl_after"] != mem["ppl_before"]  # the ablation changes something
+        for key in ("ppl_before", "ppl_after"):
+            assert seq[key] == pytest.approx(mem[key], rel=1e-4), (run_name, key)
+        assert seq["d_sink"] == pytest.approx(mem["d_sink"], abs=1e-4)
+    code, _, err = run(["ablate", str(saved / "moe"), *common[:-4], "--experts", "0,99", "--mode", "sequential"], capsys)
+    assert code == 2 and "no expert 99" in err and one_line(err)
+    other = tmp_path / "other.safetensors"
+    code, _, err = run(["profile", str(saved / "other"), "--data", str(saved / "data.txt"), "--out", str(other),
+                        "--n-seq", "2", "--seq-len", "32", "--device", "cpu"], capsys)
+    code, _, err = run(["ablate", str(saved / "moe"), *common[:-4], "--super-experts", "--stats", str(other),
+                        "--mode", "sequential"], capsys)
+    assert code == 2 and "another model" in err and one_line(err)

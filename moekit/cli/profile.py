@@ -100,41 +100,59 @@ def ablate(model: str = MODEL, data: str = DATA, field: str = FIELD,
            batch_size: int = option(ProfileConfig, "batch_size", "--batch-size", help="windows per forward pass"),
            seed: int = typer.Option(0, "--seed", help="seed of the random experts"),
            json_out: Path = typer.Option(None, "--json", help="also write the results to this JSON file"),
-           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
+           mode: str = MODE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
            device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
     """Skip experts where routed (no renormalisation); perplexity and attention-sink decay D_sink per layer."""
-    from moekit.profile.ablate import ablate as run_ablate
-    from moekit.profile.ablate import measure, parse_experts, random_experts
     from moekit.core.arch import require_moe
     from moekit.errors import MoekitError
     from moekit.eval.perplexity import windows
+    from moekit.profile import ablate as abl
+    from moekit.profile.profile import ProfileConfig
     from moekit.profile.stats import ExpertStats, super_experts
 
     if sum([experts is not None, super_experts_, random_n is not None]) != 1:
         raise MoekitError("choose exactly one of --experts 'L,E;...', --super-experts or --random N")
-    m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+    sequential = mode_for(model, mode, device, dtype, "ablate", device_map, max_memory, offload_folder) == "sequential"
+    if sequential:  # the model's structure on the meta device; each run reads the checkpoint layer by layer
+        from moekit.sequential.engine import LayerSequential
+
+        walk = LayerSequential(model, device=device, dtype=dtype)
+        walk.read_routers()  # what a statistics file's fingerprint is checked against
+        path, m, tok = walk.path, walk.model, tokenizer_of(model, trust_remote_code)
+        kw = dict(batch_size=batch_size, device=device, dtype=dtype)
+        measure = lambda chosen=None: abl.measure_sequential(path, toks, chosen, desc="ppl (intact)", **kw)  # noqa: E731
+        run_ablate = lambda chosen, base: abl.ablate_sequential(path, toks, chosen, baseline=base, **kw)  # noqa: E731
+    else:
+        m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+        measure = lambda: abl.measure(m, toks, batch_size=batch_size, desc="ppl (intact)")  # noqa: E731
+        run_ablate = lambda chosen, base: abl.ablate(m, toks, chosen, batch_size=batch_size, baseline=base)  # noqa: E731
     require_moe(m)
     toks = windows(tok, data, max_tokens=max_tokens, window=window, field=field)
     if experts is not None:
-        chosen = parse_experts(experts)
+        chosen = abl.parse_experts(experts)
     elif random_n is not None:
-        chosen, control = random_experts(m, random_n, seed=seed), False
+        chosen, control = abl.random_experts(m, random_n, seed=seed), False
     else:
         if stats_file is not None:
             st = ExpertStats.load(stats_file)
             st.check_model(m)
+        elif sequential:
+            from moekit.profile.stream import profile_stream
+
+            st = profile_stream(path, toks, ProfileConfig(batch_size=batch_size), device=device, dtype=dtype)
         else:
-            from moekit.profile.profile import ProfileConfig, profile
+            from moekit.profile.profile import profile
 
             st = profile(m, ProfileConfig(batch_size=batch_size), tokens=toks)
         chosen = super_experts(st, rule=rule)
         if not chosen:
             raise MoekitError(f"no super experts found by the '{rule}' rule; try --rule first75 or name --experts")
-    base = measure(m, toks, batch_size=batch_size, desc="ppl (intact)")
-    runs = {"ablated": run_ablate(m, toks, chosen, batch_size=batch_size, baseline=base)}
+    abl.check_experts(m, chosen)  # before any pass over the data
+    base = measure()
+    runs = {"ablated": run_ablate(chosen, base)}
     if control:
-        rnd = random_experts(m, len(chosen), seed=seed, exclude=chosen)
-        runs["random control"] = run_ablate(m, toks, rnd, batch_size=batch_size, baseline=base)
+        rnd = abl.random_experts(m, len(chosen), seed=seed, exclude=chosen)
+        runs["random control"] = run_ablate(rnd, base)
     print(f"perplexity intact {base[0]:.3f} over {toks.numel():,} tokens of {data}")
     for name, r in runs.items():
         d = ", ".join(f"{i}:{v:+.3f}" for i, v in enumerate(r.d_sink))

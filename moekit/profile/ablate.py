@@ -69,11 +69,11 @@ def ablated(model, experts: list[Pair]):
     for layer in require_moe(model):
         if layer.index not in by_layer:
             continue
-        dead = torch.tensor(by_layer[layer.index], device=layer.router_weight.device)
 
-        def hook(module, inputs, output, dead=dead):
+        # the experts as a list: the layer-sequential mode hooks a model whose weights are still on the meta device
+        def hook(module, inputs, output, dead=by_layer[layer.index]):
             logits, weights, indices = output[0], output[1], output[2]
-            keep = ~torch.isin(indices, dead.to(indices.device))
+            keep = ~torch.isin(indices, torch.tensor(dead, device=indices.device))
             return (logits, weights * keep.to(weights.dtype), indices, *output[3:])
 
         hooks.forward(layer.router, hook)
@@ -110,6 +110,28 @@ def measure(model, tokens: torch.Tensor, *, batch_size: int = 4, progress: bool 
     return ppl, acc.results()["attn_sink"].cpu()
 
 
+@torch.no_grad()
+def measure_sequential(path, tokens: torch.Tensor, experts: list[Pair] | None = None, *, batch_size: int = 4,
+                       progress: bool = True, device=None, dtype=None, desc: str = "perplexity") -> tuple[float, torch.Tensor]:
+    """:func:`measure` of the checkpoint at ``path``, one decoder layer in memory at a time (with ``experts``
+    skipped where routed)."""
+    from moekit.profile.profile import num_heads
+    from moekit.sequential.engine import LayerSequential
+
+    engine = LayerSequential(path, tokens, device=device, dtype=dtype, batch_size=batch_size, progress=progress,
+                             desc=f"{desc} (layer-sequential)", attention="eager")
+    require_moe(engine.model)
+    acc = ModelAccumulator(len(engine.layers), engine.device, attn_sink=True, num_heads=num_heads(engine.model.config))
+    with ExitStack() as stack:
+        if experts:
+            stack.enter_context(ablated(engine.model, experts))
+        for layer in engine:
+            with observe_model(engine.model, acc, offset=layer.index, layers=[layer.module]):
+                layer.forward()
+    nll, count = engine.nll(tokens)
+    return math.exp(nll / count), acc.results()["attn_sink"].cpu()
+
+
 def sink_decay(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """D_sink per layer: 1 - mean over heads of after / before."""
     return 1 - (after / before.clamp_min(1e-12)).mean(dim=-1)
@@ -123,6 +145,20 @@ def ablate(model, tokens: torch.Tensor, experts: list[Pair], *, batch_size: int 
                                                                   desc="ppl (intact)")
     with ablated(model, experts):
         ppl1, sink1 = measure(model, tokens, batch_size=batch_size, progress=progress, desc="ppl (ablated)")
+    return _result(experts, (ppl0, sink0), (ppl1, sink1))
+
+
+def ablate_sequential(path, tokens: torch.Tensor, experts: list[Pair], *, batch_size: int = 4, progress: bool = True,
+                      baseline: tuple[float, torch.Tensor] | None = None, device=None, dtype=None) -> AblationResult:
+    """:func:`ablate` of the checkpoint at ``path``, one decoder layer at a time (``baseline``: an earlier
+    :func:`measure_sequential`)."""
+    kw = dict(batch_size=batch_size, progress=progress, device=device, dtype=dtype)
+    before = baseline if baseline is not None else measure_sequential(path, tokens, desc="ppl (intact)", **kw)
+    return _result(experts, before, measure_sequential(path, tokens, experts, desc="ppl (ablated)", **kw))
+
+
+def _result(experts: list[Pair], before: tuple[float, torch.Tensor], after: tuple[float, torch.Tensor]) -> AblationResult:
+    (ppl0, sink0), (ppl1, sink1) = before, after
     d = sink_decay(sink0, sink1)
     return AblationResult(sorted(experts), ppl0, ppl1, sink0.tolist(), sink1.tolist(),
                           [0.0 if math.isnan(v) else float(v) for v in d.tolist()])
