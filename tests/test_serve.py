@@ -219,7 +219,8 @@ def test_the_old_qkv_form_breaks_in_vllm_and_serve_check_catches_it(tmp_path, sm
 def test_eval_through_vllm_scores_the_same_items_as_in_process(smollm2_moe, vllm_python, tmp_path, cli):
     """`moekit eval --backend vllm` (the harness's vLLM backend, in the vLLM environment) against the HF backend."""
     path, _, _ = smollm2_moe
-    args = ["eval", path, "--tasks", "arc_easy,openbookqa,social_iqa", "--data-dir", DATA / "dev", "--limit", "50"]
+    args = ["eval", path, "--tasks", "arc_easy,openbookqa,social_iqa", "--data-dir", DATA / "dev", "--limit", "50",
+            "--ppl-data", DATA / "dev" / "c4_valid_dev.jsonl", "--ppl-tokens", "1024", "--ppl-window", "512"]
     code, _, err = cli(*args, "--out", tmp_path / "hf.json")
     assert code == 0, err
     code, _, err = cli(*args, "--backend", "vllm", "--vllm-python", vllm_python, "--model-args",
@@ -227,6 +228,9 @@ def test_eval_through_vllm_scores_the_same_items_as_in_process(smollm2_moe, vllm
     assert code == 0, err
     hf, vl = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hf", "vllm"))
     assert vl["settings"]["backend"] == "vllm"
+    # beside vLLM, the perplexity is computed in this process one decoder layer at a time: the in-memory value
+    assert vl["perplexity"]["mode"] == "sequential" and vl["perplexity"]["tokens"] == hf["perplexity"]["tokens"] == 1024
+    assert vl["perplexity"]["value"] == pytest.approx(hf["perplexity"]["value"], rel=1e-4)
     for task, h in hf["tasks"].items():
         v = vl["tasks"][task]
         assert v["n"] == h["n"] == 50

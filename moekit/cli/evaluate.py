@@ -62,7 +62,8 @@ def eval_cmd(
                                      help="python of the vLLM environment (default: the one `moekit vllm-env` made)"),
     costs: bool = typer.Option(False, "--costs", help="also measure parameters, bytes, peak forward memory, prefill/decode speed"),
     baseline: str = typer.Option(None, "--baseline", help="original model: its costs are measured in the same run (ratios)"),
-    ppl_data: str = typer.Option(None, "--ppl-data", help="also perplexity on this text (e.g. ../shared/data/dev/c4_valid_dev.jsonl)"),
+    ppl_data: str = typer.Option(None, "--ppl-data", help="also perplexity on this text (e.g. ../shared/data/dev/c4_valid_dev.jsonl); "
+                                 "with --backend vllm computed in this process one decoder layer at a time"),
     ppl_tokens: int = option(EvalStep, "ppl_tokens", "--ppl-tokens", help="perplexity over the first N tokens"),
     ppl_window: int = option(EvalStep, "ppl_window", "--ppl-window", help="perplexity window length"),
     field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
@@ -90,8 +91,8 @@ def eval_cmd(
         from moekit.checkpoint.load import resolve
         from moekit.cli.common import engine_args
 
-        if costs or ppl_data:
-            raise MoekitError("--costs and --ppl-data need the model in process: use --backend hf for them")
+        if costs:
+            raise MoekitError("--costs needs the model in process: use --backend hf for it")
         margs = engine_args(model_args)
         if not torch.cuda.is_available():
             margs.setdefault("gpu_memory_utilization", 0.15)
@@ -102,6 +103,16 @@ def eval_cmd(
                                      data_files=files, dtype="float32" if dtype == "auto" and not torch.cuda.is_available()
                                      else dtype, trust_remote_code=trust_remote_code, model_args=margs,
                                      vllm_python=vllm_python)
+        if ppl_data:  # in this process, one decoder layer at a time: the model is served by vLLM, not loaded here
+            from moekit.cli.common import tokenizer_of
+            from moekit.eval.perplexity import perplexity_sequential, windows
+
+            toks = windows(tokenizer_of(str(path), trust_remote_code), ppl_data, max_tokens=ppl_tokens,
+                           window=ppl_window, field=field)
+            result["perplexity"] = {"value": perplexity_sequential(path, toks, batch_size=batch_size, device=device,
+                                                                   dtype=None if dtype == "auto" else dtype),
+                                    "data": ppl_data, "tokens": int(toks.numel()), "window": ppl_window,
+                                    "mode": "sequential"}
     else:
         from moekit.eval.harness import evaluate
 
