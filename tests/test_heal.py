@@ -193,3 +193,31 @@ def test_distill_reduces_kl(carved):
     cfg2 = HealConfig(router=False, lstsq=False, local_epochs=0, distill_steps=15, distill_lr=3e-3)
     second = heal_(moe, cfg2, tokens=toks, teacher=dense, progress=False)
     assert second["distill_kl"] < first["distill_kl"]
+
+
+def test_heal_layer_by_layer_equals_in_memory(carved, tmp_path):
+    """heal_sequential walks the MoE and its teacher one decoder layer each: the same per-layer errors and the same
+    healed weights as heal_ in memory (router, lstsq and local steps), written as a standard checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit import save_model
+    from moekit.carve.sequential import heal_sequential
+
+    dense, moe, toks = carved
+    save_model(moe, None, tmp_path / "moe", verify=False)
+    save_model(dense, None, tmp_path / "dense", verify=False)
+    cfg = HealConfig(local_epochs=2, local_batch=64, local_lr=1e-3)
+    healed = copy.deepcopy(moe)
+    want = heal_(healed, cfg, tokens=toks, teacher=dense, progress=False)
+    got = heal_sequential(tmp_path / "moe", tmp_path / "dense", cfg, tmp_path / "out", tokens=toks,
+                          dtype=torch.float32, progress=False)
+    assert set(got["layers"]) == set(want["layers"]) == {0, 1}
+    for i, rec in want["layers"].items():
+        for key in ("before", "router", "lstsq", "local"):
+            assert got["layers"][i][key] == pytest.approx(rec[key], rel=1e-4, abs=1e-6), (i, key)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for key, value in healed.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    with pytest.raises(MoekitError, match="with --mode memory"):
+        heal_sequential(tmp_path / "moe", tmp_path / "dense", HealConfig(distill_steps=2), tmp_path / "x", tokens=toks)
+    assert not (tmp_path / "x").exists()

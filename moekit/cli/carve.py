@@ -11,8 +11,8 @@ import typer
 from moekit.carve.carve import CarveConfig
 from moekit.carve.heal import HealConfig
 from moekit.cli import app
-from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODEL, OFFLOAD, OVERWRITE, TRUST,
-                               load, option)
+from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST,
+                               load, mode_for, option, tokenizer_of)
 
 OUT = typer.Option(..., "--out", help="output checkpoint directory (written atomically)")
 N_SEQ = typer.Option(16, "--n-seq", help="calibration sequences")
@@ -92,21 +92,35 @@ def heal_cmd(
     finetune: str = option(HealConfig, "finetune", "--finetune",
                            help="none, lora (r=8, alpha=32, merged back) or router"),
     finetune_steps: int = option(HealConfig, "finetune_steps", "--finetune-steps", help="fine-tuning steps"),
-    out: str = OUT, overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE,
+    out: str = OUT, overwrite: bool = OVERWRITE, mode: str = MODE, dtype: str = DTYPE, device: str = DEVICE,
     device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
 ):
     """Heal an MoE (carved, pruned or merged) toward a teacher, layer by layer, and save it."""
     from moekit.data import calibration_tokens
     from moekit.checkpoint.save import save_model
+    from moekit.errors import MoekitError
     from moekit.outputs import check_output_dir
     from moekit.carve.heal import heal_
 
     target = check_output_dir(out, overwrite)
+    hcfg = _heal_config(router, lstsq, local_epochs, distill_steps, finetune, finetune_steps, seed)
+    if mode_for(model, mode, device, dtype, "heal", device_map, max_memory, offload_folder) == "sequential":
+        from moekit.carve.sequential import heal_sequential
+
+        if data == "self":
+            raise MoekitError("the layer-sequential mode cannot sample 'self' text (that needs the whole model in "
+                              "memory): give a data file")
+        calib = calibration_tokens(data, tokenizer_of(model, trust_remote_code), n_seq=n_seq, seq_len=seq_len,
+                                   field=field, seed=seed)
+        report = heal_sequential(model, teacher, hcfg, target, tokens=calib, overwrite=overwrite, device=device,
+                                 dtype=dtype)
+        print(json.dumps({"heal_relative_error": _summary(report)}))
+        print(f"healed MoE written to {target}")
+        return
     moe, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     teach, _ = load(teacher, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     calib = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed, model=teach)
-    hcfg = _heal_config(router, lstsq, local_epochs, distill_steps, finetune, finetune_steps, seed)
     report = heal_(moe, hcfg, tokens=calib, teacher=teach)
     save_model(moe, tok, target, overwrite=overwrite)
     print(json.dumps({"heal_relative_error": _summary(report)}))
