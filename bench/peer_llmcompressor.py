@@ -8,7 +8,8 @@ on a DataLoader over exactly the token ids moekit calibrates on (16 x 512 from t
 default ``propagate_error=True`` (each layer is scored on what the already pruned layers before it compute) and once
 with ``propagate_error=False`` (every layer scored on the original model's activations). moekit, in process: one
 profile of those tokens (``moekit.profile.profile``) and ``prune_(PruneConfig(criterion="reap", ratio=r))`` per
-ratio; and, where this moekit has it, the error-propagating variant (``moekit.prune.sequential.prune_propagating``).
+ratio; and, where this moekit has it, the error-propagating variant (``moekit.prune.sequential.prune_propagating``);
+and merging to the same count of experts per layer (``merge_(MergeConfig(target=...))``, moekit merge's defaults).
 
 Every pruned model is scored by the same evaluator, moekit's perplexity (``moekit.eval.perplexity``) on the first
 16,384 tokens of the C4 dev file in 1024-token windows, in this process (fp32, CPU). llm-compressor's checkpoints are
@@ -108,6 +109,7 @@ def main(argv=None) -> None:
     from moekit.eval.perplexity import perplexity, windows
     from moekit.profile.profile import ProfileConfig, profile
     from moekit.profile.stats import ExpertStats, fingerprint, super_experts
+    from moekit.merge.merge import MergeConfig, merge_
     from moekit.prune.prune import PruneConfig, prune_
     from moekit.serve.envs import run_worker
     from moekit.serve.quantize import find_llmc_python
@@ -214,6 +216,23 @@ def main(argv=None) -> None:
             del pruned
         results.append(x)
 
+    # ---- moekit, merging to the same expert count instead of pruning (moekit merge's defaults: REAM grouping,
+    # the select rule, router rows chosen per layer on held-back calibration tokens)
+    for r in ratios:
+        label = f"moekit merge -{r:.0%}"
+        x = logged("moekit-merge", r)
+        if x is None:
+            merged = copy.deepcopy(model)
+            target = n_experts - round(r * n_experts)
+            start = time.perf_counter()
+            merge_(merged, MergeConfig(target=target), stats=stats, tokens=calib)
+            merge_s = time.perf_counter() - start
+            x = record({"method": "moekit merge (REAM + select)", "key": "moekit-merge", "ratio": r, "label": label,
+                        "experts": target, "seconds": profile_s + merge_s,
+                        "detail": {"profile_s": profile_s, "merge_s": merge_s}, **ppl(merged, label)})
+            del merged
+        results.append(x)
+
     with tempfile.TemporaryDirectory(prefix="peer-llmc-") as tmp:
         tmp = Path(tmp)
         # ---- moekit, error-propagating (if this moekit has it)
@@ -276,13 +295,17 @@ def main(argv=None) -> None:
         return next((x for x in results if x["key"] == key and x["ratio"] == r and "kept" in x), None)
 
     rows = [["unpruned", "0%", f"{n_experts}", f"{base_ppl:.2f}", "–", "–", "–"]]
-    order = {"moekit": 0, "moekit-prop": 1, "llmc": 2, "llmc-noprop": 3}
+    order = {"moekit": 0, "moekit-prop": 1, "moekit-merge": 2, "llmc": 3, "llmc-noprop": 4}
     for x in sorted(results, key=lambda x: (x["ratio"], order[x["key"]])):
         if "error" in x:
             rows.append([x["method"], f"-{x['ratio']:.0%}", "–", "–", "–", "–", "–"])
             continue
         ref_m, ref_l = find("moekit", x["ratio"]), find("llmc", x["ratio"])
         same_model = f" (the model of '{x['scored_as']}')" if x.get("scored_as") else ""
+        if not x.get("kept"):  # merged: no source expert is kept as it was
+            rows.append([x["method"], f"-{x['ratio']:.0%}", str(x["experts"]), f"{x['ppl']:.2f}",
+                         f"{x['seconds']:.1f}", "–", "–"])
+            continue
         rows.append([x["method"], f"-{x['ratio']:.0%}", per_layer(x["kept"]), f"{x['ppl']:.2f}{same_model}",
                      f"{x['seconds']:.1f}",
                      same_layers(x["kept"], ref_m and ref_m["kept"]), same_layers(x["kept"], ref_l and ref_l["kept"])])
@@ -297,7 +320,7 @@ def main(argv=None) -> None:
     llmc_versions = next((x["detail"]["versions"] for x in results if x["key"].startswith("llmc")), {})
     resumed = sorted({x["label"] for x in done.values()})
     write_json(out / "tables" / "peer_llmcompressor.json", {
-        "title": "The peer: llm-compressor's REAPPruningModifier vs moekit's REAP pruning, one evaluator",
+        "title": "The peer: llm-compressor's REAPPruningModifier vs moekit's REAP pruning and merging, one evaluator",
         "command": "python bench/peer_llmcompressor.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": f"{args.model} ({src.name}: Qwen2-MoE, {model.config.num_hidden_layers} layers, {n_experts} routed "
                  f"experts, top-{model.config.num_experts_per_tok}, a shared expert); the same count of experts "
@@ -317,6 +340,10 @@ def main(argv=None) -> None:
                   "shared by both ratios) + prune_; the propagating moekit row adds prune_propagating (the profile "
                   "gives it the super experts), which reads the checkpoint layer by layer and writes the pruned one. "
                   "Loading the model is excluded on both sides.",
+                  "moekit merge: the same count of experts per layer as pruning leaves, made by merging (REAM "
+                  "grouping around the REAP-salient experts, the select rule, router rows chosen per layer on "
+                  "held-back calibration tokens: moekit merge's defaults), from the same profile; seconds: the "
+                  "profile + merge_.",
                   "moekit keeps super experts by default (arXiv 2507.23279); here: "
                   f"{[list(s) for s in supers] or 'none'}.",
                   "every pruned model is checked tensor by tensor against the source with its kept experts "
