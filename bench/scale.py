@@ -256,6 +256,8 @@ def main() -> None:
                     help="checkpoints (tens of GB; deleted as the run goes)")
     ap.add_argument("--log", default=str(RESULTS / "scale.jsonl"), help="JSON-lines log of every command run")
     ap.add_argument("--tables-only", action="store_true", help="rebuild the tables from the log")
+    ap.add_argument("--commands", nargs="+", default=None, choices=["profile", "prune", "merge", "route", "densify", "ppl"],
+                    help="run only these commands of each chain (the tables keep the last run of each)")
     args = parse(ap)
     args.log = Path(args.log)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -269,11 +271,12 @@ def main() -> None:
             if "depth" in args.only:
                 args.current_layers = n
                 src = synthetic(args.work / f"qwen3-30b-a3b-{n}L", n)
-                chain(args, src, args.work / "out", "depth")
+                chain(args, src, args.work / "out", "depth", only=args.commands)
         if "fp8" in args.only:
             args.current_layers = min(args.layers)
             src = synthetic(args.work / f"qwen3-30b-a3b-{min(args.layers)}L-fp8", min(args.layers), fp8=True)
-            chain(args, src, args.work / "out", "fp8", only=("profile", "prune", "ppl"))
+            chain(args, src, args.work / "out", "fp8", only=tuple(c for c in ("profile", "prune", "ppl")
+                                                                 if not args.commands or c in args.commands))
             shutil.rmtree(src)
         for n in sorted(args.layers):
             shutil.rmtree(args.work / f"qwen3-30b-a3b-{n}L", ignore_errors=True)
@@ -281,7 +284,7 @@ def main() -> None:
             make_cgroup(args.cap_gib)
             args.current_layers = args.cap_layers
             src = synthetic(args.work / f"qwen3-30b-a3b-{args.cap_layers}L", args.cap_layers)
-            chain(args, src, args.work / "out", "cap", cap=True)
+            chain(args, src, args.work / "out", "cap", only=args.commands, cap=True)
             shutil.rmtree(src)
     tables(args)
 

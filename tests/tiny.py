@@ -55,6 +55,7 @@ TINY = dict(
     mamba_d_state=8, mamba_dt_rank=8, mamba_expand=2, use_mamba_kernels=False, mamba_n_heads=4, mamba_d_head=16,
     mamba_n_groups=1, mamba_chunk_size=8, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
     expert_layer_offset=0, num_dense_layers=0, sliding_window=16, use_cache=True, tie_word_embeddings=False,
+    moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0,  # ERNIE-4.5's names
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type")
@@ -93,7 +94,7 @@ def tiny_model(family: str, seed: int = 0, **over):
     # random init of routers/experts is tiny-valued in some families; make routing decisive and outputs visible
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not name.endswith("e_score_correction_bias"):  # ERNIE-4.5's is a [1, E] parameter
                 p.normal_(0, 0.2)
             elif "bias" in name:
                 p.normal_(0, 0.05)

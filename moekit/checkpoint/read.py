@@ -175,7 +175,8 @@ def resize_empty(layer: arch.MoELayer, n: int) -> None:
     if owner is not None:
         module, name = owner
         old = getattr(module, name)
-        new = torch.empty(n, device="meta", dtype=old.dtype)
+        # the experts are on the last dim; leading dims stay (ERNIE-4.5's [1, E])
+        new = torch.empty((*old.shape[:-1], n), device="meta", dtype=old.dtype)
         setattr(module, name, torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new)
     layer.router.num_experts = n
 

@@ -42,6 +42,9 @@ class Family:
     dense_model_type: str | None = None  # the dense family an MoE of this kind densifies into
     dense_model_type_unbiased: str | None = None  # ... when its attention biases are absent or all zero
     norm_topk_default: bool = True
+    # dotted path from the block to a selection bias that is not on the router or block under one of
+    # SELECTION_BIAS_NAMES (ERNIE-4.5: "gate.moe_statics.e_score_correction_bias", shaped [1, E])
+    selection_bias_attr: str | None = None
 
 
 def _family(name: str, **kw) -> Family:
@@ -90,6 +93,13 @@ MOE_FAMILIES: dict[str, Family] = {
     "deepseek_v2": _family("deepseek_v2", num_experts_key="n_routed_experts", shared_attr="shared_experts"),
     "hunyuan_v1_moe": _family("hunyuan_v1_moe", router_attr="gate.wg", expert_size_key="intermediate_size",
                               top_k_key="moe_topk", shared_attr="shared_mlp"),
+    # ERNIE-4.5: softmax probabilities plus a selection bias choose the top-k (the weights are the probabilities,
+    # renormalised); the bias sits on a submodule of the router, ``gate.moe_statics.e_score_correction_bias``, shaped
+    # [1, E] (experts on its last dim). Config keys moe_num_experts / moe_k (num_experts / num_experts_per_tok are
+    # aliases). Dense MLP layers outside moe_layer_start_index..end_index are skipped like every dense layer.
+    "ernie4_5_moe": _family("ernie4_5_moe", num_experts_key="moe_num_experts", top_k_key="moe_k",
+                            shared_attr="shared_experts",
+                            selection_bias_attr="gate.moe_statics.e_score_correction_bias"),
     # -- sigmoid scores, a selection bias, shared experts (the DeepSeek-V3 line)
     "deepseek_v3": _family("deepseek_v3", **_DEEPSEEK_LIKE, dense_model_type="deepseek_v3"),
     "deepseek_v32": _family("deepseek_v32", **_DEEPSEEK_LIKE),
@@ -120,7 +130,6 @@ MOE_FAMILIES: dict[str, Family] = {
 NOT_SUPPORTED = {
     "inkling2_text": "a saved tiny model does not reload in this transformers (negative size at load; not yet understood)",
     "afmoe": "its router returns (scores, indices) without the logits, and its bias lives on the block",
-    "ernie4_5_moe": "its selection bias lives in gate.moe_statics, shaped [1, E]",
     "longcat_flash": "its router also scores zero (identity) experts that have no weights",
     "zaya": "its router is a small MLP with an extra class beyond the experts",
     "inkling_text": "its router scores more classes than it has experts",
@@ -227,7 +236,15 @@ class MoELayer:
     @property
     def selection_bias_owner(self) -> tuple[nn.Module, str] | None:
         """Where the bias added to scores for selection only lives: DeepSeek-V3's ``e_score_correction_bias`` on the
-        router, MiniMax-M2's on the block, LFM2's ``expert_bias`` on the block; None when the family has none."""
+        router, MiniMax-M2's on the block, LFM2's ``expert_bias`` on the block, where the family record says
+        (:attr:`Family.selection_bias_attr`, ERNIE-4.5's ``gate.moe_statics``); None when the family has none.
+        The tensor holds the experts on its last dim (1-D, or ERNIE's [1, E])."""
+        if self.family.selection_bias_attr:
+            *path, name = self.family.selection_bias_attr.split(".")
+            module = self.block
+            for attr in path:
+                module = getattr(module, attr)
+            return module, name
         for module in (self.router, self.block):
             for name in SELECTION_BIAS_NAMES:
                 t = getattr(module, name, None)
@@ -237,9 +254,12 @@ class MoELayer:
 
     @property
     def correction_bias(self) -> torch.Tensor | None:
-        """The selection bias (see :attr:`selection_bias_owner`), or None."""
+        """The selection bias [E] (see :attr:`selection_bias_owner`), or None; ERNIE-4.5's [1, E] is viewed as [E]."""
         owner = self.selection_bias_owner
-        return None if owner is None else getattr(*owner)
+        if owner is None:
+            return None
+        t = getattr(*owner)
+        return t if t.dim() == 1 else t.reshape(-1)
 
     @property
     def norm_topk_prob(self) -> bool:
@@ -276,10 +296,13 @@ class MoELayer:
         return self.num_experts
 
     def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """[T, E] scores whose order is the router's choice order (DeepSeek-V3 adds its correction bias)."""
+        """[T, E] scores whose order is the router's choice order (DeepSeek-V3 adds its correction bias to the sigmoid
+        scores, ERNIE-4.5 to the softmax probabilities)."""
+        cb = self.correction_bias
         if self.family.scoring == "sigmoid":
-            cb = self.correction_bias
             return logits.float().sigmoid() + (0 if cb is None else cb.float())
+        if cb is not None:  # a softmax router with a selection bias (ERNIE-4.5)
+            return torch.softmax(logits.float(), dim=-1) + cb.float()
         return logits.float()
 
     @property
@@ -348,7 +371,8 @@ class MoELayer:
             module, name = owner
             old = getattr(module, name)
             cb = correction_bias if correction_bias is not None else torch.zeros(weight.shape[0])
-            cb = cb.to(device=ref.device, dtype=old.dtype).contiguous()
+            # the owner's leading dims stay (ERNIE-4.5's [1, E] -> [1, E']); the experts are on the last dim
+            cb = cb.to(device=ref.device, dtype=old.dtype).reshape(*old.shape[:-1], -1).contiguous()
             setattr(module, name, nn.Parameter(cb, requires_grad=False) if isinstance(old, nn.Parameter) else cb)
         self.router.num_experts = int(weight.shape[0])
 
@@ -658,7 +682,8 @@ def family_table() -> list[dict]:
             "architecture": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name, "?"),
             "block": f"{f.block_attr}.{f.router_attr}",
             "routing": {"softmax": "softmax", "sigmoid": "sigmoid + selection bias",
-                        "topk_softmax": "top-k, then softmax"}[f.scoring],
+                        "topk_softmax": "top-k, then softmax"}[f.scoring]
+                       + (" + selection bias" if f.selection_bias_attr and f.scoring == "softmax" else ""),  # ERNIE
             "shared experts": shared,
             "prune / merge / route": "yes",
             "densify into": f.dense_model_type_unbiased and f"{f.dense_model_type} / {f.dense_model_type_unbiased}"

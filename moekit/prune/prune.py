@@ -385,8 +385,9 @@ def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
     idx = torch.tensor(kept, dtype=torch.long)
     r = layer.router_linear
     owners = [(r, "weight"), (r, "bias")] + ([layer.selection_bias_owner] if layer.selection_bias_owner else [])
+    # the router weight [E, H] holds the experts on dim 0, the biases on their last ([E]; ERNIE-4.5's [1, E])
     rows = {
-        (m, n): getattr(m, n).detach().index_select(0, idx)
+        (m, n): getattr(m, n).detach().index_select(0 if (m, n) == (r, "weight") else -1, idx)
         for m, n in owners
         if getattr(m, n, None) is not None and not getattr(m, n).is_meta
     }

@@ -110,8 +110,9 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
     for layer in arch.require_moe(model):
         r = layer.router_linear
         owner = layer.selection_bias_owner
-        if owner is not None and owner[0] is layer.block:
-            raise MoekitError(f"'{src}' ({arch.model_type(config)}) keeps its selection bias on the MoE block, which "
+        if owner is not None and owner[0] is not r:  # only the router's own tensors are rewritten (experts on dim 0)
+            where = "on the MoE block" if owner[0] is layer.block else f"in {layer.family.selection_bias_attr}"
+            raise MoekitError(f"'{src}' ({arch.model_type(config)}) keeps its selection bias {where}, which "
                               "shard-wise pruning does not rewrite; prune it in memory (drop --shardwise)")
         for name, t in routers.get(layer.index, {}).items():
             if name == "e_score_correction_bias":
