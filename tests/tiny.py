@@ -56,6 +56,7 @@ TINY = dict(
     mamba_n_groups=1, mamba_chunk_size=8, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
     expert_layer_offset=0, num_dense_layers=0, sliding_window=16, use_cache=True, tie_word_embeddings=False,
     moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0,  # ERNIE-4.5's names
+    route_scale=2.5,  # AFMoE's scale on its renormalised top-k weights (not 1, so that it is exercised)
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type")

@@ -45,6 +45,8 @@ class Family:
     # dotted path from the block to a selection bias that is not on the router or block under one of
     # SELECTION_BIAS_NAMES (ERNIE-4.5: "gate.moe_statics.e_score_correction_bias", shaped [1, E])
     selection_bias_attr: str | None = None
+    # the router's forward unpacks [B, T, H] (AFMoE): tokens [T, H] go in as [1, T, H] (:meth:`MoELayer.router_input`)
+    router_input_3d: bool = False
 
 
 def _family(name: str, **kw) -> Family:
@@ -124,12 +126,18 @@ MOE_FAMILIES: dict[str, Family] = {
     "minimax_m2": _family("minimax_m2", num_experts_key="num_local_experts", expert_size_key="intermediate_size",
                           scoring="sigmoid"),
     "lfm2_moe": _family("lfm2_moe", block_attr="feed_forward", scoring="sigmoid"),
+    # AFMoE (Arcee Trinity): the router module ``router`` holds its linear at ``router.gate``; sigmoid scores plus the
+    # block's ``expert_bias`` (passed to the router's forward, like LFM2) choose the top-k, whose sigmoid scores are
+    # renormalised and multiplied by ``route_scale`` (:attr:`MoELayer.routed_scaling_factor`); shared experts. Its
+    # router's forward unpacks [B, T, H] (router_input_3d); its outputs are (logits, weights, indices) like Qwen3-MoE's.
+    # The first num_dense_layers layers are dense and skipped like every dense layer.
+    "afmoe": _family("afmoe", router_attr="router.gate", scoring="sigmoid", shared_attr="shared_experts",
+                     router_input_3d=True),
 }
 
 # MoE families of transformers moekit does not handle yet, and why (what its view would have to learn first).
 NOT_SUPPORTED = {
     "inkling2_text": "a saved tiny model does not reload in this transformers (negative size at load; not yet understood)",
-    "afmoe": "its router returns (scores, indices) without the logits, and its bias lives on the block",
     "longcat_flash": "its router also scores zero (identity) experts that have no weights",
     "zaya": "its router is a small MLP with an extra class beyond the experts",
     "inkling_text": "its router scores more classes than it has experts",
@@ -267,7 +275,10 @@ class MoELayer:
 
     @property
     def routed_scaling_factor(self) -> float:
-        return float(getattr(self.router, "routed_scaling_factor", 1.0) or 1.0)
+        """The constant the router multiplies its (renormalised) top-k weights by: DeepSeek-V3's
+        ``routed_scaling_factor``, AFMoE's ``route_scale``; 1 elsewhere."""
+        r = self.router
+        return float(getattr(r, "routed_scaling_factor", None) or getattr(r, "route_scale", None) or 1.0)
 
     @property
     def n_group(self) -> int:
@@ -468,10 +479,15 @@ class MoELayer:
         owner = self.selection_bias_owner
         return (getattr(*owner),) if owner is not None and owner[0] is self.block else ()
 
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens as the router's forward takes them: as given, or [T, H] as [1, T, H] where the router unpacks
+        [B, T, H] (AFMoE, :attr:`Family.router_input_3d`); every router returns flat [T, ...] outputs either way."""
+        return x.unsqueeze(0) if self.family.router_input_3d and x.dim() == 2 else x
+
     @torch.no_grad()
     def route(self, x: torch.Tensor):
         """The router's own forward on tokens [T, H] -> (logits [T,E], weights [T,k], indices [T,k])."""
-        return self.router(x, *self.router_extra_args())
+        return self.router(self.router_input(x), *self.router_extra_args())
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Router probability of every expert [T, E] (softmax over all; sigmoid scores for DeepSeek-V3)."""

@@ -142,7 +142,7 @@ def router_at(layer: arch.MoELayer, big_k: int, hidden_states):
     router = layer.router
     slots, router.top_k = router.top_k, big_k
     try:
-        return type(router).forward(router, hidden_states, *layer.router_extra_args())
+        return type(router).forward(router, layer.router_input(hidden_states), *layer.router_extra_args())
     finally:
         router.top_k = slots
 
