@@ -71,7 +71,9 @@ def test_profiling_sees_every_moe_layer(family, models):
     assert stats.layers == [layer.index for layer in arch.moe_layers(model)]
     for layer in arch.moe_layers(model):
         counts = stats.get("rank_counts", layer.index)
-        assert counts.shape[0] == layer.num_experts and counts.sum() == 2 * 16 * layer.top_k
+        slots = 2 * 16 * layer.top_k  # slots routed to zero experts (LongCat-Flash) are no expert's
+        assert counts.shape[0] == layer.num_experts
+        assert counts.sum() == slots if not layer.num_zero_experts else 0 < counts.sum() < slots
 
 
 @FAMILIES
@@ -109,8 +111,9 @@ def test_merging_and_rerouting_reload_with_identical_logits(family, models, tmp_
     merge_(merged, MergeConfig(target=6), stats=stats, tokens=calib)
     assert all(layer.num_experts == 6 for layer in arch.moe_layers(merged))
     routed = copy.deepcopy(models(family))
-    route_(routed, RouteConfig(top_k=1), stats=stats, tokens=calib)
-    assert all(layer.top_k == 1 for layer in arch.moe_layers(routed))
+    k = arch.MOE_FAMILIES[family].min_top_k  # 1, or the fewest the family's experts run with (LongCat-Flash: 2)
+    route_(routed, RouteConfig(top_k=k), stats=stats, tokens=calib)
+    assert all(layer.top_k == k for layer in arch.moe_layers(routed))
     for name, model in (("merged", merged), ("routed", routed)):
         save_model(model, None, tmp_path / name)
         reloaded, _ = load_model(str(tmp_path / name), with_tokenizer=False)
@@ -122,9 +125,50 @@ def test_an_unhandled_moe_family_is_refused_by_name_with_its_reason(char_tokeniz
 
     from moekit.errors import MoekitError
 
-    config = AutoConfig.for_model("longcat_flash")
-    with pytest.raises(MoekitError, match="'longcat_flash' is an MoE family moekit does not handle yet: its router also scores zero"):
+    config = AutoConfig.for_model("jetmoe")
+    with pytest.raises(MoekitError, match="'jetmoe' is an MoE family moekit does not handle yet: its experts are unfused"):
         arch.check_supported(config)
+
+
+def test_longcat_zero_experts_keep_their_router_rows_and_identity_output_after_pruning(models):
+    """LongCat-Flash's router also scores zero (identity) experts, rows [E, E+Z): pruning and merging act on the real
+    experts only; the zero experts' router rows and selection bias stay unchanged at the end, and a token routed to
+    one still gets its input times the weight."""
+    from moekit.errors import MoekitError
+
+    model = copy.deepcopy(models("longcat_flash"))
+    layer = arch.moe_layers(model)[0]
+    e, z = layer.num_experts, layer.num_zero_experts
+    assert (e, z) == (8, 2) and layer.router_weight.shape[0] == e and layer.router_linear.weight.shape[0] == e + z
+    zero_rows = layer.router_linear.weight.detach()[e:].clone()
+    zero_bias = layer.correction_bias.detach()[e:].clone()
+    x = torch.randn(64, layer.hidden_size)
+    logits_before, _, _ = layer.route(x)
+    for each in arch.moe_layers(model):
+        each.keep_experts([6, 1, 4, 3])
+    assert layer.num_experts == 4 and model.config.n_routed_experts == 4 and model.config.zero_expert_num == 2
+    assert layer.router_linear.weight.shape[0] == 6 and layer.experts.gate_up_proj.shape[0] == 6
+    assert layer.router.n_routed_experts == 6 and layer.experts.total_experts == 6
+    torch.testing.assert_close(layer.router_linear.weight.detach()[4:], zero_rows, atol=0, rtol=0)
+    torch.testing.assert_close(layer.correction_bias.detach()[4:], zero_bias, atol=0, rtol=0)
+    logits, weights, indices = layer.route(x)
+    # the zero experts' logits are the same; the kept experts' are the old ones, in keep order
+    torch.testing.assert_close(logits, logits_before[:, [6, 1, 4, 3, 8, 9]], atol=1e-6, rtol=1e-6)
+    to_zero = indices >= 4
+    assert bool(to_zero.any()) and bool((~to_zero).any())
+    with torch.no_grad():
+        out = layer.combine(x, weights, indices)  # the experts module's own forward
+        identity = layer.zero_expert_output(x, indices, weights)
+    torch.testing.assert_close(identity, x * (weights * to_zero).sum(-1, keepdim=True))
+    rows = torch.zeros_like(out)  # the kept real experts' part, expert by expert
+    with torch.no_grad():
+        for t in range(len(x)):
+            for i, w in zip(indices[t].tolist(), weights[t], strict=True):
+                if i < 4:
+                    rows[t] += (layer.expert_forward(i, x[t:t + 1]) * w)[0]
+    torch.testing.assert_close(out, rows + identity, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MoekitError, match="below 2"):
+        layer.set_top_k(1)  # its experts' forward fails on a single slot
 
 
 def test_the_families_table_lists_every_supported_family(cli):

@@ -69,9 +69,9 @@ def masked_routers(model, pruned: dict[int, list[int]]):
     real_linear = torch.nn.functional.linear
     masks, saved = {}, {}
     for layer in arch.moe_layers(model):
-        m = torch.zeros(layer.num_experts)
+        m = torch.zeros(layer.router_linear.weight.shape[0])  # zero experts' rows (LongCat-Flash) are never masked
         m[pruned.get(layer.index, [])] = float("-inf")
-        masks[layer.router_weight.data_ptr()] = m
+        masks[layer.router_linear.weight.data_ptr()] = m
         owner = layer.selection_bias_owner
         if owner is not None:
             old = getattr(*owner)

@@ -66,6 +66,11 @@ HYBRID = {  # hybrid families: one layer of each kind
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
 }
+# families whose size keys have their own names (LongCat-Flash: num_layers decoder layers of two sublayers each; two
+# zero (identity) experts beside the eight real ones, so that tokens are routed to them)
+OWN_KEYS = {
+    "longcat_flash": dict(num_layers=2, moe_topk=3, zero_expert_num=2, ffn_hidden_size=64, expert_ffn_hidden_size=16),
+}
 
 
 def generic_tiny_config(family: str, **over):
@@ -82,6 +87,7 @@ def generic_tiny_config(family: str, **over):
             kinds = list(dict.fromkeys(value))
             kw[key] = (kinds + value)[:n] if len(kinds) <= n else value[:n]
     kw.update(HYBRID.get(family, {}))
+    kw.update(OWN_KEYS.get(family, {}))
     kw.update(over)
     return AutoConfig.for_model(family, **kw)
 

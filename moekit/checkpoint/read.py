@@ -163,22 +163,23 @@ def read_non_uniform(path: Path, config, dtype, device_map=None, max_memory=None
 
 def resize_empty(layer: arch.MoELayer, n: int) -> None:
     ex, r = layer.experts, layer.router_linear
+    e, z = layer.num_experts, layer.num_zero_experts  # zero experts (LongCat-Flash): Z more router rows, gate_up rows
     for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
         t = getattr(ex, name, None)
         if t is not None:
-            setattr(ex, name, torch.nn.Parameter(torch.empty((n, *t.shape[1:]), device="meta", dtype=t.dtype)))
-    ex.num_experts = n
-    r.weight = torch.nn.Parameter(torch.empty((n, r.weight.shape[1]), device="meta", dtype=r.weight.dtype))
+            rows = n + (t.shape[0] - e if z else 0)
+            setattr(ex, name, torch.nn.Parameter(torch.empty((rows, *t.shape[1:]), device="meta", dtype=t.dtype)))
+    r.weight = torch.nn.Parameter(torch.empty((n + z, r.weight.shape[1]), device="meta", dtype=r.weight.dtype))
     if getattr(r, "bias", None) is not None:
-        r.bias = torch.nn.Parameter(torch.empty(n, device="meta", dtype=r.bias.dtype))
+        r.bias = torch.nn.Parameter(torch.empty(n + z, device="meta", dtype=r.bias.dtype))
     owner = layer.selection_bias_owner
     if owner is not None:
         module, name = owner
         old = getattr(module, name)
         # the experts are on the last dim; leading dims stay (ERNIE-4.5's [1, E])
-        new = torch.empty((*old.shape[:-1], n), device="meta", dtype=old.dtype)
+        new = torch.empty((*old.shape[:-1], n + z), device="meta", dtype=old.dtype)
         setattr(module, name, torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new)
-    layer.router.num_experts = n
+    layer._set_counts(n)
 
 
 def restore_moekit_state(model) -> None:

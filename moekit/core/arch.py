@@ -47,6 +47,13 @@ class Family:
     selection_bias_attr: str | None = None
     # the router's forward unpacks [B, T, H] (AFMoE): tokens [T, H] go in as [1, T, H] (:meth:`MoELayer.router_input`)
     router_input_3d: bool = False
+    # attribute of the experts module counting zero-computation ("null") experts the router also scores (LongCat-Flash:
+    # ``zero_expert_num``, identity experts). Their router rows sit after the real experts' and are kept untouched;
+    # the view's experts are the real ones only (see :attr:`MoELayer.num_zero_experts`)
+    zero_experts_attr: str | None = None
+    # the fewest experts per token the experts' forward runs with (LongCat-Flash's fails on one: it squeezes the
+    # slot dim of its [k, T] mask, transformers 5.24); set_top_k and route refuse fewer, combine() pads
+    min_top_k: int = 1
 
 
 def _family(name: str, **kw) -> Family:
@@ -133,12 +140,24 @@ MOE_FAMILIES: dict[str, Family] = {
     # The first num_dense_layers layers are dense and skipped like every dense layer.
     "afmoe": _family("afmoe", router_attr="router.gate", scoring="sigmoid", shared_attr="shared_experts",
                      router_input_3d=True),
+    # LongCat-Flash: each decoder layer holds two attention + dense-MLP sublayers and one "shortcut" MoE block ``mlp``
+    # (the view sees that block; the dense ``mlps`` stay as they are). Its router ``router`` (linear at
+    # ``router.classifier``) scores n_routed_experts real experts plus ``zero_expert_num`` zero-computation experts
+    # (identity: a token routed there adds its input times the weight), rows [E, E+Z); softmax over all E+Z plus the
+    # router's ``e_score_correction_bias`` [E+Z] choose the top-k, whose probabilities (not renormalised) are scaled by
+    # ``routed_scaling_factor``. The view's experts are the real ones: pruning / merging rewrite the real rows and keep
+    # the Z zero-expert rows (weight, selection bias) unchanged at the end; ``gate_up_proj`` is stored with E+Z rows
+    # (the last Z unused by its forward, kept as they are), ``down_proj`` with E. Config keys n_routed_experts
+    # (num_local_experts is an alias), moe_topk, expert_ffn_hidden_size. Its experts' forward fails on top-k 1
+    # (min_top_k).
+    "longcat_flash": _family("longcat_flash", router_attr="router.classifier", num_experts_key="n_routed_experts",
+                             expert_size_key="expert_ffn_hidden_size", top_k_key="moe_topk", norm_topk_default=False,
+                             zero_experts_attr="zero_expert_num", min_top_k=2),
 }
 
 # MoE families of transformers moekit does not handle yet, and why (what its view would have to learn first).
 NOT_SUPPORTED = {
     "inkling2_text": "a saved tiny model does not reload in this transformers (negative size at load; not yet understood)",
-    "longcat_flash": "its router also scores zero (identity) experts that have no weights",
     "zaya": "its router is a small MLP with an extra class beyond the experts",
     "inkling_text": "its router scores more classes than it has experts",
     "jetmoe": "its experts are unfused input/output linears (ParallelExperts)",
@@ -234,12 +253,22 @@ class MoELayer:
         return int(self.router.top_k)
 
     @property
+    def num_zero_experts(self) -> int:
+        """Zero-computation experts the router scores after the real ones (LongCat-Flash's identity experts; 0
+        elsewhere). They have no weights of their own in the view: indices [E, E+Z) of the router's output."""
+        attr = self.family.zero_experts_attr
+        return int(getattr(self.experts, attr, 0) or 0) if attr else 0
+
+    @property
     def router_weight(self) -> torch.Tensor:
-        return self.router_linear.weight
+        """The router rows of the real experts [E, H] (a view without the zero experts' rows, where there are some)."""
+        w = self.router_linear.weight
+        return w[: self.num_experts] if self.num_zero_experts else w
 
     @property
     def router_bias(self) -> torch.Tensor | None:
-        return getattr(self.router_linear, "bias", None)
+        b = getattr(self.router_linear, "bias", None)
+        return b[: self.num_experts] if b is not None and self.num_zero_experts else b
 
     @property
     def selection_bias_owner(self) -> tuple[nn.Module, str] | None:
@@ -302,14 +331,16 @@ class MoELayer:
         skip it. Only the eager forward of the non-GPT-OSS families skips it; GPT-OSS's one-hot has no extra class,
         ``batched_mm`` gathers weights by index, and ``grouped_mm`` leaves the skipped rows unset (NaN * 0)."""
         impl = getattr(self.model.config, "_experts_implementation", None) or "eager"
-        if self.family.layout == "gpt_oss" or impl != "eager":
-            return None
+        if self.family.layout == "gpt_oss" or impl != "eager" or self.num_zero_experts:
+            return None  # with zero experts index E is the first identity expert, not a skip
         return self.num_experts
 
     def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """[T, E] scores whose order is the router's choice order (DeepSeek-V3 adds its correction bias to the sigmoid
         scores, ERNIE-4.5 to the softmax probabilities)."""
         cb = self.correction_bias
+        if cb is not None and cb.shape[-1] > logits.shape[-1]:  # logits of the real experts only (zero experts)
+            cb = cb[: logits.shape[-1]]
         if self.family.scoring == "sigmoid":
             return logits.float().sigmoid() + (0 if cb is None else cb.float())
         if cb is not None:  # a softmax router with a selection bias (ERNIE-4.5)
@@ -332,6 +363,7 @@ class MoELayer:
         """Canonical gate [E,I,H], up [E,I,H], down [E,H,I]: copies, or (``copy=False``) read-only views of the
         parameters (no memory; for a caller that only reads them before replacing the experts)."""
         gu, dn = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
+        gu = gu[: dn.shape[0]]  # LongCat-Flash stores E+Z gate_up rows (the zero experts' unused)
         if self.family.layout == "gpt_oss":
             out = {"gate": gu[..., 0::2].transpose(1, 2), "up": gu[..., 1::2].transpose(1, 2), "down": dn.transpose(1, 2)}
         else:
@@ -365,14 +397,48 @@ class MoELayer:
             ex.down_proj_bias = nn.Parameter(biases["down"].to(**kw).contiguous(), requires_grad=ref.requires_grad)
             ex.intermediate_size = i
         else:
-            ex.gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1).to(**kw).contiguous(), requires_grad=ref.requires_grad)
+            gu = torch.cat([gate, up], dim=1).to(**kw)
+            if self.num_zero_experts:  # the zero experts' stored (unused) gate_up rows stay at the end
+                old = ex.gate_up_proj.detach()[ref.shape[0]:]
+                if old.shape[1] != gu.shape[1]:
+                    old = old.new_zeros(old.shape[0], *gu.shape[1:])
+                gu = torch.cat([gu, old.to(**kw)])
+            ex.gate_up_proj = nn.Parameter(gu.contiguous(), requires_grad=ref.requires_grad)
             ex.down_proj = nn.Parameter(down.to(**kw).contiguous(), requires_grad=ref.requires_grad)
             ex.intermediate_dim = int(gate.shape[1])
-        ex.num_experts = int(gate.shape[0])
+        self._set_counts(int(gate.shape[0]))
+
+    def _set_counts(self, n: int) -> None:
+        """The modules' own expert counts after a change to ``n`` real experts. LongCat-Flash's experts keep
+        ``num_routed_experts`` / ``total_experts`` (real + zero) and its router ``n_routed_experts`` (real + zero, the
+        width of its scores)."""
+        ex, z = self.experts, self.num_zero_experts
+        ex.num_experts = n
+        self.router.num_experts = n
+        if z:
+            ex.num_routed_experts, ex.total_experts = n, n + z
+            self.router.n_routed_experts = n + z
+
+    def _with_zero_rows(self, t: torch.Tensor | None, current: torch.Tensor | None) -> torch.Tensor | None:
+        """Rows of the real experts ``t`` followed by the zero experts' rows of the ``current`` router tensor (their
+        last Z entries on the expert dim, 0 for weights and biases), unchanged; ``t`` itself where there are none."""
+        z = self.num_zero_experts
+        if not z or t is None or current is None:
+            return t
+        return torch.cat([t.to(device=current.device, dtype=current.dtype), current.detach()[-z:]])
 
     def _write_router(self, weight, bias=None, correction_bias=None) -> None:
         r = self.router_linear
         ref = r.weight
+        n = int(weight.shape[0])
+        if self.num_zero_experts:  # the zero experts' rows stay, unchanged, after the new real ones
+            owner = self.selection_bias_owner
+            weight = self._with_zero_rows(weight, ref)
+            if getattr(r, "bias", None) is not None:
+                bias = self._with_zero_rows(bias if bias is not None else torch.zeros(n), r.bias)
+            if owner is not None:
+                cb = correction_bias if correction_bias is not None else torch.zeros(n)
+                correction_bias = self._with_zero_rows(cb, getattr(*owner).reshape(-1))
         r.weight = nn.Parameter(weight.to(device=ref.device, dtype=ref.dtype).contiguous(), requires_grad=ref.requires_grad)
         if getattr(r, "bias", None) is not None:
             b = bias if bias is not None else torch.zeros(weight.shape[0])
@@ -385,7 +451,7 @@ class MoELayer:
             # the owner's leading dims stay (ERNIE-4.5's [1, E] -> [1, E']); the experts are on the last dim
             cb = cb.to(device=ref.device, dtype=old.dtype).reshape(*old.shape[:-1], -1).contiguous()
             setattr(module, name, nn.Parameter(cb, requires_grad=False) if isinstance(old, nn.Parameter) else cb)
-        self.router.num_experts = int(weight.shape[0])
+        self._set_counts(n)
 
     def block_tensors(self, gate, up, down, router_weight, router_bias=None, biases=None) -> dict[str, torch.Tensor]:
         """Canonical expert weights and router rows as the block's own parameters, keyed by their names in
@@ -400,9 +466,10 @@ class MoELayer:
                 out["experts.down_proj_bias"] = biases["down"]
         else:
             out = {"experts.gate_up_proj": torch.cat([gate, up], dim=1), "experts.down_proj": down}
-        out[f"{r}.weight"] = router_weight
+        lin = self.router_linear
+        out[f"{r}.weight"] = self._with_zero_rows(router_weight, lin.weight)  # zero experts' rows: constant
         if router_bias is not None and self.router_bias is not None:
-            out[f"{r}.bias"] = router_bias
+            out[f"{r}.bias"] = self._with_zero_rows(router_bias, lin.bias)
         return out
 
     def block_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -427,18 +494,23 @@ class MoELayer:
                               f"groups; keep a multiple of {self.n_group}")
         idx = torch.tensor(keep, dtype=torch.long)
         ex = self.experts
-        # every per-expert tensor is indexed along its first (expert) dimension in its stored layout: the kept
-        # experts are the only new memory (no canonical copies of the whole layer on the way)
-        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
-            old = getattr(ex, name, None)
-            if old is not None:
-                setattr(ex, name, nn.Parameter(old.detach()[idx.to(old.device)], requires_grad=old.requires_grad))
-        ex.num_experts = len(keep)
-        self._write_router(
+        e, z = self.num_experts, self.num_zero_experts
+        # the kept router rows, read while the view still sees E experts (router_weight is [E, H] with zero experts)
+        router = (
             self.router_weight.detach()[idx],
             None if self.router_bias is None else self.router_bias.detach()[idx],
             None if self.correction_bias is None else self.correction_bias.detach()[idx],
         )
+        # every per-expert tensor is indexed along its first (expert) dimension in its stored layout: the kept
+        # experts are the only new memory (no canonical copies of the whole layer on the way); rows past the real
+        # experts (LongCat-Flash's zero experts' gate_up rows) stay at the end
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            old = getattr(ex, name, None)
+            if old is not None:
+                rows = torch.cat([idx, torch.arange(e, old.shape[0])]) if z and old.shape[0] > e else idx
+                setattr(ex, name, nn.Parameter(old.detach()[rows.to(old.device)], requires_grad=old.requires_grad))
+        ex.num_experts = len(keep)
+        self._write_router(*router)
         sync_config(self.model)
 
     def replace_experts(self, gate, up, down, router_weight, router_bias=None, correction_bias=None, biases=None) -> None:
@@ -464,6 +536,9 @@ class MoELayer:
         k = int(k)
         if k < 1 or k > self.num_experts:
             raise MoekitError(f"layer {self.index}: top-k {k} must be between 1 and the {self.num_experts} experts in the layer")
+        if k < self.family.min_top_k:
+            raise MoekitError(f"layer {self.index}: top-k {k} is below {self.family.min_top_k}, the fewest experts per "
+                              f"token {self.family.name}'s experts run with in transformers")
         if self.n_group > 1 and k > self.topk_group * (self.num_experts // self.n_group):
             raise MoekitError(f"layer {self.index}: top-k {k} exceeds what topk_group={self.topk_group} groups can supply")
         self.router.top_k = k
@@ -490,10 +565,21 @@ class MoELayer:
         return self.router(self.router_input(x), *self.router_extra_args())
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Router probability of every expert [T, E] (softmax over all; sigmoid scores for DeepSeek-V3)."""
+        """Router probability of every expert [T, E] (softmax over all; sigmoid scores for DeepSeek-V3). Logits of
+        the router's own width E+Z (zero experts) give the real experts' probabilities of that softmax, [T, E]."""
         if self.family.scoring == "sigmoid":
             return logits.float().sigmoid()
-        return torch.softmax(logits.float(), dim=-1)
+        p = torch.softmax(logits.float(), dim=-1)
+        return p[..., : self.num_experts] if self.num_zero_experts and p.shape[-1] > self.num_experts else p
+
+    def zero_expert_output(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """What the zero experts add to the routed output for routing (indices/weights [T,k]) of tokens x [T, H]:
+        LongCat-Flash's identity experts give x times the weight of every slot routed to one; None without them."""
+        z = self.num_zero_experts
+        if not z:
+            return None
+        hit = (indices >= self.num_experts) & (indices < self.num_experts + z)
+        return x * (weights.float() * hit).sum(-1, keepdim=True).to(x.dtype)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Output of routed expert ``e`` on tokens x [T, H], before the routing weight."""
@@ -532,9 +618,14 @@ class MoELayer:
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Routed output for explicit routing decisions (weights/indices [T,k]); index >= E means 'skip'.
         ``params`` (from :meth:`block_tensors`) stand in for the experts' own weights, differentiably."""
-        skip = indices >= self.num_experts  # transformers' grouped_mm path leaves such rows undefined: weight 0
+        # transformers' grouped_mm path leaves such rows undefined: weight 0. Zero experts (E..E+Z-1) are not skips
+        skip = indices >= self.num_experts + self.num_zero_experts
         if bool(skip.any()):
             indices, weights = indices.masked_fill(skip, 0), weights.masked_fill(skip, 0)
+        pad = self.family.min_top_k - indices.shape[-1]
+        if pad > 0:  # slots the experts' forward needs (LongCat-Flash): the first expert again, at weight 0
+            indices = torch.cat([indices, indices[:, :1].expand(-1, pad)], dim=-1)
+            weights = torch.cat([weights, torch.zeros_like(weights[:, :1]).expand(-1, pad)], dim=-1)
         if params is None:
             return self.experts(x, indices, weights.to(x.dtype))
         own = {k.removeprefix("experts."): v for k, v in params.items() if k.startswith("experts.")}
@@ -699,7 +790,8 @@ def family_table() -> list[dict]:
             "block": f"{f.block_attr}.{f.router_attr}",
             "routing": {"softmax": "softmax", "sigmoid": "sigmoid + selection bias",
                         "topk_softmax": "top-k, then softmax"}[f.scoring]
-                       + (" + selection bias" if f.selection_bias_attr and f.scoring == "softmax" else ""),  # ERNIE
+                       + (" + selection bias" if f.selection_bias_attr and f.scoring == "softmax" else "")  # ERNIE
+                       + (" + zero (identity) experts" if f.zero_experts_attr else ""),  # LongCat-Flash
             "shared experts": shared,
             "prune / merge / route": "yes",
             "densify into": f.dense_model_type_unbiased and f"{f.dense_model_type} / {f.dense_model_type_unbiased}"

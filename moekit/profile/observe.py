@@ -90,6 +90,9 @@ class LayerAccumulator:
             torch.mv(o.T, w[sl], out=h_sum[ex])  # sum of w * E(x)
             start += n
 
+        zero = layer.zero_expert_output(x, indices, weights)  # LongCat-Flash's identity experts (no statistics)
+        if zero is not None:
+            out += zero
         n64 = norms.double()
         self.norm_sum.index_add_(0, expert_of, n64)
         self.sq_norm_sum.index_add_(0, expert_of, n64 * n64)

@@ -383,6 +383,8 @@ def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:
     from moekit.checkpoint.read import resize_empty
 
     idx = torch.tensor(kept, dtype=torch.long)
+    e, z = layer.num_experts, layer.num_zero_experts  # zero experts' rows (LongCat-Flash) stay, after the kept ones
+    idx = torch.cat([idx, torch.arange(e, e + z)])
     r = layer.router_linear
     owners = [(r, "weight"), (r, "bias")] + ([layer.selection_bias_owner] if layer.selection_bias_owner else [])
     # the router weight [E, H] holds the experts on dim 0, the biases on their last ([E]; ERNIE-4.5's [1, E])

@@ -110,6 +110,9 @@ def _meta_model(src: Path, routers: dict[str, torch.Tensor]):
     for layer in arch.require_moe(model):
         r = layer.router_linear
         owner = layer.selection_bias_owner
+        if layer.num_zero_experts:  # the meta view's keep_experts rewrites router rows as the real experts only
+            raise MoekitError(f"'{src}' ({arch.model_type(config)}) has zero (identity) experts, whose router rows "
+                              "shard-wise pruning does not keep; prune it in memory (drop --shardwise)")
         if owner is not None and owner[0] is not r:  # only the router's own tensors are rewritten (experts on dim 0)
             where = "on the MoE block" if owner[0] is layer.block else f"in {layer.family.selection_bias_attr}"
             raise MoekitError(f"'{src}' ({arch.model_type(config)}) keeps its selection bias {where}, which "

@@ -180,15 +180,16 @@ def _check(cfg: RouteConfig, layers, tokens) -> set[str]:
     mits = set(cfg.mitigations)
     max_k = min(layer.top_k for layer in layers)
     low = cfg.min_k if "adaptive" in mits else 1
-    if cfg.top_k is not None and not cfg.top_k_per_layer and not low <= cfg.top_k <= max_k:
-        raise MoekitError(f"top_k {cfg.top_k} must be between 1 and the model's top-k {max_k}")
+    fewest = max(layer.family.min_top_k for layer in layers)  # LongCat-Flash's experts need 2 (arch.Family.min_top_k)
+    if cfg.top_k is not None and not cfg.top_k_per_layer and not max(low, fewest) <= cfg.top_k <= max_k:
+        raise MoekitError(f"top_k {cfg.top_k} must be between {fewest} and the model's top-k {max_k}")
     if cfg.top_k_per_layer:
         known = {layer.index: layer.top_k for layer in layers}
         for idx, k in cfg.top_k_per_layer.items():
             if int(idx) not in known:
                 raise MoekitError(f"layer {idx} is not an MoE layer: MoE layers are {sorted(known)}")
-            if not 1 <= int(k) <= known[int(idx)]:
-                raise MoekitError(f"layer {idx}: top_k {k} must be between 1 and its top-k {known[int(idx)]}")
+            if not fewest <= int(k) <= known[int(idx)]:
+                raise MoekitError(f"layer {idx}: top_k {k} must be between {fewest} and its top-k {known[int(idx)]}")
     needs_tokens = bool({"rescale", "allocate"} & mits) or ("adaptive" in mits and cfg.threshold is None)
     if needs_tokens and tokens is None:
         raise MoekitError("rescale, allocate and a calibrated adaptive threshold need calibration text: pass --data")

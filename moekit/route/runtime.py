@@ -104,7 +104,7 @@ def reroute(weights: torch.Tensor, indices: torch.Tensor, plan: LayerPlan, skip_
 def dropped_weights(weights, indices, kept_indices, num_experts: int) -> torch.Tensor:
     """Dense [T, E]: the original top-K weight of every expert that the kept routing no longer runs."""
     dense = torch.zeros(weights.shape[0], num_experts + 1, dtype=torch.float32, device=weights.device)
-    dense.scatter_(1, indices, weights.float())
+    dense.scatter_(1, indices.clamp(max=num_experts), weights.float())  # zero experts (index >= E) are never dropped
     kept = torch.zeros_like(dense).scatter_(1, kept_indices.clamp(max=num_experts), 1.0)
     return (dense * (1 - kept))[:, :num_experts]
 

@@ -83,7 +83,9 @@ def distill_router_(student, cfg: RouterDistillConfig, *, tokens=None, teacher=N
     flags = [(p, p.requires_grad) for p in student.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    routers = [t for layer in layers for t in (layer.router_weight, layer.router_bias) if t is not None]
+    # the router linear's own parameters (LongCat-Flash's zero-expert rows included: router_weight is a view there)
+    routers = [t for layer in layers for t in (layer.router_linear.weight, getattr(layer.router_linear, "bias", None))
+               if t is not None]
     for p in routers if cfg.train_router else ():
         p.requires_grad_(True)
     device = torch.device(cfg.device) if cfg.device else next(student.parameters()).device
