@@ -177,3 +177,66 @@ def test_the_families_table_lists_every_supported_family(cli):
     code, out, _ = cli("info", "--families")
     assert code == 0 and out.startswith(f"{len(ALL_MOE_FAMILIES)} supported MoE families")
     assert all(f"| {family} |" in out for family in ALL_MOE_FAMILIES)
+
+
+def test_llama4_router_outputs_and_input_scaled_experts_through_the_adapter(models):
+    """Llama-4's router returns (scores [T, E], logits) and its experts take [E*T, H] inputs already multiplied by the
+    scores: the view translates both ways (routing / router_output), combine() equals the block's routed part, the
+    instrumented (profile) forward leaves the logits unchanged and is removed on exit, ablating an expert equals its
+    score set to 0, a re-routed router returns the router's own form, and compensation is refused by name."""
+    from contextlib import ExitStack
+
+    from moekit.errors import MoekitError
+    from moekit.profile.ablate import ablated
+    from moekit.profile.observe import LayerAccumulator, observe_layer
+    from moekit.route.runtime import LayerPlan, install, uninstall
+
+    model = copy.deepcopy(models("llama4_text"))
+    layers = arch.moe_layers(model)
+    layer = layers[0]
+    x = torch.randn(20, layer.hidden_size)
+    with torch.no_grad():
+        out = layer.router(x)
+        logits, weights, indices = layer.route(x)
+        torch.testing.assert_close(logits, out[1], atol=0, rtol=0)
+        assert torch.equal(indices, logits.topk(layer.top_k, dim=-1).indices)
+        torch.testing.assert_close(weights, logits.gather(1, indices).sigmoid())
+        for got, want in zip(layer.router_output(logits, weights, indices), out, strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        block = layer.block(x)[0] - layer.shared_forward(x)
+        torch.testing.assert_close(layer.combine(x, weights, indices), block, atol=1e-6, rtol=1e-5)
+        # the weight scales each chosen expert's input: sum_k E_k(w_k x)
+        by_hand = sum(torch.stack([layer.expert_forward(int(indices[t, s]), x[t:t + 1] * weights[t, s])[0]
+                                   for t in range(len(x))]) for s in range(layer.top_k))
+        torch.testing.assert_close(block, by_hand, atol=1e-5, rtol=1e-5)
+
+    tokens = ids(batch=2, length=8)
+    with torch.no_grad():
+        plain = model(tokens).logits
+        with ExitStack() as stack:
+            accs = [LayerAccumulator(each, "cpu") for each in layers]
+            for acc in accs:
+                stack.enter_context(observe_layer(acc))
+            instrumented = model(tokens).logits
+        torch.testing.assert_close(instrumented, plain, rtol=1e-5, atol=1e-5)
+        assert accs[0].rank_counts.sum() == tokens.numel() * layer.top_k
+        assert all("forward" not in vars(each.experts) and not each.router._forward_hooks for each in layers)
+
+        with ablated(model, [(layer.index, 3)]):
+            got = layer.block(x)[0]
+        scores = out[0].clone()
+        scores[:, 3] = 0
+        routed_in = x.repeat(layer.num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
+        want = layer.shared_forward(x) + layer.experts(routed_in).view(layer.num_experts, len(x), -1).sum(0)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+        install(layer, LayerPlan(K=2, k=1, renorm=True))  # re-routed to one expert, its weight the top-2 sum
+        try:
+            scores_k1, logits_k1 = layer.router(x)
+            assert torch.equal((scores_k1 > 0).sum(-1), torch.ones(len(x), dtype=torch.long))
+            torch.testing.assert_close(scores_k1.sum(-1), weights.sum(-1), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(logits_k1, logits, atol=0, rtol=0)
+        finally:
+            uninstall(layer)
+        with pytest.raises(MoekitError, match="compensation is not available for llama4_text"):
+            install(layer, LayerPlan(K=2, k=1, compensate=True))

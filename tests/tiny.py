@@ -67,9 +67,11 @@ HYBRID = {  # hybrid families: one layer of each kind
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
 }
 # families whose size keys have their own names (LongCat-Flash: num_layers decoder layers of two sublayers each; two
-# zero (identity) experts beside the eight real ones, so that tokens are routed to them)
+# zero (identity) experts beside the eight real ones, so that tokens are routed to them; Llama-4's expert size)
 OWN_KEYS = {
     "longcat_flash": dict(num_layers=2, moe_topk=3, zero_expert_num=2, ffn_hidden_size=64, expert_ffn_hidden_size=16),
+    # Llama-4: intermediate_size is one expert's (and the shared expert's), intermediate_size_mlp the dense layers'
+    "llama4_text": dict(intermediate_size=16, intermediate_size_mlp=64),
 }
 
 

@@ -13,6 +13,7 @@ a model: routing and expert maths are the modules' own.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Sequence
 
@@ -35,7 +36,9 @@ class Family:
     expert_size_key: str = "moe_intermediate_size"  # config key for one expert's intermediate size
     top_k_key: str = "num_experts_per_tok"  # config key for the experts each token activates
     block_attr: str = "mlp"  # attribute of a decoder layer holding its MoE block (when the layer is sparse)
-    layout: str = "concat"  # "concat": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": [E,H,2I] interleaved, [E,I,H]
+    # "concat": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": [E,H,2I] interleaved, [E,I,H]; "llama4": [E,H,2I] (gate
+    # then up), [E,I,H], and its experts called on router-scaled inputs (see the Llama-4 record and MoELayer.routing)
+    layout: str = "concat"
     scoring: str = "softmax"  # "softmax" over all experts, "sigmoid" (DeepSeek-V3), "topk_softmax" (top-k on logits first)
     shared_attr: str | None = None  # shared expert module on the block
     shared_gate_attr: str | None = None  # sigmoid gate of the shared expert (Qwen2-MoE)
@@ -150,6 +153,20 @@ MOE_FAMILIES: dict[str, Family] = {
     # (the last Z unused by its forward, kept as they are), ``down_proj`` with E. Config keys n_routed_experts
     # (num_local_experts is an alias), moe_topk, expert_ffn_hidden_size. Its experts' forward fails on top-k 1
     # (min_top_k).
+    # Llama-4 (Llama4ForCausalLM, model_type llama4_text): the block ``feed_forward`` (Llama4TextMoe) holds a router
+    # ``router`` (an nn.Linear) whose forward returns (scores [T, E], logits [T, E]), not (logits, weights, indices):
+    # scores are the sigmoid of the top-k logits and exactly 0 elsewhere (no renormalisation). Its experts
+    # (Llama4TextExperts: gate_up_proj [E, H, 2I], gate then up halves, down_proj [E, I, H], no biases) are called
+    # with no routing arguments on [E*T, H] inputs, every expert on every token with its input already multiplied by
+    # the token's score (0 where not chosen, giving exactly 0): the weight scales the expert's input, not its output.
+    # MoELayer.routing / router_output translate the router's outputs, combine builds the scaled inputs, and
+    # experts_patched runs moekit's (x, indices, weights) forward in its place ("llama4" layout branches). The
+    # shared expert (ungated MLP) is the block's ``shared_expert``; dense layers (not in config.moe_layers, from
+    # interleave_moe_layer_step) hold a plain MLP at ``feed_forward`` and are skipped. Config keys num_local_experts,
+    # num_experts_per_tok, intermediate_size (one expert's; intermediate_size_mlp is the dense layers').
+    "llama4_text": _family("llama4_text", block_attr="feed_forward", router_attr="router",
+                           num_experts_key="num_local_experts", expert_size_key="intermediate_size", layout="llama4",
+                           scoring="sigmoid", shared_attr="shared_expert", norm_topk_default=False),
     "longcat_flash": _family("longcat_flash", router_attr="router.classifier", num_experts_key="n_routed_experts",
                              expert_size_key="expert_ffn_hidden_size", top_k_key="moe_topk", norm_topk_default=False,
                              zero_experts_attr="zero_expert_num", min_top_k=2),
@@ -162,7 +179,6 @@ NOT_SUPPORTED = {
     "inkling_text": "its router scores more classes than it has experts",
     "jetmoe": "its experts are unfused input/output linears (ParallelExperts)",
     "dbrx": "its experts are 2-D stacked w1/v1/w2 tensors, and its config does not build in this transformers",
-    "llama4_text": "transposed [E, H, 2I] experts called without routing arguments",
     "aria_text": "transposed [E, H, 2I] experts",
     "nemotron_h": "relu^2 experts with an up projection and no gate",
     "gemma4_text": "its router and experts sit on the decoder layer itself, beside a dense MLP",
@@ -242,7 +258,7 @@ class MoELayer:
     @property
     def expert_size(self) -> int:
         gu = self.experts.gate_up_proj
-        return int(gu.shape[-1] // 2 if self.family.layout == "gpt_oss" else gu.shape[1] // 2)
+        return int(gu.shape[-1] // 2 if self.family.layout in ("gpt_oss", "llama4") else gu.shape[1] // 2)
 
     @property
     def hidden_size(self) -> int:
@@ -330,6 +346,8 @@ class MoELayer:
         """The index a dropped routing slot may carry (the expert count), or None where the experts' forward cannot
         skip it. Only the eager forward of the non-GPT-OSS families skips it; GPT-OSS's one-hot has no extra class,
         ``batched_mm`` gathers weights by index, and ``grouped_mm`` leaves the skipped rows unset (NaN * 0)."""
+        if self.family.layout == "llama4":  # combine() gives a skipped slot score 0 (its expert's input is then 0)
+            return self.num_experts
         impl = getattr(self.model.config, "_experts_implementation", None) or "eager"
         if self.family.layout == "gpt_oss" or impl != "eager" or self.num_zero_experts:
             return None  # with zero experts index E is the first identity expert, not a skip
@@ -366,6 +384,9 @@ class MoELayer:
         gu = gu[: dn.shape[0]]  # LongCat-Flash stores E+Z gate_up rows (the zero experts' unused)
         if self.family.layout == "gpt_oss":
             out = {"gate": gu[..., 0::2].transpose(1, 2), "up": gu[..., 1::2].transpose(1, 2), "down": dn.transpose(1, 2)}
+        elif self.family.layout == "llama4":  # [E, H, 2I]: gate then up halves; down [E, I, H]
+            i = gu.shape[-1] // 2
+            out = {"gate": gu[..., :i].transpose(1, 2), "up": gu[..., i:].transpose(1, 2), "down": dn.transpose(1, 2)}
         else:
             i = gu.shape[1] // 2
             out = {"gate": gu[:, :i], "up": gu[:, i:], "down": dn}
@@ -396,6 +417,11 @@ class MoELayer:
             ex.gate_up_proj_bias = nn.Parameter(gub, requires_grad=ref.requires_grad)
             ex.down_proj_bias = nn.Parameter(biases["down"].to(**kw).contiguous(), requires_grad=ref.requires_grad)
             ex.intermediate_size = i
+        elif self.family.layout == "llama4":
+            gu = torch.cat([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).to(**kw)
+            ex.gate_up_proj = nn.Parameter(gu.contiguous(), requires_grad=ref.requires_grad)
+            ex.down_proj = nn.Parameter(down.transpose(1, 2).contiguous().to(**kw), requires_grad=ref.requires_grad)
+            ex.intermediate_size = ex.expert_dim = int(gate.shape[1])
         else:
             gu = torch.cat([gate, up], dim=1).to(**kw)
             if self.num_zero_experts:  # the zero experts' stored (unused) gate_up rows stay at the end
@@ -415,6 +441,8 @@ class MoELayer:
         ex, z = self.experts, self.num_zero_experts
         ex.num_experts = n
         self.router.num_experts = n
+        if self.family.layout == "llama4":  # Llama4TextMoe keeps its own count too (unused by its forward)
+            self.block.num_experts = n
         if z:
             ex.num_routed_experts, ex.total_experts = n, n + z
             self.router.n_routed_experts = n + z
@@ -464,6 +492,9 @@ class MoELayer:
             if biases is not None:
                 out["experts.gate_up_proj_bias"] = torch.stack([biases["gate"], biases["up"]], dim=-1).flatten(-2)
                 out["experts.down_proj_bias"] = biases["down"]
+        elif self.family.layout == "llama4":
+            out = {"experts.gate_up_proj": torch.cat([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1),
+                   "experts.down_proj": down.transpose(1, 2)}
         else:
             out = {"experts.gate_up_proj": torch.cat([gate, up], dim=1), "experts.down_proj": down}
         lin = self.router_linear
@@ -562,7 +593,74 @@ class MoELayer:
     @torch.no_grad()
     def route(self, x: torch.Tensor):
         """The router's own forward on tokens [T, H] -> (logits [T,E], weights [T,k], indices [T,k])."""
-        return self.router(self.router_input(x), *self.router_extra_args())
+        return self.routing(self.router(self.router_input(x), *self.router_extra_args()))
+
+    def routing(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The router's forward output (what a hook on it sees) as (logits [T,E], weights [T,k], indices [T,k]).
+        Llama-4's router returns (scores [T,E], logits): its choice is the top-k of the scores (the sigmoid of the
+        top-k logits, 0 elsewhere, so the same experts in the same order), weighted by those scores; a slot scored
+        exactly 0 (dropped by a re-routing, or a sigmoid that underflowed: its expert's input is 0 either way) gets
+        the skip index E."""
+        if self.family.layout != "llama4":
+            return out[0], out[1], out[2]
+        scores, logits = out[0], out[1]
+        weights, indices = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        return logits, weights, indices.masked_fill(weights == 0, scores.shape[-1])
+
+    def router_output(self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple:
+        """The inverse of :meth:`routing`: routing decisions in the router's own output form (what a replaced
+        router forward or a hook rewriting its output returns). Llama-4: (scores [T,E], logits), each chosen
+        expert's weight at its index, 0 elsewhere and for skipped slots (index >= E)."""
+        if self.family.layout != "llama4":
+            return logits, weights, indices
+        e = logits.shape[-1]
+        valid = indices < e
+        scores = torch.zeros_like(logits).scatter_add_(1, indices.clamp_max(e - 1), (weights * valid).to(logits.dtype))
+        return scores, logits
+
+    @property
+    def weights_scale_input(self) -> bool:
+        """True where a routing weight multiplies the expert's input, not its output (Llama-4: E(w x), not w E(x))."""
+        return self.family.layout == "llama4"
+
+    @contextmanager
+    def experts_patched(self, forward):
+        """Inside, moekit's ``forward(x [T,H], indices [T,k], weights [T,k]) -> [T,H]`` (the routed output, the
+        Qwen3-MoE experts' calling convention) runs in place of the experts module's own forward (an instance
+        patch; the module's own, or an earlier patch, comes back on exit). Llama-4's block calls its experts on
+        [E*T, H] router-scaled inputs with no routing arguments: a hook on its router keeps the tokens and routing of
+        the running block forward for ``forward``, whose output goes back as expert 0's rows (the block sums the E
+        row groups; the others are 0)."""
+        ex = self.experts
+        had_own, previous = "forward" in vars(ex), vars(ex).get("forward")
+        handle = None
+        if self.family.layout == "llama4":
+            seen = {}
+
+            def keep(_module, args, out):
+                seen["x"], seen["routing"] = args[0], self.routing(out)
+
+            def llama4_forward(routed_in):
+                if "routing" not in seen:  # called outside its block's forward (e.g. combine() inside the patch)
+                    raise MoekitError(f"layer {self.index}: {self.family.name}'s patched experts ran without their "
+                                      "router's forward first; call the block, not the experts")
+                _, weights, indices = seen.pop("routing")
+                out = forward(seen.pop("x"), indices, weights)
+                return torch.cat([out, out.new_zeros(routed_in.shape[0] - out.shape[0], out.shape[-1])])
+
+            handle = self.router.register_forward_hook(keep)
+            ex.forward = llama4_forward
+        else:
+            ex.forward = forward
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+            if had_own:
+                ex.forward = previous
+            else:
+                del ex.forward
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Router probability of every expert [T, E] (softmax over all; sigmoid scores for DeepSeek-V3). Logits of
@@ -587,6 +685,9 @@ class MoELayer:
         if self.family.layout == "gpt_oss":
             gate_up = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
             return ex._apply_gate(gate_up) @ ex.down_proj[e] + ex.down_proj_bias[e]
+        if self.family.layout == "llama4":  # its own maths: up * act(gate), [H, 2I] and [I, H] per expert
+            gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+            return (up * ex.act_fn(gate)) @ ex.down_proj[e]
         return nn.functional.linear(self._gated(nn.functional.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
 
     def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -594,6 +695,9 @@ class MoELayer:
         ex = self.experts
         if self.family.layout == "gpt_oss":
             return ex._apply_gate(x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e])
+        if self.family.layout == "llama4":
+            gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+            return up * ex.act_fn(gate)
         return self._gated(nn.functional.linear(x, ex.gate_up_proj[e]))
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -626,9 +730,17 @@ class MoELayer:
         if pad > 0:  # slots the experts' forward needs (LongCat-Flash): the first expert again, at weight 0
             indices = torch.cat([indices, indices[:, :1].expand(-1, pad)], dim=-1)
             weights = torch.cat([weights, torch.zeros_like(weights[:, :1]).expand(-1, pad)], dim=-1)
+        own = {k.removeprefix("experts."): v for k, v in (params or {}).items() if k.startswith("experts.")}
+        if self.family.layout == "llama4":
+            # as its block calls them: every expert on every token, the input times the token's score for it (0
+            # where not chosen, skipped slots included: weight 0 above), [E*T, H]; the outputs summed over experts
+            e, t = self.num_experts, x.shape[0]
+            scores = x.new_zeros(t, e).scatter_add(1, indices, weights.to(x.dtype))
+            routed_in = x.repeat(e, 1) * scores.transpose(0, 1).reshape(-1, 1)
+            out = self.experts(routed_in) if params is None else torch.func.functional_call(self.experts, own, (routed_in,))
+            return out.view(e, t, -1).sum(0)
         if params is None:
             return self.experts(x, indices, weights.to(x.dtype))
-        own = {k.removeprefix("experts."): v for k, v in params.items() if k.startswith("experts.")}
         return torch.func.functional_call(self.experts, own, (x, indices, weights.to(x.dtype)))
 
     def __repr__(self) -> str:
@@ -788,12 +900,13 @@ def family_table() -> list[dict]:
             "family": name,
             "architecture": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name, "?"),
             "block": f"{f.block_attr}.{f.router_attr}",
-            "routing": {"softmax": "softmax", "sigmoid": "sigmoid + selection bias",
+            "routing": "top-k, then sigmoid; weights scale the experts' input" if f.layout == "llama4" else  # Llama-4
+                       {"softmax": "softmax", "sigmoid": "sigmoid + selection bias",
                         "topk_softmax": "top-k, then softmax"}[f.scoring]
                        + (" + selection bias" if f.selection_bias_attr and f.scoring == "softmax" else "")  # ERNIE
                        + (" + zero (identity) experts" if f.zero_experts_attr else ""),  # LongCat-Flash
             "shared experts": shared,
-            "prune / merge / route": "yes",
+            "prune / merge / route": "yes (route: no compensate)" if f.layout == "llama4" else "yes",
             "densify into": f.dense_model_type_unbiased and f"{f.dense_model_type} / {f.dense_model_type_unbiased}"
                             or f.dense_model_type or "-",
         })

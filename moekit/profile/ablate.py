@@ -71,10 +71,10 @@ def ablated(model, experts: list[Pair]):
             continue
 
         # the experts as a list: the layer-sequential mode hooks a model whose weights are still on the meta device
-        def hook(module, inputs, output, dead=by_layer[layer.index]):
-            logits, weights, indices = output[0], output[1], output[2]
+        def hook(module, inputs, output, dead=by_layer[layer.index], layer=layer):
+            logits, weights, indices = layer.routing(output)  # Llama-4's router output translated both ways
             keep = ~torch.isin(indices, torch.tensor(dead, device=indices.device))
-            return (logits, weights * keep.to(weights.dtype), indices, *output[3:])
+            return (*layer.router_output(logits, weights * keep.to(weights.dtype), indices), *output[3:])
 
         hooks.forward(layer.router, hook)
     try:

@@ -83,7 +83,10 @@ class LayerAccumulator:
                 continue
             sl = slice(start, start + n)
             o = layer.expert_forward(ex, x[rows[sl]]).float()
-            weighted = o * w[sl, None]
+            if layer.weights_scale_input:  # Llama-4: the weight scales the expert's input, E(w x) (o stays E(x))
+                weighted = layer.expert_forward(ex, x[rows[sl]] * w[sl, None].to(x.dtype)).float()
+            else:
+                weighted = o * w[sl, None]
             out.index_add_(0, rows[sl], weighted.to(x.dtype))
             torch.linalg.vector_norm(o, dim=-1, out=norms[sl])
             torch.maximum(o.amax(), o.amin().neg(), out=peaks[ex])  # max |down_proj output| (no |o| temporary)
@@ -154,23 +157,16 @@ def observe_layer(acc: LayerAccumulator):
     """Instrument one MoE layer: router hook + instrumented experts forward (+ shared-expert hook)."""
     layer = acc.layer
     hooks = Hooks()
-    hooks.forward(layer.router, lambda m, i, o: acc.observe_routing(o[0], o[2]))
+    hooks.forward(layer.router, lambda m, i, o: acc.observe_routing(*layer.routing(o)[::2]))
     shared = layer.shared_expert
     if shared is not None:
         target = getattr(shared, "down_proj", shared)
         hooks.forward(target, lambda m, i, o: acc.observe_shared(_first(o)))
-    experts = layer.experts
-    had_own = "forward" in experts.__dict__
-    previous = experts.__dict__.get("forward")
-    experts.forward = acc.experts_forward
     try:
-        yield acc
+        with layer.experts_patched(acc.experts_forward):
+            yield acc
     finally:
         hooks.remove()
-        if had_own:
-            experts.forward = previous
-        else:
-            del experts.forward
 
 
 @contextmanager

@@ -205,7 +205,7 @@ class ActiveCounter:
 
     def _hook(self, layer):
         def hook(_module, _args, out):
-            w, i = out[1], out[2]
+            _, w, i = layer.routing(out)
             self.counts[layer.index][0] += int(((i < layer.num_experts) & (w != 0)).sum())
             self.counts[layer.index][1] += int(i.shape[0])
         return hook

@@ -119,7 +119,7 @@ class Rerouter:
     def __call__(self, hidden_states, *extra):  # extra: a block-held selection bias (router_extra_args)
         logits, w, i = router_at(self.layer, self.plan.K, hidden_states)
         w, i = reroute(*ranked(self.layer, logits, w, i), self.plan, self.layer.skip_index)
-        return logits, w, i
+        return self.layer.router_output(logits, w, i)  # in the router's own form (Llama-4: scores, logits)
 
 
 class Compensator:
@@ -138,17 +138,22 @@ class Compensator:
 
 
 def router_at(layer: arch.MoELayer, big_k: int, hidden_states):
-    """The router class's own forward at top-k ``big_k`` (bypassing any instance patch)."""
+    """The router class's own forward at top-k ``big_k`` (bypassing any instance patch), as (logits, weights,
+    indices) (:meth:`MoELayer.routing`)."""
     router = layer.router
     slots, router.top_k = router.top_k, big_k
     try:
-        return type(router).forward(router, layer.router_input(hidden_states), *layer.router_extra_args())
+        return layer.routing(type(router).forward(router, layer.router_input(hidden_states), *layer.router_extra_args()))
     finally:
         router.top_k = slots
 
 
 def install(layer: arch.MoELayer, plan: LayerPlan, mean_out: torch.Tensor | None = None) -> None:
     """Apply ``plan`` to one layer (idempotent: a previous patch is replaced; a stored mean output is kept)."""
+    if plan.compensate and layer.weights_scale_input:
+        raise MoekitError(f"layer {layer.index}: compensation is not available for {layer.family.name}: its experts "
+                          "take router-scaled inputs with no routing arguments (the Compensator wraps a "
+                          "forward(x, indices, weights)); route without 'compensate'")
     uninstall(layer)
     layer.router.top_k = plan.slots
     if hasattr(layer.block, "top_k"):
