@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
                "loss recovered", "held-out KL before → after", "training s"]
     write_json(out / "tables" / "router_distill.json", {
         "title": "Router distillation after pruning and re-routing: only the routers and one scale per layer train",
-        "command": "python bench/router_distill.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/router_distill.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "model": f"{args.model} (original perplexity {original:.2f}); students: REAP-pruned −25% / −50% of the routed "
                  "experts, top-4 of 8 with rescale (lsq)",
         "data": f"training: {args.tokens:,} tokens of {Path(args.calib).name} in {args.batch_size} x {args.seq_len} "
