@@ -115,13 +115,13 @@ def measure_sequential(path, tokens: torch.Tensor, experts: list[Pair] | None = 
                        progress: bool = True, device=None, dtype=None, desc: str = "perplexity") -> tuple[float, torch.Tensor]:
     """:func:`measure` of the checkpoint at ``path``, one decoder layer in memory at a time (with ``experts``
     skipped where routed)."""
-    from moekit.profile.profile import num_heads
     from moekit.sequential.engine import LayerSequential
 
     engine = LayerSequential(path, tokens, device=device, dtype=dtype, batch_size=batch_size, progress=progress,
                              desc=f"{desc} (layer-sequential)", attention="eager")
     require_moe(engine.model)
-    acc = ModelAccumulator(len(engine.layers), engine.device, attn_sink=True, num_heads=num_heads(engine.model.config))
+    heads = int(getattr(engine.model.config, "num_attention_heads", 0) or 0)  # as measure() counts them
+    acc = ModelAccumulator(len(engine.layers), engine.device, attn_sink=True, num_heads=heads)
     with ExitStack() as stack:
         if experts:
             stack.enter_context(ablated(engine.model, experts))
