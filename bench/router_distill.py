@@ -5,12 +5,19 @@ only the routers (and one output scale per layer) learn from the original model 
     python bench/router_distill.py --tokens 1024 --batch-size 2 --seq-len 256 --every 512 --ppl-tokens 1024 \
         --heldout 1 --threads 1 --out /tmp/rd         # a smoke run (7 minutes)
 
-Three students of the model: REAP-pruned -25% and -50% of the routed experts (``PruneConfig(ratio=...)``) and
-re-routed 8 -> 4 experts per token with ``rescale`` (lsq). Each is distilled by ``distill_router_`` from the
+Five students of the model: REAP-pruned -25% and -50% of the routed experts (``PruneConfig(ratio=...)``), merged to
+the same 18 and 12 experts per layer (``MergeConfig(target=...)``, moekit merge's defaults) and re-routed 8 -> 4
+experts per token with ``rescale`` (lsq). Each is distilled by ``distill_router_`` from the
 original on the calibration text (DATA_DIR/calib/c4_train_head.jsonl, packed into --seq-len sequences; the last
 --heldout sequences measure the KL before and after) and scored every --every training tokens on the first
 --ppl-tokens tokens of DATA_DIR/dev/c4_valid_dev.jsonl (1024-token windows). Writes OUT/tables/router_distill.json
 (the table, with every curve under "raw") and OUT/router_distill.png (perplexity against training tokens).
+
+Each student's result is appended to OUT/router_distill.jsonl as it finishes, with the settings it ran under; the
+table holds every student logged under the current settings (the latest run of each), so students can be run in
+separate processes (``--configs``) and a rerun skips the students already logged (``--fresh`` starts over).
+Beside each student the table gives a reference at the same cost: plain top-4 for the re-routed student (the share
+of its loss won back is the issue's measure), REAP pruning to the same count for the merged ones.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_common, load, load_or_profile, parse, parser
+from common import RESULTS, add_common, append_jsonl, load, load_or_profile, parse, parser, read_jsonl
 
 from moekit.data import calibration_tokens
 from moekit.eval.perplexity import perplexity, windows
+from moekit.merge.merge import MergeConfig, merge_
 from moekit.outputs import save_figure, write_json
 from moekit.prune.prune import PruneConfig, prune_
 from moekit.route.route import RouteConfig, route_
@@ -35,8 +43,15 @@ from moekit.train.router import RouterDistillConfig, distill_router_
 CONFIGS = {  # name -> what makes the student from the original (in place)
     "pruned -25% (reap)": lambda m, stats, calib: prune_(m, PruneConfig(criterion="reap", ratio=0.25), stats=stats),
     "pruned -50% (reap)": lambda m, stats, calib: prune_(m, PruneConfig(criterion="reap", ratio=0.5), stats=stats),
+    "merged to 18 (REAM + select)": lambda m, stats, calib: merge_(m, MergeConfig(target=18), stats=stats, tokens=calib),
+    "merged to 12 (REAM + select)": lambda m, stats, calib: merge_(m, MergeConfig(target=12), stats=stats, tokens=calib),
     "top-4 of 8 (rescale)": lambda m, stats, calib: route_(m, RouteConfig(top_k=4, mitigations=("rescale",)),
                                                            stats=stats, tokens=calib),
+}
+REFERENCES = {  # name -> (what the student is compared with, how that model is made from the original)
+    "merged to 18 (REAM + select)": ("REAP pruned to 18", CONFIGS["pruned -25% (reap)"]),
+    "merged to 12 (REAM + select)": ("REAP pruned to 12", CONFIGS["pruned -50% (reap)"]),
+    "top-4 of 8 (rescale)": ("plain top-4", lambda m, stats, calib: route_(m, RouteConfig(top_k=4), stats=stats)),
 }
 
 
@@ -50,6 +65,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=RouterDistillConfig.lr)
     ap.add_argument("--heldout", type=int, default=RouterDistillConfig.heldout)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--fresh", action="store_true", help="forget the students logged under these settings")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (on a CPU shared with other jobs 1 can be several times faster than 2)")
     args = parse(ap, argv)
@@ -65,11 +81,30 @@ def main(argv=None) -> None:
     print(f"original: perplexity {original:.2f}", flush=True)
     per_step = args.batch_size * args.seq_len
     every = max(1, args.every // per_step)  # steps between scores
-    raw = {}
+    log = out / "router_distill.jsonl"
+    setup = {"model": args.model, "tokens": args.tokens, "every": args.every, "ppl_tokens": dev.numel(),
+             "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "heldout": args.heldout,
+             "calib": Path(args.calib).name}
+    if args.fresh and log.exists():
+        log.unlink()
     for name in args.configs:
+        if any(x["setup"] == setup and x["name"] == name for x in read_jsonl(log)):
+            print(f"{name}: logged in {log} under these settings (--fresh runs it again)", flush=True)
+            continue
+        reference = None
+        if name in REFERENCES:
+            label, make = REFERENCES[name]
+            ref = copy.deepcopy(model)
+            with torch.no_grad():
+                make(ref, stats, calib)
+            reference = {"label": label, "ppl": perplexity(ref, dev, progress=False)}
+            print(f"{name}: reference {label}: perplexity {reference['ppl']:.2f}", flush=True)
+            del ref
         student = copy.deepcopy(model)
+        t = time.perf_counter()
         with torch.no_grad():
             CONFIGS[name](student, stats, calib)
+        make_s = time.perf_counter() - t
         curve, eval_s = [[0, perplexity(student, dev, progress=False)]], [0.0]
         print(f"{name}: perplexity {curve[0][1]:.2f} before", flush=True)
 
@@ -83,27 +118,44 @@ def main(argv=None) -> None:
         cfg = RouterDistillConfig(max_tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                   heldout=args.heldout)
         rep = distill_router_(student, cfg, tokens=args.calib, teacher=model, tokenizer=tok, callback=score)
-        raw[name] = {"curve": curve, "train_seconds": rep["seconds"] - eval_s[0], "tokens": rep["tokens_run"],
-                     "steps": rep["steps_run"], "losses": rep["losses"], "kl_heldout_before": rep["kl_heldout_before"],
-                     "kl_heldout_after": rep["kl_heldout_after"], "heldout_tokens": rep["heldout_tokens"],
-                     "scales": rep["scales"], "trained_parameters": rep["trained_parameters"]}
-        print(f"{name}: perplexity {curve[0][1]:.2f} -> {curve[-1][1]:.2f} in {raw[name]['train_seconds']:.0f}s of "
+        x = {"name": name, "setup": setup, "original_ppl": original, "reference": reference, "make_seconds": make_s,
+             "curve": curve, "train_seconds": rep["seconds"] - eval_s[0], "tokens": rep["tokens_run"],
+             "steps": rep["steps_run"], "losses": rep["losses"], "kl_heldout_before": rep["kl_heldout_before"],
+             "kl_heldout_after": rep["kl_heldout_after"], "heldout_tokens": rep["heldout_tokens"],
+             "scales": rep["scales"], "trained_parameters": rep["trained_parameters"]}
+        out.mkdir(parents=True, exist_ok=True)
+        append_jsonl(log, x)
+        print(f"{name}: perplexity {curve[0][1]:.2f} -> {curve[-1][1]:.2f} in {x['train_seconds']:.0f}s of "
               f"training; held-out KL {rep['kl_heldout_before']:.4f} -> {rep['kl_heldout_after']:.4f}", flush=True)
         del student
 
+    raw = {x["name"]: x for x in read_jsonl(log) if x["setup"] == setup}  # the latest run of each student
+    raw = {name: raw[name] for name in CONFIGS if name in raw}
+    if not raw:
+        return
     marks = [t for t, _ in next(iter(raw.values()))["curve"]]
     rows = []
     for name, r in raw.items():
-        before, after = r["curve"][0][1], r["curve"][-1][1]
+        before, after, ref = r["curve"][0][1], r["curve"][-1][1], r.get("reference")
+        won = f"{(ref['ppl'] - after) / (ref['ppl'] - original):.0%}" if ref else "–"
         rows.append([name, before, *[p for _, p in r["curve"][1:]], f"{(before - after) / (before - original):.0%}",
+                     f"{ref['label']}: {ref['ppl']:.2f}" if ref else "–", won,
                      f"{r['kl_heldout_before']:.3f} → {r['kl_heldout_after']:.3f}", round(r["train_seconds"])])
     columns = ["student", "ppl before", *[f"ppl after {kilo(t)} tokens" for t in marks[1:]],
-               "loss recovered", "held-out KL before → after", "training s"]
+               "own loss recovered", "reference (ppl)", "reference's loss won back", "held-out KL before → after",
+               "training s"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--configs" in argv:  # the students may come from several processes: the command without the choice of them
+        i = argv.index("--configs")
+        j = next((k for k in range(i + 1, len(argv)) if argv[k].startswith("--")), len(argv))
+        argv = argv[:i] + argv[j:]
     write_json(out / "tables" / "router_distill.json", {
-        "title": "Router distillation after pruning and re-routing: only the routers and one scale per layer train",
-        "command": "python bench/router_distill.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "title": "Router distillation after pruning, merging and re-routing: only the routers and one scale per layer "
+                 "train",
+        "command": "python bench/router_distill.py " + shlex.join(argv) + " (each student logged as it finishes; "
+                   "--configs NAME runs one)",
         "model": f"{args.model} (original perplexity {original:.2f}); students: REAP-pruned −25% / −50% of the routed "
-                 "experts, top-4 of 8 with rescale (lsq)",
+                 "experts, merged to 18 / 12 experts (REAM + select), top-4 of 8 with rescale (lsq)",
         "data": f"training: {args.tokens:,} tokens of {Path(args.calib).name} in {args.batch_size} x {args.seq_len} "
                 f"batches, lr {args.lr:g} (warm-up, cosine), forward KL from the original; held out: its last "
                 f"{args.heldout} sequences; perplexity: first {dev.numel():,} tokens of {Path(args.dev).name} in "
@@ -111,7 +163,7 @@ def main(argv=None) -> None:
         "machine": f"2-core development CPU (shared with other jobs), fp32, {torch.get_num_threads()} torch "
                    f"thread(s), torch {torch.__version__}",
         "date": None, "recorded": datetime.date.today().isoformat(),
-        "columns": columns, "formats": ["", ".2f", *[".2f"] * (len(marks) - 1), "", "", ""], "rows": rows,
+        "columns": columns, "formats": ["", ".2f", *[".2f"] * (len(marks) - 1), "", "", "", "", ""], "rows": rows,
         "raw": {"original_ppl": original, **raw}}, overwrite=True)
 
     plot(raw, original, out / "router_distill.png", every * per_step)
