@@ -270,6 +270,14 @@ def test_cli_merge_writes_smaller_model_and_report(tmp_path, char_tokenizer, cap
     with pytest.raises(SystemExit) as e:  # output exists now: refused, one line, exit 2
         main(argv)
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+    # --propagate: the layer-sequential path, each layer fitted on what the merged layers before it compute
+    with pytest.raises(SystemExit) as e:
+        main([a for a in argv if a not in ("--learn",)][:-4] + ["--out", str(tmp_path / "prop"), "--propagate"])
+    assert e.value.code in (0, None), capsys.readouterr().err
+    report = json.loads((tmp_path / "prop" / "merge_report.json").read_text())
+    assert report["propagate"] is True and report["mode"] == "sequential"
+    merged, _ = load_model(str(tmp_path / "prop"), device="cpu")
+    assert [layer.num_experts for layer in arch.moe_layers(merged)] == [5, 5]
 
 
 def test_select_rule_keeps_the_most_important_neurons_unchanged():

@@ -418,6 +418,10 @@ def test_cli_route_writes_a_reloadable_checkpoint(tmp_path):
     assert '"average_active_experts": 2.0' in result.output
     again, _ = load_model(str(tmp_path / "out"))
     assert again.config.num_experts_per_tok == 2 and "moekit_route" in again.config.to_dict()
+    prop = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "prop"), "--propagate"])  # rescale fitted layer by layer
+    assert prop.exit_code == 0, prop.output
+    again, _ = load_model(str(tmp_path / "prop"))
+    assert again.config.num_experts_per_tok == 2 and "moekit_route" in again.config.to_dict()
     bad = CliRunner().invoke(app, ["route", str(tmp_path / "src"), "--top-k", "2", "--per-layer", "x",
                                    "--stats", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "o2")])
     assert bad.exit_code != 0 and "--per-layer" in str(bad.exception or bad.output)

@@ -74,6 +74,21 @@ def mode_for(model: str, mode: str, device: str, dtype: str, command: str, *plac
     return choose_mode(model, mode, device=device, dtype=dtype, command=command)
 
 
+def propagating_mode(propagate: bool, mode: str, data: str | None, placement: tuple, command: str) -> str:
+    """``mode`` as given, or 'sequential' for ``--propagate`` (error propagation runs on the layer-sequential engine,
+    which carries the compressed layers' hidden states on to the next layer), after checking the options allow it."""
+    from moekit.errors import MoekitError
+
+    if not propagate:
+        return mode
+    if data is None:
+        raise MoekitError(f"{command} --propagate fits each layer on calibration text: give --data")
+    if mode == "memory" or any(p is not None for p in placement):
+        raise MoekitError(f"{command} --propagate runs layer by layer: drop --mode memory / --device-map / "
+                          "--max-memory / --offload-folder")
+    return "sequential"
+
+
 def tokenizer_of(model: str, trust_remote_code: bool = False):
     """The tokenizer saved beside a local checkpoint (the layer-sequential mode loads no model to take it from)."""
     from moekit.checkpoint.load import local_checkpoint

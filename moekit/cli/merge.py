@@ -10,7 +10,7 @@ import typer
 from moekit.cli import app
 from moekit.outputs import write_json
 from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST,
-                               load, mode_for, option, tokenizer_of)
+                               load, mode_for, option, propagating_mode, tokenizer_of)
 from moekit.merge.merge import MergeConfig
 
 
@@ -50,7 +50,11 @@ def merge(model: str = MODEL,
           seed: int = option(MergeConfig, "seed", help="calibration sampling and held-back split"),
           field: str = FIELD, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
           device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
-          overwrite: bool = OVERWRITE, mode: str = MODE):
+          overwrite: bool = OVERWRITE, mode: str = MODE,
+          propagate: bool = typer.Option(False, "--propagate",
+                                         help="error-propagating: fit layer i's router rows and coefficients on the "
+                                         "hidden states the already merged layers 0..i-1 produce (needs --data; layer "
+                                         "by layer). Without it every layer is fitted on the original model's states")):
     """Merge experts (one expert and one router row per cluster) and save the smaller model."""
     from moekit.data import calibration_tokens
     from moekit.checkpoint.save import save_model
@@ -65,14 +69,16 @@ def merge(model: str = MODEL,
     out_path = check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
     tokens = None
-    if mode_for(model, mode, device, dtype, "merge", device_map, max_memory, offload_folder) == "sequential":
+    placement = (device_map, max_memory, offload_folder)
+    mode = propagating_mode(propagate, mode, data, placement, "merge")
+    if mode_for(model, mode, device, dtype, "merge", *placement) == "sequential":
         from moekit.merge.sequential import merge_sequential
 
         tok = tokenizer_of(model, trust_remote_code)
         if data is not None:
             tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed)
         report = merge_sequential(model, cfg, out_path, stats=st, tokens=tokens, overwrite=overwrite, device=device,
-                                  dtype=dtype)
+                                  dtype=dtype, propagate=propagate)
     else:
         m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
         if data is not None:

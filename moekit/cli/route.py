@@ -10,7 +10,7 @@ import typer
 
 from moekit.cli import app
 from moekit.cli.common import (DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE, TRUST,
-                               load, mode_for, option, tokenizer_of)
+                               load, mode_for, option, propagating_mode, tokenizer_of)
 from moekit.route.route import RouteConfig
 
 PER_LAYER = option(RouteConfig, "top_k_per_layer", "--per-layer",
@@ -56,7 +56,12 @@ def route(model: str = MODEL,
           out: str = typer.Option(..., "--out", help="output checkpoint directory"), overwrite: bool = OVERWRITE,
           mode: str = MODE,
           dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
-          device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD):
+          device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
+          propagate: bool = typer.Option(False, "--propagate",
+                                         help="error-propagating: fit layer i's rescale constant on the hidden states "
+                                         "the already re-routed layers 0..i-1 produce (needs --data and --mitigation "
+                                         "rescale; layer by layer). Without it every constant is fitted on the "
+                                         "original model's states")):
     """Lower the experts each token activates (globally, per layer or per token) and save the model."""
     from moekit.data import calibration_tokens
     from moekit.checkpoint.save import save_model
@@ -70,13 +75,19 @@ def route(model: str = MODEL,
     cfg.validate()
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
-    if mode_for(model, mode, device, dtype, "route", device_map, max_memory, offload_folder) == "sequential":
+    if propagate and "rescale" not in cfg.mitigations:
+        from moekit.errors import MoekitError
+
+        raise MoekitError("--propagate changes only rescale's constants: add --mitigation rescale or drop --propagate")
+    placement = (device_map, max_memory, offload_folder)
+    mode = propagating_mode(propagate, mode, data, placement, "route")
+    if mode_for(model, mode, device, dtype, "route", *placement) == "sequential":
         from moekit.route.sequential import route_sequential
 
         tok = tokenizer_of(model, trust_remote_code)
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field) if data else None
         report = route_sequential(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
-                                  dtype=dtype)
+                                  dtype=dtype, propagate=propagate)
     else:
         m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
         tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, model=m) if data else None
