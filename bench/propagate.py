@@ -1,14 +1,14 @@
-"""Error-propagating calibration against calibration on the original model, for pruning, merging and re-routing
-(issue 20), on smollm2-moe.
+"""Error-propagating calibration against calibration on the original model, for pruning, merging, re-routing and
+densifying (issue 20), on smollm2-moe.
 
-One pass (the default of `moekit prune` / `merge` / `route`): every layer's decisions (prune scores; merge router rows
-and coefficients; the rescale constant) are computed on the original model's hidden states; for pruning one
+One pass (the default of `moekit prune` / `merge` / `route` / `densify`): every layer's decisions (prune scores; merge
+router rows and coefficients; the rescale constant; densify's expert scores) are computed on the original model's hidden states; for pruning one
 statistics file serves every ratio. Error-propagating (`--propagate`): layer i's decisions are computed on the hidden
 states the already compressed layers 0..i-1 produce, one extra layer forward per layer on the layer-sequential
 engine. Same 16 x 512 calibration tokens and profile for every row, same evaluator (perplexity on the first 16,384
 dev tokens, 1024-token windows).
 
-    python bench/propagate.py [--methods prune merge route]
+    python bench/propagate.py [--methods prune merge route densify]
 
 Each row is appended to bench/results/propagate.jsonl as it finishes and a rerun skips the rows logged under the same
 settings (``--fresh`` starts over); writes bench/results/tables/propagate.json.
@@ -26,6 +26,7 @@ ROWS = {  # method -> [(label, config maker)]
     "prune": [("REAP −25%", lambda: _prune(0.25)), ("REAP −50%", lambda: _prune(0.5))],
     "merge": [("merge to 18", lambda: _merge(18)), ("merge to 12", lambda: _merge(12))],
     "route": [("top-4 of 8, rescale", lambda: _route(4))],
+    "densify": [("K=8 acp", lambda: _densify(8)), ("K=4 acp", lambda: _densify(4))],
 }
 
 
@@ -47,6 +48,12 @@ def _route(k):
     return RouteConfig(top_k=k, mitigations=("rescale",))
 
 
+def _densify(keep):
+    from moekit.densify.densify import DensifyConfig
+
+    return DensifyConfig(keep=keep, score="acp")  # acp: do-acp without a Gram matrix (the profile has none)
+
+
 def compress(method: str, cfg, src: str, out: Path, stats, calib, propagate: bool) -> None:
     """The layer-sequential path of each method, as `moekit prune/merge/route [--propagate]` runs it."""
     import torch
@@ -63,10 +70,14 @@ def compress(method: str, cfg, src: str, out: Path, stats, calib, propagate: boo
         from moekit.merge.sequential import merge_sequential
 
         merge_sequential(src, cfg, out, tokens=calib, propagate=propagate, **kw)
-    else:
+    elif method == "route":
         from moekit.route.sequential import route_sequential
 
         route_sequential(src, cfg, out, tokens=calib, propagate=propagate, **kw)
+    else:
+        from moekit.densify.sequential import densify_sequential
+
+        densify_sequential(src, cfg, out, tokens=calib, propagate=propagate, **kw)
 
 
 def main() -> None:

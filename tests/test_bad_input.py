@@ -213,6 +213,7 @@ CASES = [  # (command line with {placeholders}, words the one error line must co
      "drop --mode memory"),
     ("route {model} --stats {stats} --top-k 1 --propagate --data {text} --out {tmp}/o", "add --mitigation rescale"),
     ("route {model} --stats {stats} --top-k 1 -m rescale --propagate --out {tmp}/o", "give --data"),
+    ("densify {model} --stats {stats} --keep 1 --propagate --out {tmp}/o", "densify --propagate fits each layer"),
     ("distill {bad}/auto-map --teacher {model} --data {text} --out {tmp}/o", "--trust-remote-code"),
     ("heal {model} --teacher {bad}/nowhere --data {text} --out {tmp}/o", "--teacher"),
     ("eval {model} --baseline {bad}/malformed-config --costs --out {tmp}/o.json", "not valid JSON"),

@@ -244,6 +244,11 @@ def test_cli_densify_then_distill_and_resume(tmp_path, char_tokenizer, capsys):
     code, out = run(["densify", str(tmp_path / "moe"), "--stats", str(tmp_path / "stats.safetensors"), "--keep", "3",
                      "--out", str(tmp_path / "dense"), "--device", "cpu"])
     assert code == 2 and "already exists" in out.err
+    code, out = run(["densify", str(tmp_path / "moe"), "--stats", str(tmp_path / "stats.safetensors"), "--keep", "3",
+                     "--score", "do-acp", "--propagate", "--data", str(data), "--n-seq", "4", "--seq-len", "16",
+                     "--out", str(tmp_path / "dense-prop"), "--device", "cpu"])
+    assert code in (0, None), out.err
+    assert "error-propagating" in out.out and (tmp_path / "dense-prop" / "config.json").exists()
     base = ["distill", str(tmp_path / "dense"), "--teacher", str(tmp_path / "moe"), "--data", str(data), "--out",
             str(tmp_path / "kd"), "--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--device", "cpu"]
     code, out = run([*base, "--steps", "2", "--checkpoint-every", "1"])

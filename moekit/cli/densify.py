@@ -11,7 +11,7 @@ import typer
 from moekit.cli import app
 from moekit.outputs import write_json
 from moekit.cli.common import (DATA, DEVICE, DEVICE_MAP, DTYPE, FIELD, MAX_MEMORY, MODE, MODEL, OFFLOAD, OVERWRITE,
-                               TRUST, load, mode_for, option, tokenizer_of)
+                               TRUST, load, mode_for, option, propagating_mode, tokenizer_of)
 from moekit.densify.densify import DensifyConfig
 from moekit.train.distill import DistillConfig
 from moekit.train.router import RouterDistillConfig
@@ -28,12 +28,19 @@ def densify(model: str = MODEL,
                                        help="uniform (1/K) or score (proportional)"),
             shared_gate: str = option(DensifyConfig, "shared_gate", "--shared-gate",
                                             help="Qwen2-MoE shared-expert gate: auto, mean (needs --data) or one"),
-            data: str = typer.Option(None, "--data", help="calibration text, only to fold a learned shared-expert gate"),
+            data: str = typer.Option(None, "--data", help="calibration text: to fold a learned shared-expert gate, "
+                                     "and for --propagate"),
             field: str = FIELD, seed: int = option(DensifyConfig, "seed", "--seed", help="seed of the random score"),
+            n_seq: int = typer.Option(16, "--n-seq", help="--data: calibration sequences"),
+            seq_len: int = typer.Option(512, "--seq-len", help="--data: tokens per sequence"),
             out: Path = typer.Option(..., "--out", help="output directory for the dense checkpoint"),
             overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST,
             device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
-            mode: str = MODE):
+            mode: str = MODE,
+            propagate: bool = typer.Option(False, "--propagate",
+                                           help="error-propagating: score layer i's experts on the hidden states the "
+                                           "already densified layers 0..i-1 produce (needs --data; layer by layer, "
+                                           "each layer profiled afresh). Without it every layer is scored from --stats")):
     """Score experts from the profile, keep K per layer and concatenate them into one standard dense model."""
     from moekit.core.arch import param_counts
     from moekit.data import calibration_tokens
@@ -49,18 +56,21 @@ def densify(model: str = MODEL,
     check_output_dir(out, overwrite)
     st = ExpertStats.load(stats)
     t0 = time.perf_counter()
-    if mode_for(model, mode, device, dtype, "densify", device_map, max_memory, offload_folder) == "sequential":
+    placement = (device_map, max_memory, offload_folder)
+    mode = propagating_mode(propagate, mode, data, placement, "densify")
+    if mode_for(model, mode, device, dtype, "densify", *placement) == "sequential":
         from moekit.densify.sequential import densify_sequential
 
         tok = tokenizer_of(model, trust_remote_code)
-        tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
+        tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed) if data else None
         done = densify_sequential(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
-                                  dtype=dtype)
+                                  dtype=dtype, propagate=propagate)
+        how = "error-propagating" if propagate else "layer by layer"
         print(f"densified {model} into {done['to']} with {keep} experts per layer (FFN width {done['width']}) by "
-              f"{score}/{grouping}, layer by layer, in {time.perf_counter() - t0:.1f}s -> {out}")
+              f"{score}/{grouping}, {how}, in {time.perf_counter() - t0:.1f}s -> {out}")
         return
     m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
-    tokens = calibration_tokens(data, tok, n_seq=8, seq_len=256, field=field, seed=seed) if data else None
+    tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, field=field, seed=seed) if data else None
     dense = run_densify(m, cfg, stats=st, tokens=tokens)
     save_model(dense, tok, out, overwrite=overwrite)
     before, after = param_counts(m)["total"], param_counts(dense)["total"]

@@ -4,10 +4,16 @@ the dense checkpoint's shards (:func:`moekit.densify.densify.dense_state` names 
 known before the walk from the shapes alone (K experts' width plus the shared expert's; the widest layer wins).
 A Qwen2-MoE shared-expert gate is folded per layer: 0.5 when it is all zeros (``auto``), else its mean sigmoid on the
 calibration tokens entering that layer.
+
+Error-propagating (``propagate``): layer i's experts are scored on the hidden states the already densified layers
+0..i-1 produce (the layer is profiled afresh on them, with the original profile's Gram sample size), and the
+calibration states then run on through layer i with its new dense FFN in place of the MoE block: one extra layer
+forward per layer.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -40,21 +46,30 @@ def _width(engine: LayerSequential, cfg: DensifyConfig) -> int:
 @torch.no_grad()
 def densify_sequential(src: str | Path, cfg: DensifyConfig, out: str | Path, *, stats: ExpertStats,
                        tokens: torch.Tensor | None = None, overwrite: bool = False, device: str | None = None, dtype=None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, propagate: bool = False) -> dict:
     """Densify the checkpoint ``src`` into the dense checkpoint ``out`` one decoder layer at a time; returns the
-    per-layer record the dense config keeps under ``moekit_densified``."""
+    per-layer record the dense config keeps under ``moekit_densified``. ``propagate`` (needs ``tokens``): score
+    layer i on what the already densified layers 0..i-1 compute; ``stats`` then only sets the Gram sample size."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from moekit.profile.profile import ProfileConfig
+    from moekit.profile.stream import LayerProfiler
+
     cfg.validate()
+    if propagate and tokens is None:
+        raise MoekitError("error-propagating densify scores each layer on calibration text: pass tokens (--data)")
+    profile_cfg = ProfileConfig(progress=False, gram_tokens=int(stats.meta.get("gram_tokens", 0)))
     engine = LayerSequential(src, device=device, dtype=dtype, progress=progress, desc="densify (layer-sequential)")
     layers = arch.require_moe(engine.model)
     engine.read_routers()
     stats.check_model(engine.model)
     gated = any(la.shared_gate is not None for la in layers) and cfg.shared_gate != "one"
-    if gated and tokens is not None:
-        engine = LayerSequential(src, tokens, device=device, dtype=dtype, progress=progress,
-                                 desc="densify (layer-sequential)")
+    if (gated or propagate) and tokens is not None:
+        engine = LayerSequential(src, tokens, device=device, dtype=dtype, batch_size=profile_cfg.batch_size,
+                                 progress=progress, desc="densify (error-propagating)" if propagate else
+                                 "densify (layer-sequential)")
+    profiler = LayerProfiler(engine, profile_cfg, tokens) if propagate else None
     from moekit.core.dense import _ATTN_BIAS_SUFFIXES
 
     engine.read_into_skeleton([n for n, _ in engine.model.named_parameters() if n.endswith(_ATTN_BIAS_SUFFIXES)])
@@ -70,13 +85,19 @@ def densify_sequential(src: str | Path, cfg: DensifyConfig, out: str | Path, *, 
         for layer in engine:
             prefix = f"{engine.prefix}{layer.index}."
             moe = layer.moe
-            gate_sums = _observed_gate(layer, cfg) if engine.hidden is not None else None
+            layer_stats = stats
+            if profiler is not None and moe is not None:  # profiled afresh on the densified prefix's states
+                gate_sums, layer_stats = _observe(layer, profiler, cfg)
+            else:
+                gate_sums = _observed_gate(layer, cfg) if engine.hidden is not None else None
             if moe is None:
                 m = layer.module.mlp
                 ffn = (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
             else:
                 c = _shared_gate(moe, cfg, gate_sums) if moe.shared_gate is not None else 1.0
-                ffn, record[str(layer.index)] = _dense_ffn(moe, stats, cfg, c)
+                ffn, record[str(layer.index)] = _dense_ffn(moe, layer_stats, cfg, c)
+                if profiler is not None:
+                    _forward_dense(layer, dense, _pad(ffn, width))
             src_state = {prefix + k: v for k, v in layer.module.state_dict().items()}
             mine = {k: t for k, t in targets.items() if k.startswith(prefix)}
             state = dense_state(src_state, mine, {layer.index: _pad(ffn, width)})
@@ -89,9 +110,10 @@ def densify_sequential(src: str | Path, cfg: DensifyConfig, out: str | Path, *, 
     return {"from": arch.model_type(engine.model), "to": target, "width": width, "layers": record, "mode": "sequential"}
 
 
-def _observed_gate(layer, cfg: DensifyConfig) -> tuple[float, int] | None:
-    """Run the calibration states through ``layer`` (every layer must, so the next sees its inputs) and return the
-    summed sigmoid of its shared-expert gate and the tokens seen (None: no gate to fold)."""
+def _observed_gate(layer, cfg: DensifyConfig, run=None) -> tuple[float, int] | None:
+    """Run the calibration states through ``layer`` (every layer must, so the next sees its inputs; ``run`` instead
+    of ``layer.forward`` when given) and return the summed sigmoid of its shared-expert gate and the tokens seen
+    (None: no gate to fold)."""
     gate = layer.moe.shared_gate if layer.moe is not None else None
     sums = [0.0, 0]
 
@@ -102,8 +124,37 @@ def _observed_gate(layer, cfg: DensifyConfig) -> tuple[float, int] | None:
     with Hooks() as hooks:
         if gate is not None and cfg.shared_gate != "one":
             hooks.forward(gate, hook)
-        layer.forward()
+        (run or layer.forward)()
     return (sums[0], sums[1]) if sums[1] else None
+
+
+def _observe(layer, profiler, cfg: DensifyConfig) -> tuple[tuple[float, int] | None, ExpertStats]:
+    """Profile ``layer`` on the current hidden states without moving them on: (shared-gate sums, its statistics)."""
+    out = {}
+
+    def run():
+        out["acc"] = profiler.observe(layer, update=False)
+
+    sums = _observed_gate(layer, cfg, run)
+    results = out["acc"].results()
+    live = ExpertStats(meta={"layers": [layer.index], "collected": list(results)},
+                       tensors={f"{k}.{layer.index}": v for k, v in results.items()})
+    return sums, live
+
+
+def _forward_dense(layer, dense, ffn) -> None:
+    """Move the calibration states on through ``layer`` with the dense FFN ``ffn`` (gate, up, down) in place of its
+    MoE block: the dense model's own MLP class, the decoder layer's own forward."""
+    attr = layer.moe.family.block_attr
+    mlp = copy.deepcopy(dense.model.layers[layer.index].mlp).to_empty(device=layer.device)
+    names = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    mlp.load_state_dict(dict(zip(names, ffn, strict=True)))
+    block = getattr(layer.module, attr)
+    setattr(layer.module, attr, mlp.to(layer.engine.dtype))
+    try:
+        layer.forward()
+    finally:
+        setattr(layer.module, attr, block)
 
 
 def _shared_gate(moe: arch.MoELayer, cfg: DensifyConfig, observed: tuple[float, int] | None) -> float:
