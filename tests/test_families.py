@@ -171,6 +171,68 @@ def test_longcat_zero_experts_keep_their_router_rows_and_identity_output_after_p
         layer.set_top_k(1)  # its experts' forward fails on a single slot
 
 
+def test_nemotron_h_ungated_experts_through_the_view_and_a_merge(models):
+    """NemotronH's experts have no gate: y = down @ relu^2(up @ x). Only its MoE layers are viewed (not the Mamba,
+    attention or dense-MLP ones); the view's weights are up and down only and its expert maths is that function; an
+    expert merged with a neuron-permuted copy of itself (aligned average, full-rank SVD) computes the same function."""
+    import numpy as np
+
+    from moekit.errors import MoekitError
+    from moekit.merge.merge import MergeConfig, build_clusters
+    from moekit.merge.rules import assemble
+
+    model = copy.deepcopy(models("nemotron_h"))
+    layers = arch.moe_layers(model)
+    assert [each.index for each in layers] == [1, 4]  # linear_attention, moe, full_attention, mlp, moe
+    layer = layers[0]
+    assert not layer.gated and layer.projections == ("up", "down")
+    w = layer.expert_weights()
+    assert set(w) == {"up", "down"} and layer.expert_param_count() == 2 * layer.expert_size * layer.hidden_size
+    x = torch.randn(7, layer.hidden_size)
+    with torch.no_grad():
+        hidden = torch.relu(x @ w["up"][2].T).square()
+        torch.testing.assert_close(layer.expert_hidden(2, x), hidden)
+        torch.testing.assert_close(layer.expert_forward(2, x), hidden @ w["down"][2].T)
+        perm = torch.randperm(layer.expert_size, generator=torch.Generator().manual_seed(0))
+        w["up"][5], w["down"][5] = w["up"][2][perm], w["down"][2][:, perm]  # expert 5: expert 2, neurons shuffled
+        layer.replace_experts(None, w["up"], w["down"], layer.router_weight.detach().clone(),
+                              correction_bias=layer.correction_bias.clone())
+        torch.testing.assert_close(layer.expert_forward(5, x), layer.expert_forward(2, x))
+        want = layer.expert_forward(2, x)
+        groups = [[0], [1], [2, 5], [3], [4, 6], [7]]  # six: n_group=2 divides it
+        freq = np.array([1.0, 1, 3, 1, 1, 1, 1, 1])
+        for rule in ("avg", "svd"):
+            clusters = build_clusters(layer, groups, freq, MergeConfig(rule=rule, align=True, target=6))
+            merged, _ = assemble(clusters)
+            assert set(merged) == {"up", "down"}
+            got = torch.relu(x @ merged["up"][2].T).square() @ merged["down"][2].T
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        rows = layer.router_weight.detach()[[g[0] for g in groups]]
+        layer.replace_experts(None, merged["up"], merged["down"], rows)
+        assert layer.num_experts == layer.router.num_experts == layer.experts.num_experts == 6
+        torch.testing.assert_close(layer.expert_forward(2, x), want, atol=1e-5, rtol=1e-4)
+        with pytest.raises(MoekitError, match="ungated"):  # a gate for ungated experts is a caller's bug
+            layer.replace_experts(merged["up"], merged["up"], merged["down"], rows)
+
+
+def test_nemotron_h_latent_experts_and_densify_are_refused_by_name_with_the_reason(models):
+    """A NemotronH config with moe_latent_size (experts on a latent projection) is refused in one line naming the
+    setting; densifying is refused naming the ungated experts (densify builds gated FFNs)."""
+    from tiny import tiny_config
+
+    from moekit.core.dense import dense_model_type
+    from moekit.errors import MoekitError
+
+    with pytest.raises(MoekitError, match=r"^'nemotron_h' with moe_latent_size=16 is not handled yet: its experts run "
+                                          r"on a latent projection") as e:
+        arch.check_supported(tiny_config("nemotron_h", moe_latent_size=16))
+    assert "\n" not in str(e.value)
+    assert arch.check_supported(tiny_config("nemotron_h")) == "nemotron_h"
+    with pytest.raises(MoekitError, match=r"^moekit cannot densify 'nemotron_h': its experts are ungated") as e:
+        dense_model_type(models("nemotron_h"))
+    assert "\n" not in str(e.value)
+
+
 def test_the_families_table_lists_every_supported_family(cli):
     code, out, err = cli("info", "--families", "--vllm-python", "/nonexistent-is-fine-here")
     assert code == 2 and "--vllm-python" in err  # a given interpreter that does not exist is an input error

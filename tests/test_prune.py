@@ -331,6 +331,7 @@ def test_report_table_and_plot(tmp_path):
 
 @pytest.mark.parametrize(
     "family,over", [(f, {}) for f in MOE_FAMILIES] + [("qwen3_moe", {"tie_word_embeddings": True})]
+    + [("nemotron_h", {})]  # ungated experts, under a renamed body (backbone.) on disk
 )
 def test_shardwise_equals_in_memory(family, over, tmp_path):
     from safetensors.torch import load_file

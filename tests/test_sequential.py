@@ -27,9 +27,13 @@ def _saved(tmp_path_factory, family):
     return path, model, tokens, stats
 
 
-@pytest.fixture(scope="module", params=MOE_FAMILIES)
+# the classic six, and NemotronH: a hybrid whose checkpoint names its body ``backbone.`` and whose experts are ungated
+SEQUENTIAL_FAMILIES = (*MOE_FAMILIES, "nemotron_h")
+
+
+@pytest.fixture(scope="module", params=SEQUENTIAL_FAMILIES)
 def saved(request, tmp_path_factory):
-    """(checkpoint folder, in-memory model, calibration tokens, statistics) of one classic family's tiny model."""
+    """(checkpoint folder, in-memory model, calibration tokens, statistics) of one family's tiny model."""
     return _saved(tmp_path_factory, request.param)
 
 
@@ -345,3 +349,73 @@ def test_propagating_route_fits_each_layer_on_the_rerouted_prefix(saved, tmp_pat
     if rest:  # later layers see what the re-routed layers before them compute
         assert prop["scales"][rest[-1]] != plain["scales"][rest[-1]]
     reload(tmp_path / "b")
+
+
+def test_propagating_merge_fits_each_layer_on_the_merged_prefix(saved, tmp_path):
+    """Layer i's router rows and coefficients are fitted on what the already merged layers 0..i-1 compute: the same
+    model as merging in memory layer by layer, each layer on inputs captured from the model merged so far."""
+    from moekit.core import arch
+    from moekit.merge.fit import capture_inputs, split_holdout
+    from moekit.merge.merge import MergeConfig, _merge_layer, plan_groups
+    from moekit.merge.sequential import merge_sequential
+
+    path, model, tokens, stats = saved
+    n = max(layer.num_experts for layer in arch.moe_layers(model))
+    cfg = MergeConfig(target=n // 2, router="fitted")  # fitted rows depend on the inputs the layer is fitted on
+    plain = merge_sequential(path, cfg, tmp_path / "plain", stats=stats, tokens=tokens, **CPU)
+    prop = merge_sequential(path, cfg, tmp_path / "prop", stats=stats, tokens=tokens, propagate=True, **CPU)
+    assert prop["propagate"] and not plain["propagate"]
+    mem = copy.deepcopy(model)
+    layers = arch.moe_layers(mem)
+    plan, split = plan_groups(layers, stats, cfg), split_holdout(len(tokens), cfg.holdout, cfg.seed)
+    for layer in layers:
+        with torch.no_grad():
+            inputs = capture_inputs(mem, [layer], tokens, cfg.batch_size)
+        _merge_layer(layer, plan[layer.index], stats, cfg, inputs, split)
+    back = reload(tmp_path / "prop")
+    x = ids(batch=2, length=8)
+    torch.testing.assert_close(back(x).logits, mem(x).logits, rtol=1e-4, atol=1e-4)
+    if len(layers) > 1:  # the first MoE layer sees the same tokens either way; a later one does not
+        last = layers[-1].index
+        rows = {name: arch.moe_layers(reload(tmp_path / name))[-1].router_weight for name in ("plain", "prop")}
+        assert not torch.equal(rows["plain"], rows["prop"]), last
+
+
+def test_propagating_densify_scores_each_layer_on_the_densified_prefix(saved, tmp_path):
+    """Layer i's experts are chosen from a profile of the model whose layers 0..i-1 already run their dense FFNs:
+    the same dense model as densifying in memory layer by layer, re-profiling the partly dense model each time."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.core import arch
+    from moekit.core.arch import MOE_FAMILIES as FAMILIES
+    from moekit.core.keys import DENSIFIED_KEY
+    from moekit.densify.densify import DensifyConfig, _dense_ffn, _mean_gates
+    from moekit.densify.sequential import densify_sequential
+
+    path, model, tokens, stats = saved
+    if FAMILIES[model.config.model_type].dense_model_type is None:
+        pytest.skip(f"{model.config.model_type} has no dense twin")
+    cfg = DensifyConfig(keep=2, shared_gate="mean")
+    densify_sequential(path, cfg, tmp_path / "out", stats=stats, tokens=tokens, propagate=True, **CPU)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    mem, chosen = copy.deepcopy(model), {}
+    gram = ProfileConfig(progress=False, gram_tokens=stats.meta["gram_tokens"])
+    for layer in arch.moe_layers(mem):  # each layer scored on what the dense layers before it compute
+        live = profile(mem, gram, tokens=tokens)
+        with torch.no_grad():
+            c = _mean_gates(mem, [layer], tokens)[layer.index] if layer.shared_gate is not None else 1.0
+        (g, u, d), info = _dense_ffn(layer, live, cfg, c)
+        chosen[str(layer.index)] = info["selected"]
+        mlp = copy.deepcopy(back.model.layers[layer.index].mlp)  # the dense model's MLP, padded as it pads
+        with torch.no_grad():
+            n = g.shape[0]
+            for name, w in (("gate_proj", g), ("up_proj", u)):
+                getattr(mlp, name).weight.zero_()[:n] = w
+            mlp.down_proj.weight.zero_()[:, :n] = d
+        setattr(arch.decoder_layers(mem)[layer.index], layer.family.block_attr, mlp)
+    record = getattr(back.config, DENSIFIED_KEY)["layers"]
+    assert {k: v["selected"] for k, v in record.items()} == chosen
+    one_pass = {str(la.index): _dense_ffn(la, stats, cfg, 1.0)[1]["selected"] for la in arch.moe_layers(model)}
+    assert one_pass != chosen  # these tiny models pick other experts in their last layer once the prefix is dense
+    x = ids(batch=2, length=8)
+    torch.testing.assert_close(back(x).logits, mem(x).logits, rtol=1e-4, atol=1e-4)

@@ -65,6 +65,8 @@ FROM_NONE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_interm
 HYBRID = {  # hybrid families: one layer of each kind
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # NemotronH: Mamba-2, MoE, attention, dense MLP, MoE layers (two MoE layers around the others)
+    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp", "moe"]},
 }
 # families whose size keys have their own names (LongCat-Flash: num_layers decoder layers of two sublayers each; two
 # zero (identity) experts beside the eight real ones, so that tokens are routed to them; Llama-4's expert size)
@@ -72,6 +74,9 @@ OWN_KEYS = {
     "longcat_flash": dict(num_layers=2, moe_topk=3, zero_expert_num=2, ffn_hidden_size=64, expert_ffn_hidden_size=16),
     # Llama-4: intermediate_size is one expert's (and the shared expert's), intermediate_size_mlp the dense layers'
     "llama4_text": dict(intermediate_size=16, intermediate_size_mlp=64),
+    # NemotronH: its Mamba-2 sizes and shared-expert width under their own names; a routed scale that is not 1
+    "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
+                       moe_shared_expert_intermediate_size=24, routed_scaling_factor=2.5),
 }
 
 

@@ -164,7 +164,7 @@ def read_non_uniform(path: Path, config, dtype, device_map=None, max_memory=None
 def resize_empty(layer: arch.MoELayer, n: int) -> None:
     ex, r = layer.experts, layer.router_linear
     e, z = layer.num_experts, layer.num_zero_experts  # zero experts (LongCat-Flash): Z more router rows, gate_up rows
-    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+    for name in arch.EXPERT_TENSORS:
         t = getattr(ex, name, None)
         if t is not None:
             rows = n + (t.shape[0] - e if z else 0)

@@ -217,10 +217,10 @@ class CheckpointReader:
     def is_fp8(self) -> bool:
         return bool(self.stored_dtypes & set(FP8_DTYPES))
 
-    def extra_layers(self, num_hidden_layers: int) -> list[int]:
-        """Decoder-layer indices on disk at or beyond ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction
-        layer is ``model.layers.61``), which the model built from config.json has no place for."""
-        found = {int(m.group(1)) for key in self.where if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    def extra_layers(self, num_hidden_layers: int, prefix: str = "model.layers.") -> list[int]:
+        """Decoder-layer indices on disk (under ``prefix``) at or beyond ``num_hidden_layers`` (DeepSeek-V3's
+        multi-token-prediction layer is ``model.layers.61``), which the model built from config.json has no place for."""
+        found = {int(m.group(1)) for key in self.where if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))}
         return sorted(i for i in found if i >= num_hidden_layers)
 
     def _is_scale(self, key: str) -> bool:

@@ -9,6 +9,10 @@ transformers 5 stores experts fused (``gate_up_proj [E, 2I, H]``, ``down_proj [E
 transposed and interleaved, with biases). The view reads and writes those tensors in place, keeps the
 module attributes (``num_experts``, ``top_k``) and the model config consistent, and never re-implements
 a model: routing and expert maths are the modules' own.
+
+Ungated experts (NemotronH: ``up_proj [E, I, H]``, ``down_proj [E, H, I]``, y = down @ act(up @ x)) have no gate:
+their canonical weights are up and down only (no "gate" key, ``gate=None`` where one is passed), and every method
+that handles the projections one by one handles the ones present (:attr:`MoELayer.projections`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from moekit.core.keys import PER_LAYER_EXPERTS_KEY, PER_LAYER_TOP_K_KEY, ROUTE_K
 from moekit.errors import MoekitError
 
 SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+# the experts module's per-expert tensors (experts on dim 0) in any layout: weights, then biases
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+EXPERT_TENSORS = (*EXPERT_WEIGHTS, "gate_up_proj_bias", "down_proj_bias")
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,8 @@ class Family:
     top_k_key: str = "num_experts_per_tok"  # config key for the experts each token activates
     block_attr: str = "mlp"  # attribute of a decoder layer holding its MoE block (when the layer is sparse)
     # "concat": gate_up [E,2I,H], down [E,H,I]; "gpt_oss": [E,H,2I] interleaved, [E,I,H]; "llama4": [E,H,2I] (gate
-    # then up), [E,I,H], and its experts called on router-scaled inputs (see the Llama-4 record and MoELayer.routing)
+    # then up), [E,I,H], and its experts called on router-scaled inputs (see the Llama-4 record and MoELayer.routing);
+    # "ungated": up [E,I,H], down [E,H,I], y = down @ act(up @ x), no gate (NemotronH)
     layout: str = "concat"
     scoring: str = "softmax"  # "softmax" over all experts, "sigmoid" (DeepSeek-V3), "topk_softmax" (top-k on logits first)
     shared_attr: str | None = None  # shared expert module on the block
@@ -57,6 +65,10 @@ class Family:
     # the fewest experts per token the experts' forward runs with (LongCat-Flash's fails on one: it squeezes the
     # slot dim of its [k, T] mask, transformers 5.24); set_top_k and route refuse fewer, combine() pads
     min_top_k: int = 1
+    # config settings the view cannot handle yet: (key, why), refused by check_supported when the key is set (not None)
+    refused_settings: tuple[tuple[str, str], ...] = ()
+    # why the family has no dense twin densify could build, where there is more to say than "none in transformers"
+    no_dense_reason: str | None = None
 
 
 def _family(name: str, **kw) -> Family:
@@ -167,6 +179,20 @@ MOE_FAMILIES: dict[str, Family] = {
     "llama4_text": _family("llama4_text", block_attr="feed_forward", router_attr="router",
                            num_experts_key="num_local_experts", expert_size_key="intermediate_size", layout="llama4",
                            scoring="sigmoid", shared_attr="shared_expert", norm_topk_default=False),
+    # NemotronH (Nemotron-3 Nano): a hybrid of Mamba-2, attention, dense-MLP and MoE decoder layers, each one block
+    # ``mixer`` (the view sees the MoE ones: those with ``experts``). DeepSeek-V3 routing (sigmoid scores, the router's
+    # e_score_correction_bias, num_group / topk_group, routed_scaling_factor, norm_topk_prob on the router ``gate``)
+    # and an ungated shared MLP ``shared_experts``; its routed experts are ungated too (layout "ungated": up_proj
+    # [E, I, H], down_proj [E, H, I], act = config.mlp_hidden_act, relu^2). With moe_latent_size set the experts run on
+    # a latent projection (fc1_latent_proj / fc2_latent_proj, with biases where mlp_bias) of the block's input: the
+    # view's experts take hidden states, so such configs are refused.
+    "nemotron_h": _family("nemotron_h", block_attr="mixer", num_experts_key="n_routed_experts", scoring="sigmoid",
+                          shared_attr="shared_experts", layout="ungated",
+                          refused_settings=(("moe_latent_size", "its experts run on a latent projection of the hidden "
+                                             "states (fc1_latent_proj / fc2_latent_proj), which moekit's expert view "
+                                             "does not model"),),
+                          no_dense_reason="its experts are ungated (relu^2 up / down): densify builds gated "
+                                          "gate / up / down FFNs, and its own dense 'mlp' layers are not a target"),
     "longcat_flash": _family("longcat_flash", router_attr="router.classifier", num_experts_key="n_routed_experts",
                              expert_size_key="expert_ffn_hidden_size", top_k_key="moe_topk", norm_topk_default=False,
                              zero_experts_attr="zero_expert_num", min_top_k=2),
@@ -180,7 +206,6 @@ NOT_SUPPORTED = {
     "jetmoe": "its experts are unfused input/output linears (ParallelExperts)",
     "dbrx": "its experts are 2-D stacked w1/v1/w2 tensors, and its config does not build in this transformers",
     "aria_text": "transposed [E, H, 2I] experts",
-    "nemotron_h": "relu^2 experts with an up projection and no gate",
     "gemma4_text": "its router and experts sit on the decoder layer itself, beside a dense MLP",
     "deepseek_v4": "hash routers on some layers and sqrt-softplus scores",
     "bailing_hybrid": "group-limited routing that fails on a reduced expert count (not yet understood)",
@@ -208,6 +233,12 @@ def check_supported(model_or_config) -> str:
     if mt not in SUPPORTED:
         raise MoekitError(f"unsupported architecture '{mt}': moekit supports {len(MOE_FAMILIES)} MoE families and the "
                           f"dense {', '.join(DENSE_FAMILIES)} (`moekit info --families`); convert the model to one of them")
+    family = MOE_FAMILIES.get(mt)
+    config = getattr(model_or_config, "config", model_or_config)
+    for key, why in (family.refused_settings if family else ()):
+        if getattr(config, key, None) is not None:
+            raise MoekitError(f"'{mt}' with {key}={getattr(config, key)} is not handled yet: {why} "
+                              f"(configs with {key} unset are)")
     return mt
 
 
@@ -222,6 +253,13 @@ def decoder_layers(model) -> nn.ModuleList:
     if layers is None:
         raise MoekitError(f"cannot find decoder layers on {type(model).__name__}; is this a causal language model?")
     return layers
+
+
+def final_norm(model) -> nn.Module:
+    """The norm after the last decoder layer (``model.model.norm``; NemotronH's ``norm_f``)."""
+    inner = getattr(model, "model", model)
+    norm = getattr(inner, "norm", None)
+    return norm if norm is not None else inner.norm_f
 
 
 class MoELayer:
@@ -256,7 +294,19 @@ class MoELayer:
         return int(self.experts.down_proj.shape[0])
 
     @property
+    def gated(self) -> bool:
+        """Whether the experts have a gate projection (all but NemotronH's: y = down @ act(up @ x))."""
+        return self.family.layout != "ungated"
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The canonical projections the experts have: gate, up, down; or up, down (ungated)."""
+        return ("gate", "up", "down") if self.gated else ("up", "down")
+
+    @property
     def expert_size(self) -> int:
+        if not self.gated:
+            return int(self.experts.up_proj.shape[1])
         gu = self.experts.gate_up_proj
         return int(gu.shape[-1] // 2 if self.family.layout in ("gpt_oss", "llama4") else gu.shape[1] // 2)
 
@@ -371,15 +421,18 @@ class MoELayer:
 
     def expert_param_count(self) -> int:
         """Parameters of one routed expert (weights and biases)."""
-        n = 3 * self.expert_size * self.hidden_size
+        n = len(self.projections) * self.expert_size * self.hidden_size
         if self.family.layout == "gpt_oss":
             n += 2 * self.expert_size + self.hidden_size
         return n
 
     # ----------------------------------------------------------------- weights
     def expert_weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
-        """Canonical gate [E,I,H], up [E,I,H], down [E,H,I]: copies, or (``copy=False``) read-only views of the
-        parameters (no memory; for a caller that only reads them before replacing the experts)."""
+        """Canonical gate [E,I,H], up [E,I,H], down [E,H,I] (no gate for ungated experts): copies, or (``copy=False``)
+        read-only views of the parameters (no memory; for a caller that only reads them before replacing the experts)."""
+        if not self.gated:
+            out = {"up": self.experts.up_proj.detach(), "down": self.experts.down_proj.detach()}
+            return {k: v.clone() for k, v in out.items()} if copy else out
         gu, dn = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
         gu = gu[: dn.shape[0]]  # LongCat-Flash stores E+Z gate_up rows (the zero experts' unused)
         if self.family.layout == "gpt_oss":
@@ -403,7 +456,11 @@ class MoELayer:
         ex = self.experts
         ref = ex.down_proj
         kw = dict(device=ref.device, dtype=ref.dtype)
-        if self.family.layout == "gpt_oss":
+        if not self.gated:
+            ex.up_proj = nn.Parameter(up.to(**kw).contiguous(), requires_grad=ref.requires_grad)
+            ex.down_proj = nn.Parameter(down.to(**kw).contiguous(), requires_grad=ref.requires_grad)
+            ex.intermediate_dim = int(up.shape[1])
+        elif self.family.layout == "gpt_oss":
             e, i, h = gate.shape
             gu = torch.empty(e, h, 2 * i, **kw)
             gu[..., 0::2] = gate.transpose(1, 2)
@@ -432,7 +489,7 @@ class MoELayer:
             ex.gate_up_proj = nn.Parameter(gu.contiguous(), requires_grad=ref.requires_grad)
             ex.down_proj = nn.Parameter(down.to(**kw).contiguous(), requires_grad=ref.requires_grad)
             ex.intermediate_dim = int(gate.shape[1])
-        self._set_counts(int(gate.shape[0]))
+        self._set_counts(int(up.shape[0]))
 
     def _set_counts(self, n: int) -> None:
         """The modules' own expert counts after a change to ``n`` real experts. LongCat-Flash's experts keep
@@ -484,9 +541,11 @@ class MoELayer:
     def block_tensors(self, gate, up, down, router_weight, router_bias=None, biases=None) -> dict[str, torch.Tensor]:
         """Canonical expert weights and router rows as the block's own parameters, keyed by their names in
         ``self.block`` and kept differentiable: for ``torch.func.functional_call(layer.block, ...)``. The block
-        must already hold this many experts (``replace_experts``)."""
+        must already hold this many experts (``replace_experts``); ``gate`` is None for ungated experts."""
         r = self.family.router_attr
-        if self.family.layout == "gpt_oss":
+        if not self.gated:
+            out = {"experts.up_proj": up, "experts.down_proj": down}
+        elif self.family.layout == "gpt_oss":
             gu = torch.stack([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).flatten(-2)  # interleave gate/up
             out = {"experts.gate_up_proj": gu, "experts.down_proj": down.transpose(1, 2)}
             if biases is not None:
@@ -535,7 +594,7 @@ class MoELayer:
         # every per-expert tensor is indexed along its first (expert) dimension in its stored layout: the kept
         # experts are the only new memory (no canonical copies of the whole layer on the way); rows past the real
         # experts (LongCat-Flash's zero experts' gate_up rows) stay at the end
-        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        for name in EXPERT_TENSORS:
             old = getattr(ex, name, None)
             if old is not None:
                 rows = torch.cat([idx, torch.arange(e, old.shape[0])]) if z and old.shape[0] > e else idx
@@ -545,8 +604,11 @@ class MoELayer:
         sync_config(self.model)
 
     def replace_experts(self, gate, up, down, router_weight, router_bias=None, correction_bias=None, biases=None) -> None:
-        """Replace the routed experts (any new count) and the router rows that pick them."""
-        e = int(gate.shape[0])
+        """Replace the routed experts (any new count) and the router rows that pick them (``gate`` None: ungated)."""
+        if (gate is None) == self.gated:
+            raise MoekitError(f"layer {self.index}: {self.family.name}'s experts are {'' if self.gated else 'un'}gated, "
+                              f"so replace_experts wants {'a gate' if self.gated else 'gate=None'}; this is a moekit bug")
+        e = int(up.shape[0])
         if e == 0:
             raise MoekitError(f"layer {self.index}: zero experts would remain; keep at least top-k ({self.top_k}) experts")
         if self.top_k > e:
@@ -557,8 +619,9 @@ class MoELayer:
             raise MoekitError(
                 f"layer {self.index}: {e} experts do not divide into n_group={self.n_group} groups; keep a multiple of {self.n_group}"
             )
-        if not (up.shape == gate.shape and down.shape == (e, gate.shape[2], gate.shape[1]) and router_weight.shape[0] == e):
-            raise MoekitError(f"layer {self.index}: inconsistent expert shapes gate {tuple(gate.shape)}, down {tuple(down.shape)}")
+        if not ((gate is None or up.shape == gate.shape) and down.shape == (e, up.shape[2], up.shape[1])
+                and router_weight.shape[0] == e):
+            raise MoekitError(f"layer {self.index}: inconsistent expert shapes up {tuple(up.shape)}, down {tuple(down.shape)}")
         self._write_experts(gate, up, down, biases)
         self._write_router(router_weight, router_bias, correction_bias)
         sync_config(self.model)
@@ -682,6 +745,8 @@ class MoELayer:
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Output of routed expert ``e`` on tokens x [T, H], before the routing weight."""
         ex = self.experts
+        if not self.gated:  # its own maths: down @ act(up @ x)
+            return nn.functional.linear(ex.act_fn(nn.functional.linear(x, ex.up_proj[e])), ex.down_proj[e])
         if self.family.layout == "gpt_oss":
             gate_up = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
             return ex._apply_gate(gate_up) @ ex.down_proj[e] + ex.down_proj_bias[e]
@@ -691,8 +756,10 @@ class MoELayer:
         return nn.functional.linear(self._gated(nn.functional.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
 
     def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Intermediate activation act(gate x) * (up x) of expert ``e`` on x [T, H] -> [T, I]."""
+        """Intermediate activation act(gate x) * (up x) of expert ``e`` on x [T, H] -> [T, I] (ungated: act(up x))."""
         ex = self.experts
+        if not self.gated:
+            return ex.act_fn(nn.functional.linear(x, ex.up_proj[e]))
         if self.family.layout == "gpt_oss":
             return ex._apply_gate(x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e])
         if self.family.layout == "llama4":

@@ -28,6 +28,8 @@ def dense_model_type(model: nn.Module) -> str:
     """
     mt = model_type(model)
     family = MOE_FAMILIES.get(mt)
+    if family is not None and family.no_dense_reason:
+        raise MoekitError(f"moekit cannot densify '{mt}': {family.no_dense_reason}")
     if family is None or family.dense_model_type is None:
         known = ", ".join(f"{k} -> {f.dense_model_type}" for k, f in MOE_FAMILIES.items() if f.dense_model_type)
         raise MoekitError(f"moekit cannot densify '{mt}' into a standard dense model; supported: {known}")

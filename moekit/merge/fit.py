@@ -70,7 +70,7 @@ class BlockFit:
 
     def output(self, alphas, router_w, router_b, x=None) -> torch.Tensor:
         w, b = assemble(self.clusters, alphas)
-        params = self.layer.block_tensors(w["gate"], w["up"], w["down"], router_w, router_b, b)
+        params = self.layer.block_tensors(w.get("gate"), w["up"], w["down"], router_w, router_b, b)
         if self.fixed and x is None:
             part = self.layer.combine(self.pair_x, self.pair_w, self.pair_idx, params)
             return self.const.index_add(0, self.pair_tok, part)

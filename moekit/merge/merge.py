@@ -5,7 +5,8 @@
 grouping; super experts are never merged), merges every cluster into ONE expert, gives it ONE router
 row, and rewrites the layer with ``MoELayer.replace_experts`` — the model is genuinely smaller.
 
-Merge rules (:mod:`moekit.merge_rules`; every projection P of gate / up / down, members i of a cluster):
+Merge rules (:mod:`moekit.merge_rules`; every projection P of gate / up / down (up / down for ungated experts),
+members i of a cluster):
 ``avg`` (HC-SMoE, P = sum_i a_i P_i, a_i = activation-frequency ratios, optional neuron alignment),
 ``svd`` (the Samsung AI Challenge 2025 pipeline, Sub-MoE: [P_1 .. P_n] = U S [V_1 .. V_n], P = U S sum_i a_i V_i — equal to ``avg``
 unless ``rank`` truncates) and ``select`` (keep the members' most important neurons).
@@ -207,14 +208,15 @@ def _spread_global(layers, stats, cfg: MergeConfig, free) -> dict[int, int]:
 def neuron_importance(layer: arch.MoELayer, w: dict[str, torch.Tensor], freq: np.ndarray,
                       x: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per expert, per intermediate neuron: sum over routed calibration tokens of g * |h_j| times ||down_j||
-    (with ``x``), else frequency times ||gate_j|| ||up_j|| ||down_j||."""
+    (with ``x``), else frequency times ||gate_j|| ||up_j|| ||down_j|| (no gate factor for ungated experts)."""
     def norm(t, dim):  # in float32 without a float32 copy of the whole tensor
         return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
 
     down_norm = norm(w["down"], 1)  # [E, I]
     if x is None:
         f = torch.as_tensor(freq, dtype=torch.float32)
-        return list(f[:, None] * norm(w["gate"], 2) * norm(w["up"], 2) * down_norm)
+        gate_norm = norm(w["gate"], 2) if "gate" in w else 1.0
+        return list(f[:, None] * gate_norm * norm(w["up"], 2) * down_norm)
     _, weights, idx = layer.route(x)
     out = []
     with torch.no_grad():
@@ -238,7 +240,7 @@ def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarr
     for members in groups:
         experts = []
         for e in members:
-            one = {p: w[p][e] for p in PROJ}
+            one = {p: w[p][e] for p in layer.projections}
             if b is not None:
                 one.update({f"{p}_b": b[p][e].float() for p in PROJ})
             experts.append(one)
@@ -253,7 +255,7 @@ def build_clusters(layer: arch.MoELayer, groups: list[list[int]], freq: np.ndarr
             bases = {k: torch.stack([x[k] for x in experts]) for k in experts[0]}
         alpha0 = ratios.repeat(3, 1)
         if cfg.rule == "svd" and len(members) > 1:
-            for p in PROJ:
+            for p in layer.projections:
                 bases[p] = svd_bases(bases[p].float(), cfg.rank)
         elif cfg.rule == "select" and len(members) > 1:
             bases = select_bases(experts, [importance[e] for e in members], ratios)
@@ -379,10 +381,10 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
     first = candidates[options[0]]
     if x_tr is None:  # nothing to fit: the bases (copies of the merged members) go before the layer is rebuilt
         del clusters
-        layer.replace_experts(w["gate"], w["up"], w["down"], first[0], first[1], cb, b)
+        layer.replace_experts(w.get("gate"), w["up"], w["down"], first[0], first[1], cb, b)
         rec["router"] = {"choice": options[0]}
         return rec
-    layer.replace_experts(w["gate"], w["up"], w["down"], first[0], first[1], cb, b)
+    layer.replace_experts(w.get("gate"), w["up"], w["down"], first[0], first[1], cb, b)
     layer.block.float()
     probe = BlockFit(layer, clusters, x_va, y_va)
     with torch.no_grad():
@@ -393,7 +395,7 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
     rw, rb = candidates[choice]
     rec["error_init"] = errors[choice]
     if cfg.learn:
-        layer.replace_experts(w["gate"], w["up"], w["down"], rw, rb, cb, b)  # the chosen router in place
+        layer.replace_experts(w.get("gate"), w["up"], w["down"], rw, rb, cb, b)  # the chosen router in place
         layer.block.float()
         fixed = not cfg.learn_router
         train = BlockFit(layer, clusters, x_tr, y_tr, fixed)
@@ -403,7 +405,7 @@ def _merge_layer(layer: arch.MoELayer, groups, stats: ExpertStats, cfg: MergeCon
                    steps=fit["steps"], rejected_steps=fit["rejected_steps"])
         w, b = assemble(clusters, fit["alphas"], dtype=layer.experts.down_proj.dtype)
         rw = fit["router_weight"]
-    layer.replace_experts(w["gate"], w["up"], w["down"], rw, rb, cb, b)
+    layer.replace_experts(w.get("gate"), w["up"], w["down"], rw, rb, cb, b)
     layer.block.to(dtype)
     return rec
 

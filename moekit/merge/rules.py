@@ -10,6 +10,9 @@
 * ``svd`` (the Samsung AI Challenge 2025 pipeline, Sub-MoE): [P_1 .. P_n] = U S [V_1 .. V_n] and the bases are U S V_i, so that
   P = U S sum_i a_i V_i. With every singular value kept U S V_i = P_i exactly (the SVD merge IS the
   average); with ``rank`` r the bases are projected onto the members' shared top-r output subspace.
+
+Ungated experts (NemotronH) have no gate: every rule acts on the projections present (their weights hold no
+"gate" key), and the gate's row of the coefficients goes unused.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from moekit.core.align import align_neurons
 
-PROJ = ("gate", "up", "down")
+PROJ = ("gate", "up", "down")  # the rows of a cluster's coefficients; ungated experts have no gate
 
 
 def align_to(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -30,7 +33,8 @@ def align_to(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> to
 
 
 def permute_expert(w: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {"gate": w["gate"][perm], "up": w["up"][perm], "down": w["down"][:, perm]}
+    out = {p: w[p][perm] for p in ("gate", "up") if p in w}
+    out["down"] = w["down"][:, perm]
     for k in ("gate_b", "up_b"):
         if k in w:
             out[k] = w[k][perm]
@@ -75,13 +79,13 @@ class Cluster:
 
 
 def assemble(clusters: list[Cluster], alphas: list[torch.Tensor] | None = None, dtype: torch.dtype | None = None):
-    """Stacked merged weights: gate [E',I,H], up, down [E',H,I] and biases (or None).
+    """Stacked merged weights: gate [E',I,H] (none for ungated experts), up, down [E',H,I] and biases (or None).
 
     With ``dtype`` (no gradient wanted) the result is written cluster by cluster into tensors of that dtype, so only
     one cluster's float32 copy exists at a time; without it, stacked in float32 (differentiable)."""
     if dtype is None:
         merged = [c.merged(None if alphas is None else alphas[i]) for i, c in enumerate(clusters)]
-        w = {p: torch.stack([m[p] for m in merged]) for p in PROJ}
+        w = {p: torch.stack([m[p] for m in merged]) for p in PROJ if p in merged[0]}
         biases = {p: torch.stack([m[f"{p}_b"] for m in merged]) for p in PROJ} if "gate_b" in merged[0] else None
         return w, biases
     w = biases = None
@@ -89,10 +93,10 @@ def assemble(clusters: list[Cluster], alphas: list[torch.Tensor] | None = None, 
         for i, c in enumerate(clusters):
             m = c.merged(None if alphas is None else alphas[i])
             if w is None:
-                w = {p: m[p].new_empty((len(clusters), *m[p].shape), dtype=dtype) for p in PROJ}
+                w = {p: m[p].new_empty((len(clusters), *m[p].shape), dtype=dtype) for p in PROJ if p in m}
                 if "gate_b" in m:
                     biases = {p: m[f"{p}_b"].new_empty((len(clusters), *m[f"{p}_b"].shape)) for p in PROJ}
-            for p in PROJ:
+            for p in w:
                 w[p][i] = m[p]
                 if biases is not None:
                     biases[p][i] = m[f"{p}_b"]
@@ -103,11 +107,11 @@ def select_bases(experts: list[dict[str, torch.Tensor]], importance: list[torch.
                  ratios: torch.Tensor) -> dict[str, torch.Tensor]:
     """Bases of the ``select`` rule: member i's basis holds its neurons among the top-I of the union (zeros
     elsewhere), so that the merged expert (coefficients 1) is exactly the selected neurons."""
-    n, size = len(experts), experts[0]["gate"].shape[0]
+    n, size = len(experts), experts[0]["up"].shape[0]
     keep = torch.topk(torch.cat(importance).float(), size).indices.sort().values
     owner, neuron, slots = keep // size, keep % size, torch.arange(size)
     bases = {}
-    for p in ("gate", "up"):
+    for p in ("gate", "up") if "gate" in experts[0] else ("up",):
         src = torch.stack([x[p] for x in experts])
         bases[p] = torch.zeros_like(src)
         bases[p][owner, slots] = src[owner, neuron]

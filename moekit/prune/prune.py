@@ -169,16 +169,16 @@ def expert_scores(stats: ExpertStats | None, layer: arch.MoELayer, cfg: PruneCon
 
 def aimer(layer: arch.MoELayer) -> torch.Tensor:
     """AIMER of every routed expert [E] (float64; arXiv 2603.18492): mean |w| / RMS(w) over all the weights of
-    the expert's gate, up and down projections (biases left out). In (0, 1]: 1 when every weight has the same
-    magnitude, lower the more the weights concentrate in a few large ones; unchanged by scaling the expert. An
-    all-zero expert gets +inf (pruned first)."""
+    the expert's gate (where it has one), up and down projections (biases left out). In (0, 1]: 1 when every weight
+    has the same magnitude, lower the more the weights concentrate in a few large ones; unchanged by scaling the
+    expert. An all-zero expert gets +inf (pruned first)."""
     ex = layer.experts
     if ex.down_proj.is_meta:
         raise MoekitError(f"criterion 'aimer' reads the expert weights, and layer {layer.index}'s are not in memory "
                           "(shard-wise, layer-sequential or offloaded); prune in memory: --mode memory, no --shardwise")
     out = torch.empty(layer.num_experts, dtype=torch.float64)
     for e in range(layer.num_experts):
-        parts = [ex.gate_up_proj[e].detach().double(), ex.down_proj[e].detach().double()]
+        parts = [getattr(ex, n)[e].detach().double() for n in arch.EXPERT_WEIGHTS if hasattr(ex, n)]
         n = sum(p.numel() for p in parts)
         mean_abs = sum(p.abs().sum() for p in parts) / n
         rms = (sum(p.square().sum() for p in parts) / n).sqrt()

@@ -103,6 +103,7 @@ class LayerSequential:
         self.layers = arch.decoder_layers(self.model)
         self.moe = {layer.index: layer for layer in arch.moe_layers(self.model)}
         self.prefix = _layers_prefix(self.model)
+        self.disk_prefix = _disk_name(self.model, self.prefix)  # the same in the checkpoint (NemotronH: backbone.)
         self.save_dtype = _save_dtype(self.reader)
         self.read_dtype = self.save_dtype if self.reader.is_fp8 else None  # FP8 dequantized straight to bf16
         self.batch_size, self.progress, self.desc = batch_size, progress, desc
@@ -123,7 +124,7 @@ class LayerSequential:
         n_seq, seq_len = tokens.shape
         self.batches = [(i, min(i + self.batch_size, n_seq)) for i in range(0, n_seq, self.batch_size)]
         used, compact = torch.unique(tokens, return_inverse=True)
-        emb = body.embed_tokens
+        emb = body.get_input_embeddings()  # embed_tokens; NemotronH's embeddings
         emb.weight = torch.nn.Parameter(self.reader.rows(f"{self._embed_key()}", used).to(self.device, self.dtype),
                                         requires_grad=False)
         padding_idx, emb.padding_idx = emb.padding_idx, None  # only matters for gradients
@@ -148,8 +149,8 @@ class LayerSequential:
 
     def _embed_key(self) -> str:
         for name, p in self.model.named_parameters():
-            if p is getattr(self.model, "model", self.model).embed_tokens.weight:
-                return name
+            if p is self.model.get_input_embeddings().weight:
+                return _disk_name(self.model, name)
         raise MoekitError("cannot find the embedding table's name; this is a moekit bug")
 
     def read_routers(self) -> None:
@@ -188,14 +189,15 @@ class LayerSequential:
         self.out = Path(folder)
 
     def __iter__(self) -> Iterator[Layer]:
-        extra = self.reader.extra_layers(len(self.layers))
+        extra = self.reader.extra_layers(len(self.layers), self.disk_prefix)
         if extra and self.writer is not None:
             log.warning("moekit: dropping decoder layers %s stored beyond num_hidden_layers=%d (a multi-token-"
                         "prediction module, which moekit does not compress): the written checkpoint has none", extra,
                         len(self.layers))
         for i, module in enumerate(tqdm(self.layers, desc=self.desc, disable=not self.progress)):
             prefix = f"{self.prefix}{i}."
-            state = {k[len(prefix):]: v for k, v in to_model_names(self.model, self.reader.readers(prefix, self.read_dtype)).items()}
+            disk = self.reader.readers(f"{self.disk_prefix}{i}.", self.read_dtype)
+            state = {k[len(prefix):]: v for k, v in to_model_names(self.model, disk).items()}
             materialise(module, state, self.device, self.dtype, f"layer {i}")
             del state
             layer = Layer(i, module, self.moe.get(i), self)
@@ -222,11 +224,14 @@ class LayerSequential:
         if self.target is self.model:
             arch.sync_config(self.model)
         n = len(self.layers)
-        rest = [k for k in self.reader.where if not _in_layers(k, self.prefix) and not k.endswith("_scale_inv")]
-        extra = [k for k in self.reader.where if _in_layers(k, self.prefix) and int(k[len(self.prefix):].split(".")[0]) >= n]
+        p = self.disk_prefix
+        rest = [k for k in self.reader.where if not _in_layers(k, p) and not k.endswith("_scale_inv")]
+        extra = [k for k in self.reader.where if _in_layers(k, p) and int(k[len(p):].split(".")[0]) >= n]
         for key in tqdm(rest, desc="other tensors", disable=not self.progress, leave=False):
             t = self.reader.tensor(key)
-            self.writer.write({key: t.to(self.save_dtype) if t.is_floating_point() else t})
+            t = t.to(self.save_dtype) if t.is_floating_point() else t
+            # moekit's own form holds the model's names, as its layers do (NemotronH: model., not backbone.)
+            self.writer.write({key: t} if self.standard else to_model_names(self.model, {key: t}))
         weight_map = self.writer.close()
         config = self.target.config
         config.dtype = self.save_dtype
@@ -248,20 +253,20 @@ class LayerSequential:
     def nll(self, tokens: torch.Tensor) -> tuple[float, int]:
         """(summed next-token negative log-likelihood, tokens scored) of ``tokens`` from the hidden states after the
         last layer: final norm and head read from the checkpoint, the head applied one batch at a time."""
-        body = getattr(self.model, "model", self.model)
+        norm = arch.final_norm(self.model)
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        norm_prefix = names[id(next(body.norm.parameters()))].rsplit(".", 1)[0] + "."
-        materialise(body.norm, self.reader.read(norm_prefix), self.device, self.dtype, "the final norm")
+        norm_prefix = _disk_name(self.model, names[id(next(norm.parameters()))]).rsplit(".", 1)[0] + "."
+        materialise(norm, self.reader.read(norm_prefix), self.device, self.dtype, "the final norm")
         key = "lm_head.weight" if "lm_head.weight" in self.reader.where else self._embed_key()
         weight = self.reader.tensor(key).to(self.device, self.dtype)
         total, count = 0.0, 0
         for row in range(len(tokens)):  # one sequence at a time: its logits are vocabulary x length floats
-            h = body.norm(self.hidden[row].to(self.device))
+            h = norm(self.hidden[row].to(self.device))
             logits = _soft_cap(self.model.config, torch.nn.functional.linear(h, weight)).float()
             target = tokens[row, 1:].to(self.device)
             total += torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum").item()
             count += target.numel()
-        body.norm.to("meta")
+        norm.to("meta")
         return total, count
 
 
@@ -326,6 +331,14 @@ def _layers_prefix(model) -> str:
         if module is layers:
             return f"{name}."
     raise MoekitError("cannot find the decoder layers' name; this is a moekit bug")
+
+
+def _disk_name(model, name: str) -> str:
+    """A state-dict name (or a name prefix ending in '.') as the checkpoint spells it: transformers' renamings
+    applied the way save_pretrained applies them (NemotronH stores ``model.`` as ``backbone.``)."""
+    probe = name + "0" if name.endswith(".") else name
+    disk = next(iter(to_checkpoint_names(model, {probe: torch.empty(0, device="meta")})))
+    return disk[:-1] if name.endswith(".") else disk
 
 
 def _in_layers(key: str, prefix: str) -> bool:
