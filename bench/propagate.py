@@ -8,7 +8,13 @@ states the already compressed layers 0..i-1 produce, one extra layer forward per
 engine. Same 16 x 512 calibration tokens and profile for every row, same evaluator (perplexity on the first 16,384
 dev tokens, 1024-token windows).
 
-    python bench/propagate.py [--methods prune merge route densify]
+Refit (``--methods refit``): the one-pass compressed model, then every MoE layer's down projections (routed and
+shared) refitted by least squares, layer by layer on the hidden states the already refitted layers produce, to the
+original model's FFN outputs on those states (`moekit heal COMPRESSED --teacher ORIGINAL --no-router
+--local-epochs 0`: :func:`moekit.carve.heal.heal_` with the original MoE as the teacher). The model stays a standard
+checkpoint of the same shape.
+
+    python bench/propagate.py [--methods prune merge route densify refit]
 
 Each row is appended to bench/results/propagate.jsonl as it finishes and a rerun skips the rows logged under the same
 settings (``--fresh`` starts over); writes bench/results/tables/propagate.json.
@@ -27,7 +33,12 @@ ROWS = {  # method -> [(label, config maker)]
     "merge": [("merge to 18", lambda: _merge(18)), ("merge to 12", lambda: _merge(12))],
     "route": [("top-4 of 8, rescale", lambda: _route(4))],
     "densify": [("K=8 acp", lambda: _densify(8)), ("K=4 acp", lambda: _densify(4))],
+    # the compression of the row named, then the least-squares refit (see the docstring)
+    "refit": [("REAP −25%", lambda: ("prune", _prune(0.25))), ("REAP −50%", lambda: ("prune", _prune(0.5))),
+              ("merge to 18", lambda: ("merge", _merge(18))), ("merge to 12", lambda: ("merge", _merge(12))),
+              ("top-4 of 8, rescale", lambda: ("route", _route(4)))],
 }
+REFIT = "one pass + lstsq refit to the original's layer outputs"
 
 
 def _prune(ratio):
@@ -52,6 +63,34 @@ def _densify(keep):
     from moekit.densify.densify import DensifyConfig
 
     return DensifyConfig(keep=keep, score="acp")  # acp: do-acp without a Gram matrix (the profile has none)
+
+
+def refit(model, what, stats, calib):
+    """The compression ``what`` = (method, config) in memory, then the least-squares refit of the down projections
+    toward ``model`` (:func:`moekit.carve.heal.heal_`, router and local steps off)."""
+    import copy
+
+    import torch
+
+    from moekit.carve.heal import HealConfig, heal_
+
+    method, cfg = what
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        if method == "prune":
+            from moekit.prune.prune import prune_
+
+            prune_(student, cfg, stats=stats)
+        elif method == "merge":
+            from moekit.merge.merge import merge_
+
+            merge_(student, cfg, stats=stats, tokens=calib)
+        else:
+            from moekit.route.route import route_
+
+            route_(student, cfg, stats=stats, tokens=calib)
+    heal_(student, HealConfig(router=False, lstsq=True, local_epochs=0), tokens=calib, teacher=model, progress=False)
+    return student
 
 
 def compress(method: str, cfg, src: str, out: Path, stats, calib, propagate: bool) -> None:
@@ -108,20 +147,27 @@ def main() -> None:
     if base is None:
         base = perplexity(model, dev, progress=False)
         append_jsonl(log, {"setup": setup, "method": "original", "label": "original", "how": "—", "ppl": base})
-    del model
+    if "refit" not in args.methods:
+        del model
     print(f"original {base:.2f}", flush=True)
     for method in args.methods:
         for label, make in ROWS[method]:
-            for how in ("one pass", "error-propagating"):
+            for how in ((REFIT,) if method == "refit" else ("one pass", "error-propagating")):
                 if (method, label, how) in done:
                     print(f"{label}, {how}: from the log ({done[method, label, how]['ppl']:.2f})", flush=True)
                     continue
-                with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
-                    t0 = time.perf_counter()
-                    compress(method, make(), src, Path(tmp) / "m", stats, calib, how != "one pass")
+                t0 = time.perf_counter()
+                if method == "refit":
+                    student = refit(model, make(), stats, calib)
                     seconds = time.perf_counter() - t0
-                    compressed, _ = load(str(Path(tmp) / "m"), with_tokenizer=False)
-                    ppl = perplexity(compressed, dev, progress=False)
+                else:
+                    tmp = tempfile.TemporaryDirectory(dir=RESULTS)
+                    compress(method, make(), src, Path(tmp.name) / "m", stats, calib, how != "one pass")
+                    seconds = time.perf_counter() - t0
+                    student, _ = load(str(Path(tmp.name) / "m"), with_tokenizer=False)
+                    tmp.cleanup()  # the model is in memory now
+                ppl = perplexity(student, dev, progress=False)
+                del student
                 rec = {"setup": setup, "method": method, "label": label, "how": how, "ppl": ppl, "seconds": seconds}
                 print(rec, flush=True)
                 append_jsonl(log, rec)
@@ -129,7 +175,14 @@ def main() -> None:
 
     rows = [["original", "—", base, None, None, None]]
     for method in ROWS:
-        for label, _ in ROWS[method]:
+        for label, make in ROWS[method]:
+            if method == "refit":  # compared with the same compression, one pass, without the refit
+                x, one = done.get((method, label, REFIT)), done.get((make()[0], label, "one pass"))
+                if x is not None:
+                    command = f"`moekit {make()[0]}` {label}, then `moekit heal --no-router --local-epochs 0`"
+                    rows.append([command, REFIT, x["ppl"], x["ppl"] / base - 1,
+                                 x["ppl"] / one["ppl"] - 1 if one else None, x["seconds"]])
+                continue
             one, prop = done.get((method, label, "one pass")), done.get((method, label, "error-propagating"))
             for how, x in (("one pass", one), ("error-propagating", prop)):
                 if x is None:
@@ -143,9 +196,10 @@ def main() -> None:
         "model": f"{args.model} (24 routed experts per layer, top-8, 30 layers), fp32, layer-sequential paths",
         "data": f"{args.n_seq} x {args.seq_len} calibration tokens of {Path(args.calib).name} (seed 0) and one profile "
                 f"of them for every row; perplexity on the first {args.ppl_tokens:,} tokens of {Path(args.dev).name}, "
-                "1024-token windows; seconds: compression only (the profile, shared by every row, not counted)",
+                "1024-token windows; seconds: compression (and refit) only (the profile, shared by every row, not "
+                "counted); refit rows compress in memory, the others on the layer-sequential path (the same model)",
         "machine": "2-core development CPU shared with other jobs, fp32, no GPU", "date": time.strftime("%Y-%m-%d"),
-        "columns": ["command", "calibration", "perplexity", "vs original", "propagation vs one pass", "seconds"],
+        "columns": ["command", "calibration", "perplexity", "vs original", "vs one pass", "seconds"],
         "formats": ["", "", ".2f", "+.1%", "+.1%", ".0f"], "rows": rows})
 
 
