@@ -5,9 +5,10 @@ only the routers (and one output scale per layer) learn from the original model 
     python bench/router_distill.py --tokens 1024 --batch-size 2 --seq-len 256 --every 512 --ppl-tokens 1024 \
         --heldout 1 --threads 1 --out /tmp/rd         # a smoke run (7 minutes)
 
-Five students of the model: REAP-pruned -25% and -50% of the routed experts (``PruneConfig(ratio=...)``), merged to
+Students of the model: REAP-pruned -25% and -50% of the routed experts (``PruneConfig(ratio=...)``), merged to
 the same 18 and 12 experts per layer (``MergeConfig(target=...)``, moekit merge's defaults) and re-routed 8 -> 4
-experts per token with ``rescale`` (lsq). Each is distilled by ``distill_router_`` from the
+experts per token with ``rescale`` (lsq); the last three also with "+ refit": the least-squares refit of the down
+projections to the original's layer outputs (`moekit heal --no-router --local-epochs 0`) before distilling. Each is distilled by ``distill_router_`` from the
 original on the calibration text (DATA_DIR/calib/c4_train_head.jsonl, packed into --seq-len sequences; the last
 --heldout sequences measure the KL before and after) and scored every --every training tokens on the first
 --ppl-tokens tokens of DATA_DIR/dev/c4_valid_dev.jsonl (1024-token windows). Writes OUT/tables/router_distill.json
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, add_common, append_jsonl, load, load_or_profile, parse, parser, read_jsonl
 
+from moekit.carve.heal import HealConfig, heal_
 from moekit.data import calibration_tokens
 from moekit.eval.perplexity import perplexity, windows
 from moekit.merge.merge import MergeConfig, merge_
@@ -48,11 +50,25 @@ CONFIGS = {  # name -> what makes the student from the original (in place)
     "top-4 of 8 (rescale)": lambda m, stats, calib: route_(m, RouteConfig(top_k=4, mitigations=("rescale",)),
                                                            stats=stats, tokens=calib),
 }
+for _name in ("merged to 18 (REAM + select)", "merged to 12 (REAM + select)", "top-4 of 8 (rescale)"):
+    CONFIGS[_name + " + refit"] = lambda m, stats, calib, make=CONFIGS[_name]: refit(make(m, stats, calib), m, calib)
 REFERENCES = {  # name -> (what the student is compared with, how that model is made from the original)
     "merged to 18 (REAM + select)": ("REAP pruned to 18", CONFIGS["pruned -25% (reap)"]),
     "merged to 12 (REAM + select)": ("REAP pruned to 12", CONFIGS["pruned -50% (reap)"]),
     "top-4 of 8 (rescale)": ("plain top-4", lambda m, stats, calib: route_(m, RouteConfig(top_k=4), stats=stats)),
 }
+REFERENCES.update({name + " + refit": REFERENCES[name] for name in list(REFERENCES)})
+
+
+def refit(_report, student, calib) -> None:
+    """The least-squares refit of ``student``'s down projections to the original model's layer outputs, layer by
+    layer on the refitted prefix's states (`moekit heal --no-router --local-epochs 0`; bench/propagate.py). The
+    original is the model the student was copied from: ``ORIGINAL`` (set in main)."""
+    heal_(student, HealConfig(router=False, lstsq=True, local_epochs=0), tokens=calib, teacher=ORIGINAL[0],
+          progress=False)
+
+
+ORIGINAL: list = []
 
 
 def main(argv=None) -> None:
@@ -74,6 +90,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     model, tok = load(args.model)
+    ORIGINAL.append(model)
     calib = calibration_tokens(args.calib, tok, n_seq=16, seq_len=512)  # profile and rescale, as bench/serve_speed.py
     stats = load_or_profile(model, calib, RESULTS / "smollm2-moe.stats.safetensors" if args.model == "smollm2-moe" else None)
     dev = windows(tok, args.dev, max_tokens=args.ppl_tokens, window=1024)
