@@ -111,7 +111,7 @@ def test_merging_and_rerouting_reload_with_identical_logits(family, models, tmp_
     merge_(merged, MergeConfig(target=6), stats=stats, tokens=calib)
     assert all(layer.num_experts == 6 for layer in arch.moe_layers(merged))
     routed = copy.deepcopy(models(family))
-    k = arch.MOE_FAMILIES[family].min_top_k  # 1, or the fewest the family's experts run with (LongCat-Flash: 2)
+    k = arch.moe_layers(models(family))[0].min_top_k  # 1, or the fewest its experts run with (LongCat-Flash 5.24: 2)
     route_(routed, RouteConfig(top_k=k), stats=stats, tokens=calib)
     assert all(layer.top_k == k for layer in arch.moe_layers(routed))
     for name, model in (("merged", merged), ("routed", routed)):
@@ -147,8 +147,13 @@ def test_longcat_zero_experts_keep_their_router_rows_and_identity_output_after_p
     for each in arch.moe_layers(model):
         each.keep_experts([6, 1, 4, 3])
     assert layer.num_experts == 4 and model.config.n_routed_experts == 4 and model.config.zero_expert_num == 2
-    assert layer.router_linear.weight.shape[0] == 6 and layer.experts.gate_up_proj.shape[0] == 6
-    assert layer.router.n_routed_experts == 6 and layer.experts.total_experts == 6
+    assert layer.router_linear.weight.shape[0] == 6 and layer.router.n_routed_experts == 6
+    if layer.zero_experts_in_block:  # transformers 5.25: the block holds the counts, gate_up has the real rows only
+        assert layer.zero_experts_owner is layer.block and layer.block.num_routed_experts == 4
+        assert layer.experts.gate_up_proj.shape[0] == 4 and layer.experts.num_experts == 4
+    else:  # transformers 5.24: the experts module holds them, gate_up keeps the zero experts' (unused) rows
+        assert layer.zero_experts_owner is layer.experts and layer.experts.num_routed_experts == 4
+        assert layer.experts.gate_up_proj.shape[0] == 6 and layer.experts.total_experts == 6
     torch.testing.assert_close(layer.router_linear.weight.detach()[4:], zero_rows, atol=0, rtol=0)
     torch.testing.assert_close(layer.correction_bias.detach()[4:], zero_bias, atol=0, rtol=0)
     logits, weights, indices = layer.route(x)
@@ -167,8 +172,20 @@ def test_longcat_zero_experts_keep_their_router_rows_and_identity_output_after_p
                 if i < 4:
                     rows[t] += (layer.expert_forward(i, x[t:t + 1]) * w)[0]
     torch.testing.assert_close(out, rows + identity, atol=1e-5, rtol=1e-5)
-    with pytest.raises(MoekitError, match="below 2"):
-        layer.set_top_k(1)  # its experts' forward fails on a single slot
+    # the block's own forward (in 5.25 the block routes the zero experts; no shared expert) equals combine's
+    with torch.no_grad():
+        torch.testing.assert_close(layer.block_forward(x[None])[0], out, atol=1e-5, rtol=1e-5)
+    if layer.zero_experts_in_block:  # transformers 5.25: its experts run on a single slot
+        assert layer.min_top_k == 1
+        layer.set_top_k(1)
+        logits_1, weights_1, indices_1 = layer.route(x)
+        assert indices_1.shape == (64, 1) and bool((indices_1 >= 4).any())
+        with torch.no_grad():
+            torch.testing.assert_close(layer.block_forward(x[None])[0], layer.combine(x, weights_1, indices_1),
+                                       atol=1e-5, rtol=1e-5)
+    else:
+        with pytest.raises(MoekitError, match="below 2"):
+            layer.set_top_k(1)  # its experts' forward (transformers 5.24) fails on a single slot
 
 
 def test_nemotron_h_ungated_experts_through_the_view_and_a_merge(models):

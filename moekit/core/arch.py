@@ -58,12 +58,14 @@ class Family:
     selection_bias_attr: str | None = None
     # the router's forward unpacks [B, T, H] (AFMoE): tokens [T, H] go in as [1, T, H] (:meth:`MoELayer.router_input`)
     router_input_3d: bool = False
-    # attribute of the experts module counting zero-computation ("null") experts the router also scores (LongCat-Flash:
-    # ``zero_expert_num``, identity experts). Their router rows sit after the real experts' and are kept untouched;
-    # the view's experts are the real ones only (see :attr:`MoELayer.num_zero_experts`)
+    # attribute counting zero-computation ("null") experts the router also scores (LongCat-Flash: ``zero_expert_num``,
+    # identity experts), on the experts module or else on the MoE block, whichever holds it (the one that handles the
+    # zero experts: see :attr:`MoELayer.zero_experts_owner`). Their router rows sit after the real experts' and are
+    # kept untouched; the view's experts are the real ones only (see :attr:`MoELayer.num_zero_experts`)
     zero_experts_attr: str | None = None
-    # the fewest experts per token the experts' forward runs with (LongCat-Flash's fails on one: it squeezes the
-    # slot dim of its [k, T] mask, transformers 5.24); set_top_k and route refuse fewer, combine() pads
+    # the fewest experts per token the experts' forward runs with where the experts module handles zero experts itself
+    # (LongCat-Flash in transformers 5.24: its forward squeezes the slot dim of its [k, T] mask, failing on one);
+    # MoELayer.min_top_k is what applies to a model. set_top_k and route refuse fewer, combine() pads
     min_top_k: int = 1
     # config settings the view cannot handle yet: (key, why), refused by check_supported when the key is set (not None)
     refused_settings: tuple[tuple[str, str], ...] = ()
@@ -161,10 +163,18 @@ MOE_FAMILIES: dict[str, Family] = {
     # (identity: a token routed there adds its input times the weight), rows [E, E+Z); softmax over all E+Z plus the
     # router's ``e_score_correction_bias`` [E+Z] choose the top-k, whose probabilities (not renormalised) are scaled by
     # ``routed_scaling_factor``. The view's experts are the real ones: pruning / merging rewrite the real rows and keep
-    # the Z zero-expert rows (weight, selection bias) unchanged at the end; ``gate_up_proj`` is stored with E+Z rows
-    # (the last Z unused by its forward, kept as they are), ``down_proj`` with E. Config keys n_routed_experts
-    # (num_local_experts is an alias), moe_topk, expert_ffn_hidden_size. Its experts' forward fails on top-k 1
-    # (min_top_k).
+    # the Z zero-expert rows (weight, selection bias) unchanged at the end. Config keys n_routed_experts
+    # (num_local_experts is an alias), moe_topk, expert_ffn_hidden_size. Two module layouts, told apart by where
+    # ``zero_expert_num`` sits (:attr:`MoELayer.zero_experts_owner`), both handled:
+    # - transformers 5.24: the experts module (LongcatFlashExperts) holds zero_expert_num, num_routed_experts and
+    #   total_experts (E+Z), stores ``gate_up_proj`` with E+Z rows (the last Z unused by its forward, kept as they are)
+    #   and ``down_proj`` with E, and its forward takes the router's raw indices and adds the identity experts' output
+    #   itself; it fails on top-k 1 (min_top_k 2 there).
+    # - transformers 5.25: the experts (@use_experts_implementation) hold num_experts and ``gate_up_proj`` [E, 2I, H],
+    #   E rows only; the MoE block (LongcatFlashMoE) holds num_routed_experts and zero_expert_num, sends the zero
+    #   experts' slots to dummy real experts ((i - E) * E // Z) at weight 0 and adds ``x * identity weight`` after the
+    #   experts' forward. Top-k 1 runs. MoELayer.combine and experts_patched give both layouts moekit's calling
+    #   convention (raw router indices; the zero experts' output included in combine's result).
     # Llama-4 (Llama4ForCausalLM, model_type llama4_text): the block ``feed_forward`` (Llama4TextMoe) holds a router
     # ``router`` (an nn.Linear) whose forward returns (scores [T, E], logits [T, E]), not (logits, weights, indices):
     # scores are the sigmoid of the top-k logits and exactly 0 elsewhere (no renormalisation). Its experts
@@ -319,11 +329,38 @@ class MoELayer:
         return int(self.router.top_k)
 
     @property
+    def zero_experts_owner(self) -> nn.Module | None:
+        """The module holding the zero-expert count (:attr:`Family.zero_experts_attr`), the one that handles the zero
+        experts in the forward: LongCat-Flash's experts module in transformers 5.24 (its forward takes the raw router
+        indices), its MoE block in 5.25 (the experts' forward sees real experts only); None without zero experts."""
+        attr = self.family.zero_experts_attr
+        if not attr:
+            return None
+        for module in (self.experts, self.block):
+            if hasattr(module, attr):
+                return module
+        return None
+
+    @property
     def num_zero_experts(self) -> int:
         """Zero-computation experts the router scores after the real ones (LongCat-Flash's identity experts; 0
         elsewhere). They have no weights of their own in the view: indices [E, E+Z) of the router's output."""
-        attr = self.family.zero_experts_attr
-        return int(getattr(self.experts, attr, 0) or 0) if attr else 0
+        owner = self.zero_experts_owner
+        return int(getattr(owner, self.family.zero_experts_attr, 0) or 0) if owner is not None else 0
+
+    @property
+    def zero_experts_in_block(self) -> bool:
+        """True where the block, not the experts module, handles the zero experts (LongCat-Flash, transformers 5.25):
+        the experts' own forward then takes real experts' indices only and leaves out the identity output."""
+        return self.num_zero_experts > 0 and self.zero_experts_owner is self.block
+
+    @property
+    def min_top_k(self) -> int:
+        """The fewest experts per token this layer's experts' forward runs with: :attr:`Family.min_top_k` where the
+        experts module handles zero experts itself (LongCat-Flash, transformers 5.24), 1 where the block does (5.25)."""
+        if self.family.zero_experts_attr and self.zero_experts_owner is not self.experts:
+            return 1
+        return self.family.min_top_k
 
     @property
     def router_weight(self) -> torch.Tensor:
@@ -434,7 +471,7 @@ class MoELayer:
             out = {"up": self.experts.up_proj.detach(), "down": self.experts.down_proj.detach()}
             return {k: v.clone() for k, v in out.items()} if copy else out
         gu, dn = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
-        gu = gu[: dn.shape[0]]  # LongCat-Flash stores E+Z gate_up rows (the zero experts' unused)
+        gu = gu[: dn.shape[0]]  # LongCat-Flash stores E+Z gate_up rows in 5.24 (the zero experts' unused), E in 5.25
         if self.family.layout == "gpt_oss":
             out = {"gate": gu[..., 0::2].transpose(1, 2), "up": gu[..., 1::2].transpose(1, 2), "down": dn.transpose(1, 2)}
         elif self.family.layout == "llama4":  # [E, H, 2I]: gate then up halves; down [E, I, H]
@@ -481,7 +518,8 @@ class MoELayer:
             ex.intermediate_size = ex.expert_dim = int(gate.shape[1])
         else:
             gu = torch.cat([gate, up], dim=1).to(**kw)
-            if self.num_zero_experts:  # the zero experts' stored (unused) gate_up rows stay at the end
+            if self.num_zero_experts and ex.gate_up_proj.shape[0] > ref.shape[0]:
+                # the zero experts' stored (unused) gate_up rows stay at the end (LongCat-Flash, transformers 5.24)
                 old = ex.gate_up_proj.detach()[ref.shape[0]:]
                 if old.shape[1] != gu.shape[1]:
                     old = old.new_zeros(old.shape[0], *gu.shape[1:])
@@ -492,16 +530,21 @@ class MoELayer:
         self._set_counts(int(up.shape[0]))
 
     def _set_counts(self, n: int) -> None:
-        """The modules' own expert counts after a change to ``n`` real experts. LongCat-Flash's experts keep
-        ``num_routed_experts`` / ``total_experts`` (real + zero) and its router ``n_routed_experts`` (real + zero, the
-        width of its scores)."""
+        """The modules' own expert counts after a change to ``n`` real experts. LongCat-Flash's router keeps
+        ``n_routed_experts`` (real + zero, the width of its scores); ``num_routed_experts`` (real) sits on its
+        experts (with ``total_experts``, real + zero; transformers 5.24) or on its block (5.25, which maps the zero
+        experts' slots with it): each one present is updated."""
         ex, z = self.experts, self.num_zero_experts
         ex.num_experts = n
         self.router.num_experts = n
         if self.family.layout == "llama4":  # Llama4TextMoe keeps its own count too (unused by its forward)
             self.block.num_experts = n
         if z:
-            ex.num_routed_experts, ex.total_experts = n, n + z
+            for module in (ex, self.block):
+                if hasattr(module, "num_routed_experts"):
+                    module.num_routed_experts = n
+            if hasattr(ex, "total_experts"):
+                ex.total_experts = n + z
             self.router.n_routed_experts = n + z
 
     def _with_zero_rows(self, t: torch.Tensor | None, current: torch.Tensor | None) -> torch.Tensor | None:
@@ -593,7 +636,7 @@ class MoELayer:
         )
         # every per-expert tensor is indexed along its first (expert) dimension in its stored layout: the kept
         # experts are the only new memory (no canonical copies of the whole layer on the way); rows past the real
-        # experts (LongCat-Flash's zero experts' gate_up rows) stay at the end
+        # experts (LongCat-Flash's zero experts' gate_up rows, transformers 5.24) stay at the end
         for name in EXPERT_TENSORS:
             old = getattr(ex, name, None)
             if old is not None:
@@ -630,8 +673,8 @@ class MoELayer:
         k = int(k)
         if k < 1 or k > self.num_experts:
             raise MoekitError(f"layer {self.index}: top-k {k} must be between 1 and the {self.num_experts} experts in the layer")
-        if k < self.family.min_top_k:
-            raise MoekitError(f"layer {self.index}: top-k {k} is below {self.family.min_top_k}, the fewest experts per "
+        if k < self.min_top_k:
+            raise MoekitError(f"layer {self.index}: top-k {k} is below {self.min_top_k}, the fewest experts per "
                               f"token {self.family.name}'s experts run with in transformers")
         if self.n_group > 1 and k > self.topk_group * (self.num_experts // self.n_group):
             raise MoekitError(f"layer {self.index}: top-k {k} exceeds what topk_group={self.topk_group} groups can supply")
@@ -693,7 +736,9 @@ class MoELayer:
         patch; the module's own, or an earlier patch, comes back on exit). Llama-4's block calls its experts on
         [E*T, H] router-scaled inputs with no routing arguments: a hook on its router keeps the tokens and routing of
         the running block forward for ``forward``, whose output goes back as expert 0's rows (the block sums the E
-        row groups; the others are 0)."""
+        row groups; the others are 0). With zero experts ``forward`` sees the router's own indices, [E, E+Z) included,
+        and adds :meth:`zero_expert_output` for them (LongCat-Flash 5.24, whose experts module adds it; in 5.25 its
+        block adds it, and ``forward`` gets those slots at weight 0)."""
         ex = self.experts
         had_own, previous = "forward" in vars(ex), vars(ex).get("forward")
         handle = None
@@ -713,6 +758,26 @@ class MoELayer:
 
             handle = self.router.register_forward_hook(keep)
             ex.forward = llama4_forward
+        elif self.zero_experts_in_block:
+            # LongCat-Flash, transformers 5.25: the block hands its experts dummy real experts (weight 0) for the zero
+            # experts' slots and adds their identity output itself. ``forward`` gets the router's own indices (a hook
+            # keeps them), the zero experts' slots at weight 0: it adds nothing for them, and no expert sees them
+            raw = {}
+
+            def keep_raw(_module, args, out):
+                raw["routing"] = self.routing(out)
+
+            def zero_forward(x, indices, weights):
+                routing = raw.pop("routing", None)
+                if routing is not None and routing[2].shape == indices.shape:
+                    _, w, i = routing
+                    hit = i >= self.num_experts
+                    if torch.equal(torch.where(hit, indices, i), indices):  # the block's own call on that routing
+                        indices, weights = i, w.masked_fill(hit, 0.0).to(weights.dtype)
+                return forward(x, indices, weights)
+
+            handle = self.router.register_forward_hook(keep_raw)
+            ex.forward = zero_forward
         else:
             ex.forward = forward
         try:
@@ -741,6 +806,16 @@ class MoELayer:
             return None
         hit = (indices >= self.num_experts) & (indices < self.num_experts + z)
         return x * (weights.float() * hit).sum(-1, keepdim=True).to(x.dtype)
+
+    def _route_zero_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+        """LongCat-Flash's block (transformers 5.25) around its experts: the zero experts' slots (indices [E, E+Z)) go
+        to dummy real experts ((i - E) * E // Z) at weight 0, and their identity output ``x * weight`` is added after
+        the experts' forward. Returns (indices, weights, identity [T, H]), computed the way the block does."""
+        e, z = self.num_experts, self.num_zero_experts
+        hit = indices >= e
+        identity = x * weights.masked_fill(~hit, 0.0).sum(dim=-1, keepdim=True)
+        indices = torch.where(hit, (indices - e) * e // z, indices)
+        return indices, weights.masked_fill(hit, 0.0), identity
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Output of routed expert ``e`` on tokens x [T, H], before the routing weight."""
@@ -793,11 +868,16 @@ class MoELayer:
         skip = indices >= self.num_experts + self.num_zero_experts
         if bool(skip.any()):
             indices, weights = indices.masked_fill(skip, 0), weights.masked_fill(skip, 0)
-        pad = self.family.min_top_k - indices.shape[-1]
-        if pad > 0:  # slots the experts' forward needs (LongCat-Flash): the first expert again, at weight 0
+        pad = self.min_top_k - indices.shape[-1]
+        if pad > 0:  # slots the experts' forward needs (LongCat-Flash, 5.24): the first expert again, at weight 0
             indices = torch.cat([indices, indices[:, :1].expand(-1, pad)], dim=-1)
             weights = torch.cat([weights, torch.zeros_like(weights[:, :1]).expand(-1, pad)], dim=-1)
         own = {k.removeprefix("experts."): v for k, v in (params or {}).items() if k.startswith("experts.")}
+        if self.zero_experts_in_block:  # LongCat-Flash, 5.25: what its block does around its experts' forward
+            indices, weights, identity = self._route_zero_experts(x, indices, weights)
+            out = self.experts(x, indices, weights.to(x.dtype)) if params is None else \
+                torch.func.functional_call(self.experts, own, (x, indices, weights.to(x.dtype)))
+            return out + identity.to(out.dtype)
         if self.family.layout == "llama4":
             # as its block calls them: every expert on every token, the input times the token's score for it (0
             # where not chosen, skipped slots included: weight 0 above), [E*T, H]; the outputs summed over experts

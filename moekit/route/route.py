@@ -180,7 +180,7 @@ def _check(cfg: RouteConfig, layers, tokens) -> set[str]:
     mits = set(cfg.mitigations)
     max_k = min(layer.top_k for layer in layers)
     low = cfg.min_k if "adaptive" in mits else 1
-    fewest = max(layer.family.min_top_k for layer in layers)  # LongCat-Flash's experts need 2 (arch.Family.min_top_k)
+    fewest = max(layer.min_top_k for layer in layers)  # LongCat-Flash's experts need 2 in transformers 5.24 (arch.MoELayer.min_top_k)
     if cfg.top_k is not None and not cfg.top_k_per_layer and not max(low, fewest) <= cfg.top_k <= max_k:
         raise MoekitError(f"top_k {cfg.top_k} must be between {fewest} and the model's top-k {max_k}")
     if cfg.top_k_per_layer:

@@ -133,7 +133,10 @@ class Compensator:
         out = type(experts).forward(experts, hidden_states, top_k_index, top_k_weights)
         _, w, i = router_at(self.layer, self.plan.K, hidden_states)  # the original top-K, recomputed
         mu = getattr(experts, MEAN_OUT)
-        drop = dropped_weights(w, i, top_k_index, mu.shape[0])
+        kept = top_k_index
+        if self.layer.zero_experts_in_block:  # LongCat-Flash, 5.25: its block sent the zero experts' slots to dummy
+            kept = kept.masked_fill(top_k_weights == 0, mu.shape[0])  # real experts at weight 0: they kept nothing
+        drop = dropped_weights(w, i, kept, mu.shape[0])
         return out + (drop @ mu.float()).to(out.dtype)
 
 
