@@ -43,6 +43,17 @@ def run_step(cmd: list[str], what: str, ok_codes=(0,)) -> None:
         raise MoekitError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
 
 
+def leave_worker(code: int) -> None:
+    """End a vLLM worker once its response is written, skipping the interpreter's teardown: vLLM's engine threads can
+    abort it ("terminate called without an active exception", exit -6), which would turn a finished job into a
+    failure."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_worker(argv: list[str], request: dict, *, timeout_s: int, what: str, hint: str = "",
                env: dict | None = None) -> dict:
     """Run ``argv + [REQUEST.json, RESPONSE.json]`` in a private temporary folder; the parsed response.
