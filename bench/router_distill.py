@@ -14,6 +14,10 @@ original on the calibration text (DATA_DIR/calib/c4_train_head.jsonl, packed int
 --ppl-tokens tokens of DATA_DIR/dev/c4_valid_dev.jsonl (1024-token windows). Writes OUT/tables/router_distill.json
 (the table, with every curve under "raw") and OUT/router_distill.png (perplexity against training tokens).
 
+With --experts the students' whole MoE blocks train (``RouterDistillConfig(train_experts=True)``: routed experts,
+shared expert and routers; `moekit distill-router --experts`), written to OUT/tables/router_distill_experts.json and
+OUT/router_distill_experts.png instead.
+
 Each student's result is appended to OUT/router_distill.jsonl as it finishes, with the settings it ran under; the
 table holds every student logged under the current settings (the latest run of each), so students can be run in
 separate processes (``--configs``) and a rerun skips the students already logged (``--fresh`` starts over).
@@ -80,6 +84,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=RouterDistillConfig.seq_len)
     ap.add_argument("--lr", type=float, default=RouterDistillConfig.lr)
     ap.add_argument("--heldout", type=int, default=RouterDistillConfig.heldout)
+    ap.add_argument("--experts", action="store_true",
+                    help="train the whole MoE blocks (experts, shared expert, routers), not only the routers")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--fresh", action="store_true", help="forget the students logged under these settings")
     ap.add_argument("--threads", type=int, default=None,
@@ -102,6 +108,9 @@ def main(argv=None) -> None:
     setup = {"model": args.model, "tokens": args.tokens, "every": args.every, "ppl_tokens": dev.numel(),
              "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "heldout": args.heldout,
              "calib": Path(args.calib).name}
+    if args.experts:  # kept out of the setup otherwise, so the router-only rows logged before stay current
+        setup["experts"] = True
+    stem = "router_distill_experts" if args.experts else "router_distill"
     if args.fresh and log.exists():
         log.unlink()
     for name in args.configs:
@@ -133,7 +142,7 @@ def main(argv=None) -> None:
                 print(f"{name}: {curve[-1][0]:,} tokens, perplexity {curve[-1][1]:.2f}", flush=True)
 
         cfg = RouterDistillConfig(max_tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                  heldout=args.heldout)
+                                  heldout=args.heldout, train_experts=args.experts)
         rep = distill_router_(student, cfg, tokens=args.calib, teacher=model, tokenizer=tok, callback=score)
         x = {"name": name, "setup": setup, "original_ppl": original, "reference": reference, "make_seconds": make_s,
              "curve": curve, "train_seconds": rep["seconds"] - eval_s[0], "tokens": rep["tokens_run"],
@@ -166,9 +175,10 @@ def main(argv=None) -> None:
         i = argv.index("--configs")
         j = next((k for k in range(i + 1, len(argv)) if argv[k].startswith("--")), len(argv))
         argv = argv[:i] + argv[j:]
-    write_json(out / "tables" / "router_distill.json", {
-        "title": "Router distillation after pruning, merging and re-routing: only the routers and one scale per layer "
-                 "train",
+    write_json(out / "tables" / f"{stem}.json", {
+        "title": "Distillation of the whole MoE blocks (experts, shared expert, routers) after compression" if args.experts
+                 else "Router distillation after pruning, merging and re-routing: only the routers and one scale per "
+                      "layer train",
         "command": "python bench/router_distill.py " + shlex.join(argv) + " (each student logged as it finishes; "
                    "--configs NAME runs one)",
         "model": f"{args.model} (original perplexity {original:.2f}); students: REAP-pruned −25% / −50% of the routed "
@@ -183,15 +193,16 @@ def main(argv=None) -> None:
         "columns": columns, "formats": ["", ".2f", *[".2f"] * (len(marks) - 1), "", "", "", "", ""], "rows": rows,
         "raw": {"original_ppl": original, **raw}}, overwrite=True)
 
-    plot(raw, original, out / "router_distill.png", every * per_step)
-    print(f"-> {out / 'tables' / 'router_distill.json'}, {out / 'router_distill.png'}", flush=True)
+    plot(raw, original, out / f"{stem}.png", every * per_step, "MoE-block distillation" if args.experts else
+         "router distillation")
+    print(f"-> {out / 'tables' / f'{stem}.json'}, {out / f'{stem}.png'}", flush=True)
 
 
 def kilo(tokens: int) -> str:
     return f"{tokens / 1024:g}k"
 
 
-def plot(raw: dict, original: float, path: Path, every_tokens: int) -> None:
+def plot(raw: dict, original: float, path: Path, every_tokens: int, title: str) -> None:
     """Perplexity against training tokens, and the perplexity each interval gained, per student."""
     import matplotlib
 
@@ -209,7 +220,7 @@ def plot(raw: dict, original: float, path: Path, every_tokens: int) -> None:
     gain.set_xticks([j + width * (len(raw) - 1) / 2 for j in range(len(marks) - 1)], [kilo(x) for x in marks[1:]])
     gain.axhline(0, color="k", lw=0.5)
     ax.axhline(original, color="k", ls="--", lw=1, label="original")
-    ax.set(xlabel="training tokens (k)", ylabel="dev perplexity", title="router distillation")
+    ax.set(xlabel="training tokens (k)", ylabel="dev perplexity", title=title)
     gain.set(xlabel="after training tokens", ylabel="perplexity gained in the last interval",
              title=f"gain per {kilo(every_tokens)} tokens")
     ax.legend(), gain.legend()

@@ -83,6 +83,23 @@ def test_without_scale_the_experts_stay_bit_identical():
             assert torch.equal(after, before[name]), name
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_experts_the_moe_blocks_train_whole_and_nothing_else(family):
+    teacher, student = pruned(family)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    rep = distill_router_(student, cfg(lr=3e-3, train_experts=True), tokens=data(), teacher=teacher)
+    assert rep["scales"] == {}  # the down projections learn the scale themselves
+    assert rep["kl_heldout_after"] < 0.95 * rep["kl_heldout_before"], rep
+    names = {m: n for n, m in student.named_modules()}
+    blocks = tuple(names[layer.block] + "." for layer in arch.moe_layers(student))
+    trained = {n for n, p in student.named_parameters() if n.startswith(blocks)}
+    assert rep["trained_parameters"] == sum(p.numel() for n, p in student.named_parameters() if n in trained)
+    changed = {n for n, after in student.state_dict().items() if not torch.equal(after, before[n])}
+    assert changed and changed <= trained  # attention, norms, embeddings and dense layers are frozen
+    assert any(".experts." in n and "down_proj" in n for n in changed) and any(".experts." in n and "gate_up" in n
+                                                                              for n in changed)
+
+
 def test_a_token_budget_sets_the_steps():
     teacher, student = pruned()
     rep = distill_router_(student, cfg(max_tokens=3 * 8 * 16 + 5, heldout=2), tokens=data(), teacher=teacher)

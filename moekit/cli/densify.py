@@ -139,13 +139,17 @@ def distill_router(student: str = MODEL,
                                          help="sequences held out to measure the KL before and after"),
                    train_scale: bool = option(RouterDistillConfig, "train_scale", "--train-scale/--no-train-scale",
                                               help="also train one output scale per layer (folded into down_proj)"),
+                   experts: bool = option(RouterDistillConfig, "train_experts", "--experts/--no-experts",
+                                          help="train every MoE block whole: experts, shared expert and routers (after "
+                                               "re-routing: lr 2e-4 measured best)"),
                    checkpoint_every: int = option(RouterDistillConfig, "checkpoint_every", "--checkpoint-every",
                                                   help="checkpoint every N steps (0: end only)"),
                    resume: bool = option(RouterDistillConfig, "resume", "--resume",
                                          help="continue from the newest checkpoint in --out"),
                    seed: int = option(RouterDistillConfig, "seed", "--seed", help="data order seed"),
                    overwrite: bool = OVERWRITE, dtype: str = DTYPE, device: str = DEVICE, trust_remote_code: bool = TRUST):
-    """Forward-KL distillation (T = 1) of the student's routers only (and a per-layer scale) from the original model."""
+    """Forward-KL distillation (T = 1) of the student's routers (and a per-layer scale; with --experts its whole MoE
+    blocks) from the original model."""
     from moekit.checkpoint.save import save_model
     from moekit.errors import MoekitError
     from moekit.train.router import RouterDistillConfig, distill_router_
@@ -155,7 +159,8 @@ def distill_router(student: str = MODEL,
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise MoekitError(f"output '{out}' is not empty: pass --resume to continue it or --overwrite to start over")
     cfg = RouterDistillConfig(steps=steps, max_tokens=max_tokens, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                              warmup_steps=warmup, heldout=heldout, train_scale=train_scale, seed=seed, field=field,
+                              warmup_steps=warmup, heldout=heldout, train_scale=train_scale, train_experts=experts,
+                              seed=seed, field=field,
                               out=str(out), checkpoint_every=checkpoint_every, resume=resume)
     cfg.validate()
     s_model, tok = load(student, "float32", device, trust_remote_code)
@@ -164,5 +169,5 @@ def distill_router(student: str = MODEL,
     save_model(s_model, tok, final, overwrite=True)
     write_json(out / "router_distill_report.json", report, overwrite=True)  # beside the model it just wrote
     kl = f"held-out KL {report['kl_heldout_before']:.4f} -> {report['kl_heldout_after']:.4f}; " if report["heldout_tokens"] else ""
-    print(f"distilled the routers ({report['trained_parameters']:,} parameters) for {report['steps_run']} steps "
+    print(f"distilled the {'MoE blocks' if experts else 'routers'} ({report['trained_parameters']:,} parameters) for {report['steps_run']} steps "
           f"({report['tokens_run']:,} tokens) in {report['seconds']:.0f}s; {kl}model -> {final}")

@@ -9,7 +9,10 @@ matching the changed experts, and distilling the router alone wins much of it ba
   biases), the same fold as ``route``'s ``rescale``, and set back to 1: the model is a standard checkpoint at every
   step, so each checkpoint's model is the student as it is, and resuming needs only the optimizer's state.
   Selection-only biases (DeepSeek-V3's ``e_score_correction_bias``, LFM2's ``expert_bias``) get no gradient
-  through the hard top-k: they stay as they are. Everything else is frozen.
+  through the hard top-k: they stay as they are. With ``train_experts`` every MoE block trains whole: its routed
+  experts, shared expert and shared-expert gate too (the scale is then left out: the down projections learn it);
+  after re-routing to fewer active experts that wins back far more than the routers alone (bench/README.md).
+  Everything else (attention, norms, embeddings, dense layers) is frozen.
 * the loss and the loop: :func:`moekit.train.distill.distill_` (forward KL at T = 1 from the teacher's logits,
   AdamW, warm-up then cosine, progress bar, checkpoints in ``out``, ``resume``), the scales as its ``extra``
   tensors and the fold as its ``callback``.
@@ -49,6 +52,7 @@ class RouterDistillConfig(DistillConfig):
     heldout: int = 4  # sequences kept out of training: KL to the teacher on them before and after
     train_router: bool = True  # router weights (and biases)
     train_scale: bool = True  # one output scale per layer, folded into the experts' down projections
+    train_experts: bool = False  # also every MoE block's experts, shared expert and gates (the scale is then off)
 
     def validate(self) -> None:
         super().validate()
@@ -57,8 +61,8 @@ class RouterDistillConfig(DistillConfig):
                               f"{self.seq_len} tokens): raise --tokens or lower --batch-size / --seq-len")
         if self.heldout < 0:
             raise MoekitError(f"heldout {self.heldout} must be 0 (none) or a number of sequences")
-        if not (self.train_router or self.train_scale):
-            raise MoekitError("nothing to train: keep train_router or train_scale")
+        if not (self.train_router or self.train_scale or self.train_experts):
+            raise MoekitError("nothing to train: keep train_router, train_scale or train_experts")
 
 
 @register("distill_router", RouterDistillConfig, needs=("tokens", "teacher"))
@@ -88,8 +92,11 @@ def distill_router_(student, cfg: RouterDistillConfig, *, tokens=None, teacher=N
                if t is not None]
     for p in routers if cfg.train_router else ():
         p.requires_grad_(True)
+    for p in (p for layer in layers for p in layer.block.parameters()) if cfg.train_experts else ():
+        p.requires_grad_(True)
     device = torch.device(cfg.device) if cfg.device else next(student.parameters()).device
-    scales = {layer.index: torch.ones((), device=device, requires_grad=True) for layer in layers} if cfg.train_scale else {}
+    use_scale = cfg.train_scale and not cfg.train_experts
+    scales = {layer.index: torch.ones((), device=device, requires_grad=True) for layer in layers} if use_scale else {}
     total = dict.fromkeys(scales, 1.0)
 
     def after_step(step: int) -> None:
@@ -98,6 +105,7 @@ def distill_router_(student, cfg: RouterDistillConfig, *, tokens=None, teacher=N
         if callback is not None:
             callback(step)
 
+    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     try:
         with Hooks() as hooks:
             for layer in layers if scales else ():
@@ -107,9 +115,8 @@ def distill_router_(student, cfg: RouterDistillConfig, *, tokens=None, teacher=N
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    n_router = sum(p.numel() for p in routers) if cfg.train_router else 0
     report.update(kl_heldout_before=kl_before, kl_heldout_after=heldout_kl(student, teacher, held, cfg.batch_size),
-                  heldout_tokens=int(held.numel()), trained_parameters=n_router + len(scales), scales=total)
+                  heldout_tokens=int(held.numel()), trained_parameters=n_trained + len(scales), scales=total)
     return report
 
 
