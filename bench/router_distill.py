@@ -181,8 +181,8 @@ def main(argv=None) -> None:
                       "layer train",
         "command": "python bench/router_distill.py " + shlex.join(argv) + " (each student logged as it finishes; "
                    "--configs NAME runs one)",
-        "model": f"{args.model} (original perplexity {original:.2f}); students: REAP-pruned −25% / −50% of the routed "
-                 "experts, merged to 18 / 12 experts (REAM + select), top-4 of 8 with rescale (lsq)",
+        "model": f"{args.model} (original perplexity {original:.2f}); students: " + "; ".join(raw) + " (REAP pruning, "
+                 "REAM merging with the select rule, rescale by least squares; refit: bench/propagate.py)",
         "data": f"training: {args.tokens:,} tokens of {Path(args.calib).name} in {args.batch_size} x {args.seq_len} "
                 f"batches, lr {args.lr:g} (warm-up, cosine), forward KL from the original; held out: its last "
                 f"{args.heldout} sequences; perplexity: first {dev.numel():,} tokens of {Path(args.dev).name} in "
