@@ -87,6 +87,7 @@ def test_run_writes_every_step_and_a_report(tiny_setup):
     assert (tmp_path / "run" / "02-prune" / "model" / "config.json").exists()
     assert results[2]["model"]["experts_by_layer"] == [6, 6]
     assert results[2]["perplexity"]["value"] > 1
+    assert results[1]["report"]["propagate"]  # the recipe's calibration text is at hand: error-propagating scores
     report = write_report(results, tmp_path / "run").read_text()
     assert "prune(criterion=reap, keep=6)" in report and "| 6 |" in report
 
@@ -135,10 +136,11 @@ def test_changed_step_is_run_again_not_resumed(tiny_setup, capsys):
     run = tmp_path / "run"
     first = run_recipe(load_recipe(recipe), run, progress=False)
     assert first[2]["model"]["experts_by_layer"] == [6, 6]
-    recipe.write_text(recipe.read_text().replace("keep: 6", "keep: 4"))
+    recipe.write_text(recipe.read_text().replace("keep: 6", "keep: 4, propagate: false"))
     capsys.readouterr()
     second = run_recipe(load_recipe(recipe), run, progress=False)
     assert second[2]["model"]["experts_by_layer"] == [4, 4]  # not the old model
+    assert "propagate" in first[1]["report"] and "propagate" not in second[1]["report"]  # one pass, as asked
     assert second[0]["key"] == first[0]["key"] and second[1]["key"] != first[1]["key"]
     assert "step 2 (prune)" in capsys.readouterr().err
     third = run_recipe(load_recipe(recipe), run, progress=False)  # unchanged: everything reused

@@ -309,6 +309,14 @@ def test_cli_mode_sequential_equals_memory(tmp_path_factory, tmp_path, char_toke
             "--out", str(tmp_path / mode))
     a, b = load_file(tmp_path / "memory" / "model.safetensors"), load_file(tmp_path / "sequential" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for mode in ("memory", "sequential"):  # with --data the scores are error-propagating, in either mode
+        run("prune", str(path), "--stats", str(tmp_path / "s.st"), "--ratio", "0.5", "--mode", mode, "--data", str(text),
+            "--n-seq", "4", "--seq-len", "16", "--out", str(tmp_path / f"p-{mode}"))
+    kept = [json.loads((tmp_path / f"p-{m}" / "prune_report.json").read_text())["layers"] for m in ("memory", "sequential")]
+    assert kept[0] == kept[1] and all("propagate" in json.loads((tmp_path / f"p-{m}" / "prune_report.json").read_text())
+                                      for m in ("memory", "sequential"))
+    torch.testing.assert_close(reload(tmp_path / "p-memory")(ids(batch=1, length=8)).logits,
+                               reload(tmp_path / "p-sequential")(ids(batch=1, length=8)).logits, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(device, "available_bytes", lambda dev="cpu": 1000)
     run("ppl", str(path), "--data", str(text), "--max-tokens", "256", "--window", "64")
 
@@ -334,6 +342,33 @@ def test_propagating_prune_scores_each_layer_on_the_pruned_prefix(saved, tmp_pat
     back = reload(tmp_path / "out")
     x = ids(batch=2, length=8)
     torch.testing.assert_close(back(x).logits, mem(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_propagating_prune_in_memory_equals_the_checkpoint_walk(saved, tmp_path):
+    """``prune_`` with calibration tokens is error-propagating by default (the recipe's and the API's path): the same
+    experts and the same model as the layer-sequential walk over the checkpoint; without tokens, or with
+    propagate=False, it is the one-pass plan from the statistics."""
+    from moekit.core import arch
+    from moekit.prune.prune import PruneConfig, plan, prune_
+    from moekit.prune.sequential import prune_propagating
+
+    path, model, tokens, stats = saved
+    walked = prune_propagating(path, PruneConfig(ratio=0.5), tmp_path / "out", stats=stats, tokens=tokens, **CPU)
+    mem = copy.deepcopy(model)
+    report = prune_(mem, PruneConfig(ratio=0.5), stats=stats, tokens=tokens)
+    assert report["propagate"]
+    assert [r["kept"] for r in report["layers"]] == [r["kept"] for r in walked["layers"]]
+    back = reload(tmp_path / "out")
+    assert back.config.moekit_kept_experts == mem.config.moekit_kept_experts
+    x = ids(batch=2, length=8)
+    torch.testing.assert_close(back(x).logits, mem(x).logits, rtol=1e-5, atol=1e-5)
+    one_pass = plan(arch.moe_layers(model), stats, PruneConfig(ratio=0.5))
+    if model.config.model_type != "olmoe":  # these tiny models keep other experts once the prefix is pruned (olmoe's agree)
+        assert {r["layer"]: r["kept"] for r in report["layers"]} != one_pass
+    for given in (dict(), dict(tokens=tokens)):  # no tokens; tokens with propagate=False
+        cfg = PruneConfig(ratio=0.5, propagate=False if given else None)
+        rep = prune_(copy.deepcopy(model), cfg, stats=stats, **given)
+        assert "propagate" not in rep and {r["layer"]: r["kept"] for r in rep["layers"]} == one_pass
 
 
 def test_propagating_route_fits_each_layer_on_the_rerouted_prefix(saved, tmp_path):

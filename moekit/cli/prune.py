@@ -67,17 +67,20 @@ def prune(
     device_map: str = DEVICE_MAP, max_memory: str = MAX_MEMORY, offload_folder: Path = OFFLOAD,
     trust_remote_code: bool = TRUST,
     mode: str = MODE,
-    propagate: bool = typer.Option(False, "--propagate", help="error-propagating: score layer i on the hidden states "
-                                   "the already pruned layers 0..i-1 produce (needs --data; one pass per ratio, layer "
-                                   "by layer; --stats then only names the super experts). Without it (the fast "
-                                   "path) every layer is scored on the original model: one profile serves every ratio"),
-    data: str = typer.Option(None, "--data", help="calibration text for --propagate"),
-    n_seq: int = typer.Option(16, "--n-seq", help="--propagate: calibration sequences"),
-    seq_len: int = typer.Option(512, "--seq-len", help="--propagate: tokens per sequence"),
+    propagate: bool = option(PruneConfig, "propagate", "--propagate/--no-propagate",
+                             help="error-propagating scores: layer i scored on the hidden states the already pruned "
+                             "layers 0..i-1 compute (one walk over the layers per ratio; --stats then only names the "
+                             "super experts). The default wherever --data is given and the plan is uniform with --keep "
+                             "or --ratio (it measured better). --no-propagate, or no --data: the one-pass fast path, "
+                             "every layer scored from --stats alone (one profile serves every ratio)"),
+    data: str = typer.Option(None, "--data", help="calibration text for the error-propagating scores (see --propagate)"),
+    n_seq: int = typer.Option(16, "--n-seq", help="with --data: calibration sequences"),
+    seq_len: int = typer.Option(512, "--seq-len", help="with --data: tokens per sequence"),
 ):
     """Remove whole routed experts chosen from the statistics file (or, for aimer, the weights); write the checkpoint
     and a report."""
     from moekit.checkpoint.save import save_model
+    from moekit.errors import MoekitError
     from moekit.outputs import check_output_dir
     from moekit.prune.prune import PruneConfig, prune_, require_stats
     from moekit.profile.stats import ExpertStats
@@ -92,6 +95,7 @@ def prune(
         allow_super_experts=allow_super_experts,
         seed=seed,
         global_norm=global_norm,
+        propagate=propagate,
     )
     cfg.validate()
     require_stats(cfg, stats is not None)
@@ -99,17 +103,26 @@ def prune(
     st = ExpertStats.load(stats) if stats is not None else None
     if st is None and not allow_super_experts:
         print("moekit: no --stats: super experts cannot be found, so none is protected", file=sys.stderr)
-    if propagate:
+    propagating = cfg.propagates(data is not None)
+    if data is not None and not propagating:
+        print("moekit: --data is not used: these scores are not error-propagating (one pass from --stats)", file=sys.stderr)
+    if propagating:
         from moekit.data import calibration_tokens
-        from moekit.errors import MoekitError
-        from moekit.prune.sequential import prune_propagating
 
-        if data is None or st is None or shardwise:
-            raise MoekitError("--propagate scores each layer on calibration text and takes super experts from the "
-                              "statistics: give --data and --stats (and drop --shardwise)")
-        tokens = calibration_tokens(data, tokenizer_of(model, trust_remote_code), n_seq=n_seq, seq_len=seq_len, seed=seed)
-        report = prune_propagating(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
-                                   dtype=dtype)
+        if shardwise:
+            raise MoekitError("--shardwise scores every layer from --stats alone: drop --data, or add --no-propagate")
+        if mode_for(model, mode, device, dtype, "prune", device_map, max_memory, offload_folder) == "sequential":
+            from moekit.prune.sequential import prune_propagating
+
+            tokens = calibration_tokens(data, tokenizer_of(model, trust_remote_code), n_seq=n_seq, seq_len=seq_len,
+                                        seed=seed)
+            report = prune_propagating(model, cfg, out, stats=st, tokens=tokens, overwrite=overwrite, device=device,
+                                       dtype=dtype)
+        else:
+            m, tok = load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+            tokens = calibration_tokens(data, tok, n_seq=n_seq, seq_len=seq_len, seed=seed, model=m)
+            report = prune_(m, cfg, stats=st, tokens=tokens)
+            save_model(m, tok, out, overwrite=overwrite)
     elif shardwise:
         from moekit.checkpoint.load import local_checkpoint
         from moekit.prune.shards import prune_shards

@@ -86,6 +86,25 @@ class PruneConfig:
     super_rule: str = "paper"
     seed: int = 0
     global_norm: str = "mean"  # global budget: scores divided by the layer's "mean" or "median"
+    # error propagation: score layer i on what the already pruned layers 0..i-1 compute (calibration tokens needed).
+    # None: wherever calibration tokens are given and the plan allows it (uniform keep/ratio, a criterion measured on
+    # calibration text); False: the one-pass fast path (the statistics alone: one profile serves every ratio)
+    propagate: bool | None = None
+
+    def propagates(self, has_tokens: bool) -> bool:
+        """Whether pruning is error-propagating, given whether calibration tokens are at hand (see ``propagate``)."""
+        why_not = ("a global budget needs every layer's scores before the first is cut" if self.budget == "global" else
+                   "the threshold rule has no per-layer count to keep" if self.mode == "threshold" else
+                   f"criterion '{self.criterion}' reads no calibration text" if self.criterion in CALIBRATION_FREE else
+                   None)
+        if self.propagate is None:
+            return has_tokens and why_not is None
+        if self.propagate and why_not:
+            raise MoekitError(f"error-propagating pruning is not possible here: {why_not}; drop propagate (--propagate)")
+        if self.propagate and not has_tokens:
+            raise MoekitError("error-propagating pruning scores each layer on calibration text: give tokens (--data), or "
+                              "propagate=False (--no-propagate) for the one-pass path")
+        return self.propagate
 
     @property
     def mode(self) -> str:
@@ -337,15 +356,20 @@ def _global_plan(layers, scores, protect, cfg: PruneConfig) -> dict[int, list[in
 
 
 # ---------------------------------------------------------------------------------------------- verbs
-@register("prune", PruneConfig, needs=("stats",))
+@register("prune", PruneConfig, needs=("stats",), uses=("tokens",))
 def prune_(model, cfg: PruneConfig, *, stats: ExpertStats | None = None, tokens=None, teacher=None) -> dict:
     """Remove the experts ``cfg`` selects from ``model`` in place; return the report (see :func:`build_report`).
 
     ``stats`` come from :func:`moekit.profile.profile` on this model (or its unpruned source); None only for a
-    calibration-free criterion (:data:`CALIBRATION_FREE`; then no super expert is protected).
+    calibration-free criterion (:data:`CALIBRATION_FREE`; then no super expert is protected). With calibration
+    ``tokens`` [n_seq, seq_len] and a uniform keep/ratio plan, the scores are error-propagating
+    (:func:`prune_propagating_`; ``stats`` then only name the super experts) unless
+    ``cfg.propagate`` is False; without tokens every layer is scored from ``stats`` (one pass).
     """
     cfg.validate()
     require_stats(cfg, stats is not None)
+    if cfg.propagates(tokens is not None):
+        return prune_propagating_(model, cfg, stats=stats, tokens=tokens)
     from moekit.profile.stats import fingerprint
     from moekit.prune.report import build_report, snapshot
 
@@ -357,15 +381,76 @@ def prune_(model, cfg: PruneConfig, *, stats: ExpertStats | None = None, tokens=
     return build_report(before, snapshot(model), keep, cfg)
 
 
+# ---------------------------------------------------------------------------------------------- error propagation
+# Layer i's experts scored on the hidden states the already pruned layers 0..i-1 compute (the compressed model's own
+# activations, as llm-compressor's REAP does by default), not on the original model's: one walk over the layers,
+# layer i's calibration forward under the profile's hooks (the statistics a profile gathers), the layer pruned, and
+# the calibration states run through the pruned layer on to layer i+1 -- one extra layer forward per layer, no second
+# pass over the model. The original model's statistics then only say which experts are super experts (kept). It
+# measured better than the one-pass scores on smollm2-moe (bench/README.md), so it is the default wherever
+# calibration tokens are at hand (PruneConfig.propagate). The walk runs on a model in memory (prune_propagating_,
+# what prune_ calls with tokens) and on a checkpoint layer by layer (moekit.prune.sequential.prune_propagating).
+@torch.no_grad()
+def propagating_plan(walk, cfg: PruneConfig, protect: dict[int, set[int]], tokens: torch.Tensor,
+                     profile_cfg=None) -> dict[int, list[int]]:
+    """Walk the layers of ``walk`` (an engine yielding :class:`~moekit.sequential.engine.Layer`), pruning each MoE
+    layer in place to the experts its error-propagated scores keep; returns the kept experts per MoE layer (indices
+    into the layer as it was)."""
+    from moekit.profile.profile import ProfileConfig
+    from moekit.profile.stream import LayerProfiler
+
+    if cfg.budget != "uniform" or cfg.mode == "threshold":
+        raise MoekitError("error-propagating pruning decides each layer before seeing the next: use --budget uniform "
+                          "with --keep or --ratio (or --no-propagate)")
+    profiler = LayerProfiler(walk, profile_cfg or ProfileConfig(progress=False), tokens)
+    keep: dict[int, list[int]] = {}
+    for layer in walk:
+        if layer.moe is not None:
+            moe = layer.moe
+            acc = profiler.observe(layer, update=False)
+            live = ExpertStats(meta={"layers": [layer.index], "collected": list(acc.results())},
+                               tensors={f"{k}.{layer.index}": v for k, v in acc.results().items()})
+            n = cfg.keep if cfg.mode == "keep" else moe.num_experts - round(cfg.ratio * moe.num_experts)
+            if n > moe.num_experts:
+                raise MoekitError(f"layer {layer.index}: keep={n} exceeds its {moe.num_experts} experts; give a smaller "
+                                  "--keep")
+            keep[layer.index] = _uniform_keep(moe, expert_scores(live, moe, cfg), protect.get(layer.index, set()), n)
+            if len(keep[layer.index]) != moe.num_experts:
+                moe.keep_experts(keep[layer.index])
+        layer.forward()  # the next layer sees what this (pruned) layer computes
+    return keep
+
+
+def prune_propagating_(model, cfg: PruneConfig, *, stats: ExpertStats | None, tokens: torch.Tensor, profile_cfg=None,
+                       progress: bool = True) -> dict:
+    """Error-propagating pruning of ``model`` in memory (on one device), in place; the report of ``prune_``.
+    ``stats`` (the original model's profile) only name the super experts; None protects none."""
+    from moekit.profile.stats import fingerprint
+    from moekit.prune.report import build_report, snapshot
+    from moekit.sequential.memory import InMemoryLayers
+
+    cfg.validate()
+    layers = arch.require_moe(model)
+    stats = stats_for_model(model, stats) if stats is not None else None
+    protect = protected_experts(stats, cfg)
+    counts = {layer.index: layer.num_experts for layer in layers}
+    before, source = snapshot(model), fingerprint(model)
+    batch_size = profile_cfg.batch_size if profile_cfg is not None else 4
+    walk = InMemoryLayers(model, tokens, batch_size=batch_size, progress=progress, desc="prune (error-propagating)")
+    keep = propagating_plan(walk, cfg, protect, tokens, profile_cfg)
+    if any(len(keep[i]) != n for i, n in counts.items()):
+        record_plan(model, keep, counts, source)
+    report = build_report(before, snapshot(model), keep, cfg)
+    report["propagate"] = True
+    return report
+
+
 def apply_plan(model, keep: dict[int, list[int]], source_fingerprint: str) -> None:
     """Keep ``keep[layer]`` in each MoE layer and record the surviving source indices in the config."""
-    old = getattr(model.config, KEPT_KEY, None)
-    record = {"source": old["source"] if old else source_fingerprint, "layers": {}}
+    counts = {layer.index: layer.num_experts for layer in arch.moe_layers(model)}
     changed = False
     for layer in arch.moe_layers(model):
         kept = keep.get(layer.index, list(range(layer.num_experts)))
-        prev = old["layers"][str(layer.index)] if old else list(range(layer.num_experts))
-        record["layers"][str(layer.index)] = [int(prev[e]) for e in kept]
         if len(kept) != layer.num_experts:
             if layer.experts.down_proj.is_meta:
                 _keep_meta_experts(layer, kept)
@@ -373,8 +458,20 @@ def apply_plan(model, keep: dict[int, list[int]], source_fingerprint: str) -> No
                 layer.keep_experts(kept)
             changed = True
     if changed:
-        arch.sync_config(model)
-        setattr(model.config, KEPT_KEY, record)
+        record_plan(model, keep, counts, source_fingerprint)
+
+
+def record_plan(model, keep: dict[int, list[int]], counts: dict[int, int], source_fingerprint: str) -> None:
+    """Record in the config which source experts survive in each MoE layer (``counts``: its experts before the plan
+    ``keep`` was applied), composed with an earlier pruning's record; the config's expert counts follow the model."""
+    old = getattr(model.config, KEPT_KEY, None)
+    record = {"source": old["source"] if old else source_fingerprint, "layers": {}}
+    for i, n in counts.items():
+        kept = keep.get(i, list(range(n)))
+        prev = old["layers"][str(i)] if old else list(range(n))
+        record["layers"][str(i)] = [int(prev[e]) for e in kept]
+    arch.sync_config(model)
+    setattr(model.config, KEPT_KEY, record)
 
 
 def _keep_meta_experts(layer: arch.MoELayer, kept: list[int]) -> None:

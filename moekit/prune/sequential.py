@@ -56,50 +56,32 @@ def profile_then_prune(src, cfg: PruneConfig, out, tokens: torch.Tensor, profile
 def prune_propagating(src: str | Path, cfg: PruneConfig, out: str | Path, *, stats: ExpertStats, tokens: torch.Tensor,
                       profile_cfg=None, overwrite: bool = False, device: str | None = None, dtype=None,
                       progress: bool = True) -> dict:
-    """Error-propagating pruning, one pass: layer i's experts are scored on the hidden states that the already
-    pruned layers 0..i-1 produce (the compressed model's own activations, as llm-compressor's REAP does by default),
-    pruned, and the calibration states run through the pruned layer on to layer i+1 -- one extra layer forward per
-    layer. ``stats`` (the original model's profile) only says which experts are super experts (kept); the scores are
-    measured afresh. Uniform budgets only (a global one would need every layer's scores before the first is cut)."""
-    from moekit.profile.profile import ProfileConfig
-    from moekit.profile.stream import LayerProfiler
-    from moekit.prune.prune import _uniform_keep, expert_scores, protected_experts
-    from moekit.prune.report import build_report, snapshot
+    """Error-propagating pruning of the checkpoint ``src`` into ``out``, one decoder layer in memory at a time: the walk
+    of :func:`moekit.prune.prune.propagating_plan` (layer i scored on what the pruned layers 0..i-1 compute) on
+    the layer-sequential engine. ``stats`` (the original model's profile) only say which experts are super experts
+    (kept). Uniform budgets only (a global one would need every layer's scores before the first is cut)."""
     from moekit.profile.stats import fingerprint
-    from moekit.errors import MoekitError
+    from moekit.prune.prune import apply_plan, propagating_plan, protected_experts
+    from moekit.prune.report import build_report, snapshot
 
     cfg.validate()
-    if cfg.budget != "uniform" or cfg.mode == "threshold":
-        raise MoekitError("error-propagating pruning decides each layer before seeing the next: use --budget uniform "
-                          "with --keep or --ratio (or drop --propagate)")
+    cfg.propagates(True)  # the one-line error where the plan cannot propagate
     protect = protected_experts(stats, cfg)
-    profile_cfg = profile_cfg or ProfileConfig(progress=False)
-    engine = LayerSequential(src, tokens, device=device, dtype=dtype, batch_size=profile_cfg.batch_size,
-                             progress=progress, desc="prune (error-propagating)")
+    batch_size = profile_cfg.batch_size if profile_cfg is not None else 4
+    engine = LayerSequential(src, tokens, device=device, dtype=dtype, batch_size=batch_size, progress=progress,
+                             desc="prune (error-propagating)")
     arch.require_moe(engine.model)
     engine.read_routers()
     stats.check_model(engine.model)
-    planned = copy.deepcopy(engine.model)
+    planned = copy.deepcopy(engine.model)  # meta experts: the record, the config, the report (shapes only)
     source = fingerprint(engine.model)
-    profiler = LayerProfiler(engine, profile_cfg, tokens)
-    keep: dict[int, list[int]] = {}
     with staged_dir(out, overwrite) as tmp:
         engine.write_to(tmp)
-        for layer in engine:
-            if layer.moe is not None:
-                acc = profiler.observe(layer, update=False)
-                live = ExpertStats(meta={"layers": [layer.index], "collected": list(acc.results())},
-                                   tensors={f"{k}.{layer.index}": v for k, v in acc.results().items()})
-                moe = layer.moe
-                n = cfg.keep if cfg.mode == "keep" else moe.num_experts - round(cfg.ratio * moe.num_experts)
-                keep[layer.index] = _uniform_keep(moe, expert_scores(live, moe, cfg), protect.get(layer.index, set()), n)
-                moe.keep_experts(keep[layer.index])
-            layer.forward()  # the next layer sees what this (pruned) layer computes
+        keep = propagating_plan(engine, cfg, protect, tokens, profile_cfg)
         before = snapshot(planned)
-        from moekit.prune.prune import apply_plan
-
-        apply_plan(planned, keep, source_fingerprint=source)  # shapes only: the record, the config, the report
-        setattr(engine.model.config, KEPT_KEY, getattr(planned.config, KEPT_KEY))
+        apply_plan(planned, keep, source_fingerprint=source)
+        if getattr(planned.config, KEPT_KEY, None):
+            setattr(engine.model.config, KEPT_KEY, getattr(planned.config, KEPT_KEY))
         engine.finish()
     report = build_report(before, snapshot(planned), keep, cfg)
     report["propagate"] = True

@@ -132,16 +132,7 @@ class LayerSequential:
             body.rotary_emb.to(self.device)
         self.hidden = torch.empty(n_seq, seq_len, self.model.config.hidden_size, dtype=self.dtype)
         for a, b in tqdm(self.batches, desc="embed", disable=not self.progress, leave=False):
-            calls: dict = {}
-            with _stubbed(self.layers, calls):
-                try:
-                    body(input_ids=compact[a:b].to(self.device), use_cache=False)
-                except StopForward:
-                    pass
-                except (TypeError, ValueError) as e:  # the model wanted more than hidden states from a layer
-                    raise MoekitError(
-                        f"{self.model.config.model_type}'s decoder layers hand each other more than the hidden states "
-                        f"({type(e).__name__}: {e}); the layer-sequential mode cannot run it: use --mode memory") from None
+            calls = record_calls(self.model, self.layers, compact[a:b].to(self.device))
             self.hidden[a:b] = calls[0][0].to("cpu", self.dtype)
             self.calls.setdefault(b - a, {j: (args, kwargs) for j, (_, args, kwargs) in calls.items()})
         emb.to("meta")
@@ -356,6 +347,24 @@ def _save_dtype(reader) -> torch.dtype:
         return torch.bfloat16
     counts = Counter(info.dtype for _, info, _ in reader.where.values() if info.dtype in ("BF16", "F16", "F32", "F64"))
     return DTYPES[counts.most_common(1)[0][0]] if counts else torch.bfloat16
+
+
+def record_calls(model, layers, input_ids: torch.Tensor) -> dict[int, tuple]:
+    """Run the model's own forward on ``input_ids`` with its decoder ``layers`` stubbed out; per layer index, the
+    (hidden states, args, kwargs) it was called with (attention mask, rotary embeddings, positions ...)."""
+    body = getattr(model, "model", model)
+    calls: dict = {}
+    with _stubbed(layers, calls):
+        try:
+            body(input_ids=input_ids, use_cache=False)
+        except StopForward:
+            pass
+        except (TypeError, ValueError) as e:  # the model wanted more than hidden states from a layer
+            raise MoekitError(
+                f"{model.config.model_type}'s decoder layers hand each other more than the hidden states "
+                f"({type(e).__name__}: {e}); moekit cannot walk it layer by layer: use the one-pass path "
+                "(--mode memory, no --propagate)") from None
+    return calls
 
 
 class _stubbed:
