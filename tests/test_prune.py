@@ -273,6 +273,28 @@ def test_guards():
         prune_(ds, PruneConfig(ratio=0.5, budget="global"), stats=ds_stats)
 
 
+@pytest.mark.parametrize("cfg, tokens, expected", [
+    (dict(ratio=0.25), True, True),  # the default wherever tokens are at hand
+    (dict(ratio=0.25), False, False),  # none: the one-pass scores from the statistics
+    (dict(ratio=0.25, propagate=False), True, False),
+    (dict(keep=4, budget="global"), True, False),  # plans that cannot propagate stay one pass by default ...
+    (dict(top_k_prime=6), True, False),
+    (dict(ratio=0.25, criterion="aimer"), True, False),
+    (dict(keep=4, budget="global", propagate=True), True, "a global budget"),  # ... and refuse it when asked
+    (dict(top_k_prime=6, propagate=True), True, "threshold rule"),
+    (dict(ratio=0.25, criterion="random", propagate=True), True, "reads no calibration text"),
+    (dict(ratio=0.25, propagate=True), False, "give tokens"),
+])
+def test_when_pruning_is_error_propagating(cfg, tokens, expected):
+    c = PruneConfig(**cfg)
+    c.validate()
+    if isinstance(expected, str):
+        with pytest.raises(MoekitError, match=expected):
+            c.propagates(tokens)
+    else:
+        assert c.propagates(tokens) is expected
+
+
 def test_group_limited_pruning_is_even_per_group():
     ds = tiny_model("deepseek_v3")
     report = prune_(ds, PruneConfig(criterion="reap", keep=4), stats=fake_stats(ds, seed=4))
