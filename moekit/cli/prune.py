@@ -70,9 +70,10 @@ def prune(
     propagate: bool = option(PruneConfig, "propagate", "--propagate/--no-propagate",
                              help="error-propagating scores: layer i scored on the hidden states the already pruned "
                              "layers 0..i-1 compute (one walk over the layers per ratio; --stats then only names the "
-                             "super experts). The default wherever --data is given and the plan is uniform with --keep "
-                             "or --ratio (it measured better). --no-propagate, or no --data: the one-pass fast path, "
-                             "every layer scored from --stats alone (one profile serves every ratio)"),
+                             "super experts). The default with --data for the criteria where it measured better (reap, "
+                             "frequency, ean) and a uniform --keep or --ratio plan; others with --propagate. --no-propagate, "
+                             "or no --data: the one-pass fast path, every layer scored from --stats alone (one profile "
+                             "serves every ratio)"),
     data: str = typer.Option(None, "--data", help="calibration text for the error-propagating scores (see --propagate)"),
     n_seq: int = typer.Option(16, "--n-seq", help="with --data: calibration sequences"),
     seq_len: int = typer.Option(512, "--seq-len", help="with --data: tokens per sequence"),

@@ -72,6 +72,10 @@ NEEDS = {
 CALIBRATION_FREE = tuple(c for c in CRITERIA if not NEEDS[c])  # run without a statistics file
 BUDGETS = ("uniform", "global")
 DEFAULT_CRITERION = "reap"
+# criteria whose error-propagating scores measured better than their one-pass scores on smollm2-moe at -25% (perplexity,
+# bench/README.md "Winning back what compression costs": REAP -0.7% (-0.8% at -50%), frequency -0.8%, EAN -0.6%; the
+# top-6' count +0.3%, worse): given calibration tokens they propagate unless told not to; the others stay one pass
+PROPAGATE_BY_DEFAULT = ("reap", "frequency", "ean", "man")
 
 
 @dataclass
@@ -87,8 +91,8 @@ class PruneConfig:
     seed: int = 0
     global_norm: str = "mean"  # global budget: scores divided by the layer's "mean" or "median"
     # error propagation: score layer i on what the already pruned layers 0..i-1 compute (calibration tokens needed).
-    # None: wherever calibration tokens are given and the plan allows it (uniform keep/ratio, a criterion measured on
-    # calibration text); False: the one-pass fast path (the statistics alone: one profile serves every ratio)
+    # None: where it measured better (PROPAGATE_BY_DEFAULT) when calibration tokens are given and the plan allows it
+    # (uniform keep/ratio); False: the one-pass fast path (the statistics alone: one profile serves every ratio)
     propagate: bool | None = None
 
     def propagates(self, has_tokens: bool) -> bool:
@@ -98,7 +102,7 @@ class PruneConfig:
                    f"criterion '{self.criterion}' reads no calibration text" if self.criterion in CALIBRATION_FREE else
                    None)
         if self.propagate is None:
-            return has_tokens and why_not is None
+            return has_tokens and why_not is None and self.criterion in PROPAGATE_BY_DEFAULT
         if self.propagate and why_not:
             raise MoekitError(f"error-propagating pruning is not possible here: {why_not}; drop propagate (--propagate)")
         if self.propagate and not has_tokens:
