@@ -29,7 +29,11 @@ from pathlib import Path
 from common import RESULTS, add_common, append_jsonl, load, load_or_profile, parse, parser, read_jsonl, write_json
 
 ROWS = {  # method -> [(label, config maker)]
-    "prune": [("REAP −25%", lambda: _prune(0.25)), ("REAP −50%", lambda: _prune(0.5))],
+    "prune": [("REAP −25%", lambda: _prune(0.25)), ("REAP −50%", lambda: _prune(0.5)),
+              ("top-6 count −25%", lambda: _prune(0.25, "topk_prime", top_k_prime=6)),
+              ("frequency −25%", lambda: _prune(0.25, "frequency")), ("EAN −25%", lambda: _prune(0.25, "ean")),
+              ("MSAN −25%", lambda: _prune(0.25, "msan")), ("probability mass −25%", lambda: _prune(0.25, "prob_mass")),
+              ("weighted frequency −25%", lambda: _prune(0.25, "weighted_frequency"))],
     "merge": [("merge to 18", lambda: _merge(18)), ("merge to 12", lambda: _merge(12))],
     "route": [("top-4 of 8, rescale", lambda: _route(4))],
     "densify": [("K=8 acp", lambda: _densify(8)), ("K=4 acp", lambda: _densify(4))],
@@ -41,10 +45,10 @@ ROWS = {  # method -> [(label, config maker)]
 REFIT = "one pass + lstsq refit to the original's layer outputs"
 
 
-def _prune(ratio):
+def _prune(ratio, criterion="reap", **kw):
     from moekit.prune.prune import PruneConfig
 
-    return PruneConfig(criterion="reap", ratio=ratio)
+    return PruneConfig(criterion=criterion, ratio=ratio, **kw)
 
 
 def _merge(target):

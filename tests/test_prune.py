@@ -277,6 +277,8 @@ def test_guards():
     (dict(ratio=0.25), True, True),  # REAP (the default criterion): error-propagating wherever tokens are at hand
     (dict(ratio=0.25, criterion="topk_prime", top_k_prime=6), True, False),  # measured worse: one pass by default
     (dict(ratio=0.25, criterion="topk_prime", top_k_prime=6, propagate=True), True, True),
+    (dict(ratio=0.25, criterion="msan"), True, False),
+    (dict(ratio=0.25, criterion="frequency"), True, True),
     (dict(ratio=0.25), False, False),  # none: the one-pass scores from the statistics
     (dict(ratio=0.25, propagate=False), True, False),
     (dict(keep=4, budget="global"), True, False),  # plans that cannot propagate stay one pass by default ...

@@ -71,7 +71,8 @@ def prune(
                              help="error-propagating scores: layer i scored on the hidden states the already pruned "
                              "layers 0..i-1 compute (one walk over the layers per ratio; --stats then only names the "
                              "super experts). The default with --data for the criteria where it measured better (reap, "
-                             "frequency, ean) and a uniform --keep or --ratio plan; others with --propagate. --no-propagate, "
+                             "ean, frequency, weighted_frequency) and a uniform --keep or --ratio plan; others with "
+                             "--propagate. --no-propagate, "
                              "or no --data: the one-pass fast path, every layer scored from --stats alone (one profile "
                              "serves every ratio)"),
     data: str = typer.Option(None, "--data", help="calibration text for the error-propagating scores (see --propagate)"),

@@ -73,9 +73,10 @@ CALIBRATION_FREE = tuple(c for c in CRITERIA if not NEEDS[c])  # run without a s
 BUDGETS = ("uniform", "global")
 DEFAULT_CRITERION = "reap"
 # criteria whose error-propagating scores measured better than their one-pass scores on smollm2-moe at -25% (perplexity,
-# bench/README.md "Winning back what compression costs": REAP -0.7% (-0.8% at -50%), frequency -0.8%, EAN -0.6%; the
-# top-6' count +0.3%, worse): given calibration tokens they propagate unless told not to; the others stay one pass
-PROPAGATE_BY_DEFAULT = ("reap", "frequency", "ean", "man")
+# bench/README.md "Winning back what compression costs": REAP -0.7% (-0.8% at -50%), frequency -0.8%, weighted
+# frequency -0.7%, EAN -0.6%; worse or equal: the top-6' count +0.3%, MSAN +0.9%, probability mass +0.0%): given
+# calibration tokens these propagate unless told not to; the others stay one pass unless told to
+PROPAGATE_BY_DEFAULT = ("reap", "frequency", "weighted_frequency", "ean", "man")
 
 
 @dataclass
