@@ -480,6 +480,18 @@ def test_cli_prune_uniform_and_errors(tmp_path, capsys, char_tokenizer):
     s, _ = load_model(str(tmp_path / "s"))  # tokenizer files came along
     assert {layer.num_experts for layer in arch.moe_layers(s)} == {4}
 
+    text = tmp_path / "calib.txt"
+    text.write_text("Mixture-of-experts models route each token to a few experts. " * 20)
+    with_data = ["--data", str(text), "--n-seq", "2", "--seq-len", "16"]
+    for extra, said in ((["--criterion", "msan"], "criterion 'msan' is scored in one pass by default"),
+                        (["--no-propagate"], "--data is not used: --no-propagate"),
+                        ([], None)):  # reap: error-propagating, so --data is used
+        out_dir = tmp_path / f"d{len(extra)}{extra[-1] if extra else ''}"
+        code, _, err = _run(base + ["--ratio", "0.5", *with_data, *extra, "--out", str(out_dir)], capsys)
+        assert code in (0, None), err
+        assert (said in err) if said else ("--data is not used" not in err)
+        assert ("propagate" in json.loads((out_dir / "prune_report.json").read_text())) == (said is None)
+
     code, _, err = _run(base + ["--keep", "1", "--out", str(tmp_path / "bad")], capsys)
     errors = [line for line in err.splitlines() if line.startswith("moekit: error:")]
     assert code == 2 and len(errors) == 1 and "fewer than top-k" in errors[0]
