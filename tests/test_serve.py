@@ -163,13 +163,26 @@ def test_missing_vllm_environment_is_one_line(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- the real engine
+def engine_processes() -> set[int]:
+    """Live vLLM engine-core processes (their title is VLLM::EngineCore)."""
+    import psutil
+
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if "EngineCor" in (p.info["name"] or "") or any("EngineCore" in c for c in p.info["cmdline"] or ()):
+            found.add(p.pid)
+    return found
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_every_standard_form_serves_identically_in_vllm(served_forms, vllm_python, tmp_path):
     from moekit.serve.check import ServeCheckConfig, serve_check
 
     names = list(served_forms)
+    before = engine_processes()
     verdicts = serve_check([served_forms[n] for n in names], ServeCheckConfig(), vllm_python=vllm_python)
+    assert engine_processes() <= before  # the worker left no engine behind
     report = {n: v.line() for n, v in zip(names, verdicts, strict=True)}
     assert all(v.ok for v in verdicts), report
     assert all(v.steps == 4 * 32 for v in verdicts)
@@ -223,9 +236,11 @@ def test_eval_through_vllm_scores_the_same_items_as_in_process(smollm2_moe, vllm
             "--ppl-data", DATA / "dev" / "c4_valid_dev.jsonl", "--ppl-tokens", "1024", "--ppl-window", "512"]
     code, _, err = cli(*args, "--out", tmp_path / "hf.json")
     assert code == 0, err
+    before = engine_processes()
     code, _, err = cli(*args, "--backend", "vllm", "--vllm-python", vllm_python, "--model-args",
                        "gpu_memory_utilization=0.15,max_model_len=1024", "--out", tmp_path / "vllm.json")
     assert code == 0, err
+    assert engine_processes() <= before  # the harness's engine is not shut down by lm-eval: the worker stops it
     hf, vl = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hf", "vllm"))
     assert vl["settings"]["backend"] == "vllm"
     # beside vLLM, the perplexity is computed in this process one decoder layer at a time: the in-memory value

@@ -44,14 +44,11 @@ def run_step(cmd: list[str], what: str, ok_codes=(0,)) -> None:
 
 
 def leave_worker(code: int) -> None:
-    """End a vLLM worker once its response is written, skipping the interpreter's teardown: vLLM's engine threads can
-    abort it ("terminate called without an active exception", exit -6), which would turn a finished job into a
-    failure."""
-    import sys
+    """End a vLLM worker once its response is written: its child processes stopped, no interpreter teardown for
+    vLLM's engine threads to abort (:func:`moekit.serve.vllm_worker.leave`)."""
+    from moekit.serve.vllm_worker import leave
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave(code)
 
 
 def run_worker(argv: list[str], request: dict, *, timeout_s: int, what: str, hint: str = "",

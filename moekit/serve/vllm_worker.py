@@ -1,8 +1,9 @@
 """Greedy generation in vLLM's offline engine, run by the vLLM environment's own Python.
 
 This file is executed as a script (``python vllm_worker.py REQUEST.json RESPONSE.json``) by
-:mod:`moekit.serve.check`, never imported by moekit: vLLM pins its own torch and transformers, so it lives in
-a separate virtual environment, and this script needs nothing but vLLM and the standard library.
+:mod:`moekit.serve.check`: vLLM pins its own torch and transformers, so it lives in a separate virtual environment,
+and this script needs nothing but vLLM and the standard library. moekit imports only :func:`leave` from it (the
+other vLLM entry point, :mod:`moekit.eval.vllm_entry`, ends the same way).
 
 REQUEST: {"checks": [{"model": DIR, "prompts": [[token ids], ...], "max_tokens": N, "logprobs": K,
                       "dtype": "float32", "max_model_len": L, "engine": {more keyword arguments for vllm.LLM}}, ...]}
@@ -131,10 +132,36 @@ def main(request_path: str, response_path: str) -> int:
     return 0
 
 
-if __name__ == "__main__":  # vLLM's engine spawns processes: the guard keeps them from re-running this
-    code = main(sys.argv[1], sys.argv[2])
-    # the response is written: leave without the interpreter's teardown, which vLLM's engine threads can abort
-    # ("terminate called without an active exception", exit -6; moekit.serve.envs.leave_worker, inlined: this
-    # script imports nothing of moekit)
+def leave(code: int, timeout_s: float = 10.0) -> None:
+    """End a vLLM worker once its response is written. Its child processes (vLLM's engine core where an engine was
+    not shut down, multiprocessing's resource tracker) are stopped first -- SIGTERM, then SIGKILL after
+    ``timeout_s`` -- or they would outlive it, holding memory; then the worker exits without the interpreter's
+    teardown, which vLLM's engine threads can abort ("terminate called without an active exception", exit -6)."""
+    try:
+        import psutil  # a vLLM dependency
+    except ImportError:
+        import multiprocessing
+
+        children = multiprocessing.active_children()
+        for c in children:
+            c.terminate()
+        for c in children:
+            c.join(timeout_s)
+    else:
+        children = psutil.Process().children(recursive=True)
+        for c in children:
+            try:
+                c.terminate()
+            except psutil.Error:
+                pass
+        for c in psutil.wait_procs(children, timeout=timeout_s)[1]:
+            try:
+                c.kill()
+            except psutil.Error:
+                pass
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":  # vLLM's engine spawns processes: the guard keeps them from re-running this
+    leave(main(sys.argv[1], sys.argv[2]))
