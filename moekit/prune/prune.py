@@ -367,9 +367,9 @@ def prune_(model, cfg: PruneConfig, *, stats: ExpertStats | None = None, tokens=
 
     ``stats`` come from :func:`moekit.profile.profile` on this model (or its unpruned source); None only for a
     calibration-free criterion (:data:`CALIBRATION_FREE`; then no super expert is protected). With calibration
-    ``tokens`` [n_seq, seq_len] and a uniform keep/ratio plan, the scores are error-propagating
-    (:func:`prune_propagating_`; ``stats`` then only name the super experts) unless
-    ``cfg.propagate`` is False; without tokens every layer is scored from ``stats`` (one pass).
+    ``tokens`` [n_seq, seq_len], a uniform keep/ratio plan and a criterion of :data:`PROPAGATE_BY_DEFAULT` (or
+    ``cfg.propagate=True``), the scores are error-propagating (:func:`prune_propagating_`; ``stats`` then only name
+    the super experts); otherwise, and with ``cfg.propagate=False``, every layer is scored from ``stats`` (one pass).
     """
     cfg.validate()
     require_stats(cfg, stats is not None)
@@ -391,10 +391,10 @@ def prune_(model, cfg: PruneConfig, *, stats: ExpertStats | None = None, tokens=
 # activations, as llm-compressor's REAP does by default), not on the original model's: one walk over the layers,
 # layer i's calibration forward under the profile's hooks (the statistics a profile gathers), the layer pruned, and
 # the calibration states run through the pruned layer on to layer i+1 -- one extra layer forward per layer, no second
-# pass over the model. The original model's statistics then only say which experts are super experts (kept). It
-# measured better than the one-pass scores on smollm2-moe (bench/README.md), so it is the default wherever
-# calibration tokens are at hand (PruneConfig.propagate). The walk runs on a model in memory (prune_propagating_,
-# what prune_ calls with tokens) and on a checkpoint layer by layer (moekit.prune.sequential.prune_propagating).
+# pass over the model. The original model's statistics then only say which experts are super experts (kept). It is
+# the default, given calibration tokens, for the criteria where it measured better than the one-pass scores
+# (PROPAGATE_BY_DEFAULT, PruneConfig.propagate). The walk runs on a model in memory (prune_propagating_, what prune_
+# calls with tokens) and on a checkpoint layer by layer (moekit.prune.sequential.prune_propagating).
 @torch.no_grad()
 def propagating_plan(walk, cfg: PruneConfig, protect: dict[int, set[int]], tokens: torch.Tensor,
                      profile_cfg=None) -> dict[int, list[int]]:
