@@ -15,7 +15,7 @@ from moekit.core.hooks import Hooks
 from moekit.profile.profile import ProfileConfig, profile
 from moekit.prune.prune import PruneConfig, prune_
 from moekit.train.distill import latest_checkpoint
-from moekit.train.router import RouterDistillConfig, distill_router_, fold_scales
+from moekit.train.router import RouterDistillConfig, distill_router_, fold_scales, scale_hook
 
 FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3"]  # plain; router and expert biases; selection bias + dense layer
 
@@ -145,15 +145,16 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "longcat_flash"])  # LongCat: zero (identity) experts
 def test_the_scale_folds_back_exactly(family):
+    """Training with the scale hook and folding the scale into the down projections give the same model."""
     _, student = pruned(family)
     layers = arch.moe_layers(student)
     scales = {layer.index: torch.tensor(1.3 - 0.6 * i) for i, layer in enumerate(layers)}
     x = ids(batch=2, length=16, seed=9)
     with torch.no_grad(), Hooks() as hooks:
         for layer in layers:
-            hooks.forward(layer.experts, lambda _m, _a, out, s=scales[layer.index]: out * s)
+            hooks.forward(layer.experts, scale_hook(layer, scales[layer.index]))
         hooked = student(x).logits
     plain = student(x).logits
     assert fold_scales(layers, scales) == pytest.approx({layers[0].index: 1.3, layers[1].index: 0.7})

@@ -109,7 +109,7 @@ def distill_router_(student, cfg: RouterDistillConfig, *, tokens=None, teacher=N
     try:
         with Hooks() as hooks:
             for layer in layers if scales else ():
-                hooks.forward(layer.experts, lambda _m, _args, out, s=scales[layer.index]: out * s.to(out.dtype))
+                hooks.forward(layer.experts, scale_hook(layer, scales[layer.index]))
             report = distill_(student, cfg, tokens=train, teacher=teacher, tokenizer=tokenizer,
                               extra=list(scales.values()), callback=after_step)
     finally:
@@ -152,6 +152,22 @@ def heldout_kl(student, teacher, held: torch.Tensor, batch_size: int) -> float |
 
 
 @torch.no_grad()
+def scale_hook(layer, scale: torch.Tensor):
+    """A forward hook on ``layer``'s experts multiplying their output by ``scale`` the way folding it into the down
+    projections does (:func:`fold_scales`): the zero experts' identity output, which LongCat-Flash's experts add
+    inside their own forward on transformers 5.24, stays unscaled."""
+    inside = layer.num_zero_experts and not layer.zero_experts_in_block
+
+    def hook(_module, args, out):
+        s = scale.to(out.dtype)
+        if not inside:
+            return out * s
+        identity = layer.zero_expert_output(*args[:3]).to(out.dtype)  # (hidden states, indices, weights)
+        return (out - identity) * s + identity
+
+    return hook
+
+
 def fold_scales(layers, scales: dict[int, torch.Tensor]) -> dict[int, float]:
     """Multiply each layer's routed experts by its scale for good (down projection, its bias, compensation means)
     and set the scale back to 1; returns the scales folded, by layer."""
