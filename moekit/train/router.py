@@ -151,7 +151,6 @@ def heldout_kl(student, teacher, held: torch.Tensor, batch_size: int) -> float |
     return total / held.numel()
 
 
-@torch.no_grad()
 def scale_hook(layer, scale: torch.Tensor):
     """A forward hook on ``layer``'s experts multiplying their output by ``scale`` the way folding it into the down
     projections does (:func:`fold_scales`): the zero experts' identity output, which LongCat-Flash's experts add
@@ -168,6 +167,7 @@ def scale_hook(layer, scale: torch.Tensor):
     return hook
 
 
+@torch.no_grad()
 def fold_scales(layers, scales: dict[int, torch.Tensor]) -> dict[int, float]:
     """Multiply each layer's routed experts by its scale for good (down projection, its bias, compensation means)
     and set the scale back to 1; returns the scales folded, by layer."""
