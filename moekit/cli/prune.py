@@ -107,10 +107,8 @@ def prune(
         print("moekit: no --stats: super experts cannot be found, so none is protected", file=sys.stderr)
     propagating = cfg.propagates(data is not None)
     if data is not None and not propagating:
-        why = ("--no-propagate" if propagate is False else
-               f"criterion '{cfg.criterion}' is scored in one pass by default (--propagate to score it error-propagating)"
-               if cfg.budget == "uniform" and cfg.mode != "threshold" and cfg.criterion not in CALIBRATION_FREE else
-               "this plan is scored in one pass (see --propagate)")
+        why = ("--no-propagate" if propagate is False else cfg.cannot_propagate() or
+               f"criterion '{cfg.criterion}' is scored in one pass by default (--propagate to score it error-propagating)")
         print(f"moekit: --data is not used: {why}", file=sys.stderr)
     if propagating:
         from moekit.data import calibration_tokens

@@ -96,12 +96,16 @@ class PruneConfig:
     # (uniform keep/ratio); False: the one-pass fast path (the statistics alone: one profile serves every ratio)
     propagate: bool | None = None
 
+    def cannot_propagate(self) -> str | None:
+        """Why this plan cannot be error-propagating, or None when it can."""
+        return ("a global budget needs every layer's scores before the first is cut" if self.budget == "global" else
+                "the threshold rule has no per-layer count to keep" if self.mode == "threshold" else
+                f"criterion '{self.criterion}' reads no calibration text" if self.criterion in CALIBRATION_FREE else
+                None)
+
     def propagates(self, has_tokens: bool) -> bool:
         """Whether pruning is error-propagating, given whether calibration tokens are at hand (see ``propagate``)."""
-        why_not = ("a global budget needs every layer's scores before the first is cut" if self.budget == "global" else
-                   "the threshold rule has no per-layer count to keep" if self.mode == "threshold" else
-                   f"criterion '{self.criterion}' reads no calibration text" if self.criterion in CALIBRATION_FREE else
-                   None)
+        why_not = self.cannot_propagate()
         if self.propagate is None:
             return has_tokens and why_not is None and self.criterion in PROPAGATE_BY_DEFAULT
         if self.propagate and why_not:
@@ -404,9 +408,8 @@ def propagating_plan(walk, cfg: PruneConfig, protect: dict[int, set[int]], token
     from moekit.profile.profile import ProfileConfig
     from moekit.profile.stream import LayerProfiler
 
-    if cfg.budget != "uniform" or cfg.mode == "threshold":
-        raise MoekitError("error-propagating pruning decides each layer before seeing the next: use --budget uniform "
-                          "with --keep or --ratio (or --no-propagate)")
+    if cfg.cannot_propagate():
+        raise MoekitError(f"error-propagating pruning is not possible here: {cfg.cannot_propagate()}")
     profiler = LayerProfiler(walk, profile_cfg or ProfileConfig(progress=False), tokens)
     keep: dict[int, list[int]] = {}
     for layer in walk:
